@@ -1,0 +1,194 @@
+"""Our GAE rollout buffers (flat and Dict observations).
+
+They keep SB3's ``RolloutBuffer`` interface (``add``, ``compute_returns_and_advantage``, ``get``) so that
+:class:`~sb3_ppo_ext.ClippedPPO` also runs with SB3's buffers, but differ in how they hand data to
+``train()``: the rollout becomes torch tensors once, each epoch permutes it with one gather per
+field, and every minibatch is then a contiguous slice (a view, no copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import BaseBuffer
+from stable_baselines3.common.type_aliases import DictRolloutBufferSamples, RolloutBufferSamples
+from stable_baselines3.common.vec_env import VecNormalize
+
+from sb3_ppo_ext.gae import compute_gae
+
+
+class GAERolloutBuffer(BaseBuffer):
+    """Rollout storage of shape ``[n_steps, n_envs]`` with GAE advantages (seed sections 4 and 5).
+
+    :param buffer_size: steps per env per rollout (``n_steps``).
+    :param observation_space: observation space.
+    :param action_space: action space.
+    :param device: where minibatches are placed.
+    :param gae_lambda: GAE lambda.
+    :param gamma: discount factor.
+    :param n_envs: number of parallel environments.
+    """
+
+    observations: Any
+    _field_names = ("actions", "values", "log_probs", "advantages", "returns")
+    _scalar_fields = ("values", "log_probs", "advantages", "returns")
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        gae_lambda: float = 1.0,
+        gamma: float = 0.99,
+        n_envs: int = 1,
+    ) -> None:
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
+        self.gae_lambda = gae_lambda
+        self.gamma = gamma
+        self.generator_ready = False
+        self.reset()
+
+    def _new_observations(self) -> Any:
+        return np.zeros((self.buffer_size, self.n_envs, *self.obs_shape), dtype=self.observation_space.dtype)
+
+    def reset(self) -> None:
+        """Allocate empty storage (called at the start of every rollout)."""
+        shape = (self.buffer_size, self.n_envs)
+        self.observations = self._new_observations()
+        action_dtype = np.float32 if np.dtype(self.action_space.dtype) == np.float64 else self.action_space.dtype
+        self.actions = np.zeros((*shape, self.action_dim), dtype=action_dtype)
+        self.rewards = np.zeros(shape, dtype=np.float32)
+        self.returns = np.zeros(shape, dtype=np.float32)
+        self.episode_starts = np.zeros(shape, dtype=np.float32)
+        self.values = np.zeros(shape, dtype=np.float32)
+        self.log_probs = np.zeros(shape, dtype=np.float32)
+        self.advantages = np.zeros(shape, dtype=np.float32)
+        self.generator_ready = False
+        super().reset()
+
+    def _store_observation(self, obs: Any) -> None:
+        self.observations[self.pos] = np.asarray(obs).reshape((self.n_envs, *self.obs_shape))
+
+    def add(
+        self,
+        obs: Any,
+        action: np.ndarray,
+        reward: np.ndarray,
+        episode_start: np.ndarray,
+        value: th.Tensor,
+        log_prob: th.Tensor,
+    ) -> None:
+        """Store one step of all envs: ``(s_t, a_t, r_t, episode_start_t, V(s_t), log pi(a_t|s_t))``."""
+        self._store_observation(obs)
+        self.actions[self.pos] = np.asarray(action).reshape((self.n_envs, self.action_dim))
+        self.rewards[self.pos] = reward
+        self.episode_starts[self.pos] = episode_start
+        self.values[self.pos] = value.detach().cpu().numpy().reshape(self.n_envs)
+        self.log_probs[self.pos] = log_prob.detach().cpu().numpy().reshape(self.n_envs)
+        self.pos += 1
+        if self.pos == self.buffer_size:
+            self.full = True
+
+    def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
+        """Fill ``advantages`` and ``returns`` with GAE, bootstrapping from ``last_values``."""
+        self.advantages, self.returns = compute_gae(
+            self.rewards,
+            self.values,
+            self.episode_starts,
+            last_values.detach().cpu().numpy().reshape(self.n_envs),
+            np.asarray(dones, dtype=np.float32),
+            self.gamma,
+            self.gae_lambda,
+        )
+        self.generator_ready = False
+
+    def _flat_observations(self) -> Any:
+        return th.as_tensor(self.observations.reshape(-1, *self.obs_shape), device=self.device)
+
+    def _flat_fields(self) -> tuple[Any, dict[str, th.Tensor]]:
+        """The whole rollout as ``[n_steps * n_envs, ...]`` tensors (shared memory with numpy on CPU)."""
+        fields = {name: th.as_tensor(getattr(self, name).reshape(-1)) for name in self._scalar_fields}
+        fields["actions"] = th.as_tensor(self.actions.reshape(-1, self.action_dim))
+        return self._flat_observations(), {name: fields[name].to(self.device) for name in self._field_names}
+
+    @staticmethod
+    def _take(obs: Any, index: th.Tensor | slice) -> Any:
+        if isinstance(obs, dict):
+            return {key: value[index] for key, value in obs.items()}
+        return obs[index]
+
+    def get(self, batch_size: int | None = None) -> Generator[RolloutBufferSamples, None, None]:  # type: ignore[override]
+        """Yield shuffled minibatches covering the rollout once (the last one may be smaller)."""
+        assert self.full, "The rollout buffer must be full before sampling from it."
+        if not self.generator_ready:
+            self._flat_obs, self._flat = self._flat_fields()
+            self.generator_ready = True
+        total = self.buffer_size * self.n_envs
+        batch_size = total if batch_size is None else batch_size
+        permutation = th.randperm(total, device=self.device)
+        obs = self._take(self._flat_obs, permutation)
+        fields = {name: tensor[permutation] for name, tensor in self._flat.items()}
+        for start in range(0, total, batch_size):
+            window = slice(start, start + batch_size)
+            yield self._make_samples(
+                self._take(obs, window),
+                fields["actions"][window],
+                fields["values"][window],
+                fields["log_probs"][window],
+                fields["advantages"][window],
+                fields["returns"][window],
+            )
+
+    def _make_samples(self, *tensors: Any) -> RolloutBufferSamples:
+        return RolloutBufferSamples(*tensors)
+
+    def _get_samples(self, batch_inds: np.ndarray, env: VecNormalize | None = None) -> RolloutBufferSamples:
+        """Minibatch for explicit flat indices (SB3's ``BaseBuffer`` API)."""
+        index = th.as_tensor(batch_inds, dtype=th.long)
+        obs, fields = self._flat_fields()
+        return self._make_samples(self._take(obs, index), *(fields[name][index] for name in self._field_names))
+
+
+class DictGAERolloutBuffer(GAERolloutBuffer):
+    """:class:`GAERolloutBuffer` for ``Dict`` observation spaces: one array per key."""
+
+    observation_space: spaces.Dict
+    obs_shape: dict[str, tuple[int, ...]]  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Dict,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        gae_lambda: float = 1.0,
+        gamma: float = 0.99,
+        n_envs: int = 1,
+    ) -> None:
+        if not isinstance(observation_space, spaces.Dict):
+            raise TypeError(f"DictGAERolloutBuffer needs a Dict observation space, got {observation_space!r}.")
+        super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs)
+
+    def _new_observations(self) -> dict[str, np.ndarray]:
+        return {
+            key: np.zeros((self.buffer_size, self.n_envs, *shape), dtype=self.observation_space[key].dtype)
+            for key, shape in self.obs_shape.items()
+        }
+
+    def _store_observation(self, obs: dict[str, np.ndarray]) -> None:
+        for key, shape in self.obs_shape.items():
+            self.observations[key][self.pos] = np.asarray(obs[key]).reshape((self.n_envs, *shape))
+
+    def _flat_observations(self) -> dict[str, th.Tensor]:
+        return {
+            key: th.as_tensor(value.reshape(-1, *self.obs_shape[key]), device=self.device)
+            for key, value in self.observations.items()
+        }
+
+    def _make_samples(self, *tensors: Any) -> DictRolloutBufferSamples:  # type: ignore[override]
+        return DictRolloutBufferSamples(*tensors)

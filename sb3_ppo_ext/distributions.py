@@ -1,0 +1,193 @@
+"""Stateless action heads: sample, log-probability and entropy straight from network outputs.
+
+SB3 builds a ``torch.distributions`` object (with argument validation) on every forward pass. PPO only
+needs three numbers per sample, so each head here computes them in closed form from the raw head
+output. ``to_sb3`` builds the equivalent SB3 ``Distribution`` for code that asks the policy for one
+(``policy.get_distribution(obs)``); tests check the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+)
+from torch.nn import functional as F
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class ActionHead:
+    """Maps the policy network's head output to actions, ``log pi(a|s)`` and ``H(pi(.|s))``."""
+
+    #: width of the linear layer that feeds this head
+    n_outputs: int
+
+    def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
+        """Draw actions (or the mode when ``deterministic``)."""
+        raise NotImplementedError
+
+    def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
+        """Return ``log pi(a|s)``, shape ``[B]``."""
+        raise NotImplementedError
+
+    def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
+        """Return ``H(pi(.|s))``, shape ``[B]``."""
+        raise NotImplementedError
+
+    def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
+        """Return the equivalent SB3 distribution object."""
+        raise NotImplementedError
+
+
+class CategoricalHead(ActionHead):
+    """Softmax over ``n`` logits (``Discrete`` actions)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.n_outputs = n
+
+    def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
+        """Sample an index per row, or the arg-max when ``deterministic``."""
+        (logits,) = params
+        if deterministic:
+            return logits.argmax(dim=-1)
+        return th.multinomial(F.softmax(logits, dim=-1), 1).squeeze(-1)
+
+    def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
+        """Log-softmax of the chosen logit."""
+        (logits,) = params
+        return F.log_softmax(logits, dim=-1).gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
+
+    def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
+        """``-sum p log p``."""
+        (logits,) = params
+        log_p = F.log_softmax(logits, dim=-1)
+        return -(log_p.exp() * log_p).sum(dim=-1)
+
+    def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
+        """SB3 ``CategoricalDistribution`` on the same logits."""
+        return CategoricalDistribution(self.n).proba_distribution(action_logits=params[0])
+
+
+class MultiCategoricalHead(ActionHead):
+    """Independent softmaxes, one per ``MultiDiscrete`` component."""
+
+    def __init__(self, nvec: np.ndarray) -> None:
+        self.nvec = [int(n) for n in np.asarray(nvec).ravel()]
+        self.n_outputs = sum(self.nvec)
+
+    def _log_softmaxes(self, logits: th.Tensor) -> list[th.Tensor]:
+        return [F.log_softmax(chunk, dim=-1) for chunk in th.split(logits, self.nvec, dim=-1)]
+
+    def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
+        """One index per component."""
+        chunks = th.split(params[0], self.nvec, dim=-1)
+        if deterministic:
+            return th.stack([chunk.argmax(dim=-1) for chunk in chunks], dim=-1)
+        return th.stack([th.multinomial(F.softmax(chunk, dim=-1), 1).squeeze(-1) for chunk in chunks], dim=-1)
+
+    def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
+        """Sum of the components' log-probabilities."""
+        actions = actions.long().reshape(actions.shape[0], -1)
+        return th.stack(
+            [lp.gather(-1, actions[:, i : i + 1]).squeeze(-1) for i, lp in enumerate(self._log_softmaxes(params[0]))],
+            dim=-1,
+        ).sum(dim=-1)
+
+    def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
+        """Sum of the components' entropies."""
+        return sum(-(lp.exp() * lp).sum(dim=-1) for lp in self._log_softmaxes(params[0]))  # type: ignore[return-value]
+
+    def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
+        """SB3 ``MultiCategoricalDistribution`` on the same logits."""
+        return MultiCategoricalDistribution(self.nvec).proba_distribution(action_logits=params[0])
+
+
+class BernoulliHead(ActionHead):
+    """Independent Bernoulli variables (``MultiBinary`` actions), parametrised by logits."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.n_outputs = n
+
+    def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
+        """Bits drawn with probability ``sigmoid(logit)``; the rounded probability when ``deterministic``."""
+        probs = th.sigmoid(params[0])
+        if deterministic:
+            return th.round(probs)
+        return th.bernoulli(probs)
+
+    def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
+        """Sum over bits of ``a log p + (1 - a) log(1 - p)``."""
+        logits = params[0]
+        return -F.binary_cross_entropy_with_logits(
+            logits, actions.to(logits.dtype).reshape(logits.shape), reduction="none"
+        ).sum(dim=-1)
+
+    def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
+        """Sum over bits of the binary entropy."""
+        logits = params[0]
+        return F.binary_cross_entropy_with_logits(logits, th.sigmoid(logits), reduction="none").sum(dim=-1)
+
+    def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
+        """SB3 ``BernoulliDistribution`` on the same logits."""
+        return BernoulliDistribution(self.n).proba_distribution(action_logits=params[0])
+
+
+class DiagGaussianHead(ActionHead):
+    """Diagonal Gaussian (``Box`` actions); ``params = (mean, log_std)``, log_std broadcastable to mean.
+
+    With ``state_dependent_std=True`` the network emits ``[B, 2 * action_dim]`` (mean and log_std, the
+    seed's layout); otherwise log_std is a free parameter shared by all states (SB3's default).
+    """
+
+    def __init__(self, action_dim: int, state_dependent_std: bool = False) -> None:
+        self.action_dim = action_dim
+        self.state_dependent_std = state_dependent_std
+        self.n_outputs = 2 * action_dim if state_dependent_std else action_dim
+
+    def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
+        """``mean + std * N(0, 1)``, or the mean when ``deterministic``."""
+        mean, log_std = params
+        if deterministic:
+            return mean
+        return mean + th.exp(log_std) * th.randn_like(mean)
+
+    def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
+        """Sum over action dims of the Gaussian log-density."""
+        mean, log_std = params
+        actions = actions.reshape(mean.shape)
+        z = (actions - mean) * th.exp(-log_std)
+        return (-0.5 * z**2 - log_std - _HALF_LOG_2PI).sum(dim=-1)
+
+    def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
+        """Sum over action dims of ``0.5 + 0.5 log(2 pi) + log_std``."""
+        mean, log_std = params
+        return (log_std + (0.5 + _HALF_LOG_2PI)).expand_as(mean).sum(dim=-1)
+
+    def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
+        """SB3 ``DiagGaussianDistribution`` with the same mean and std."""
+        mean, log_std = params
+        return DiagGaussianDistribution(self.action_dim).proba_distribution(mean, log_std)
+
+
+def make_action_head(action_space: spaces.Space, state_dependent_std: bool = False) -> ActionHead:
+    """Return the head for ``action_space`` (gSDE is handled by the policy with SB3's own distribution)."""
+    if isinstance(action_space, spaces.Discrete):
+        return CategoricalHead(int(action_space.n))
+    if isinstance(action_space, spaces.MultiDiscrete):
+        return MultiCategoricalHead(action_space.nvec)
+    if isinstance(action_space, spaces.MultiBinary):
+        return BernoulliHead(int(np.prod(action_space.shape)))
+    if isinstance(action_space, spaces.Box):
+        return DiagGaussianHead(int(np.prod(action_space.shape)), state_dependent_std)
+    raise TypeError(f"No action head for action space {action_space!r}.")

@@ -1,0 +1,360 @@
+"""Our actor-critic policies and the ``MlpPolicy`` / ``CnnPolicy`` / ``MultiInputPolicy`` aliases.
+
+The networks follow SB3's conventions (``net_arch`` as a list shared by both heads or
+``dict(pi=[...], vf=[...])``, separate actor and critic stacks, SB3 feature extractors) so that
+``policy_kwargs`` written for SB3's PPO mean the same here. The evaluation path is our own: actions,
+log-probabilities and entropies come from :mod:`sb3_ppo_ext.distributions` in closed form.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution, StateDependentNoiseDistribution
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.torch_layers import (
+    BaseFeaturesExtractor,
+    CombinedExtractor,
+    FlattenExtractor,
+    NatureCNN,
+)
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+from sb3_ppo_ext.distributions import ActionHead, DiagGaussianHead, make_action_head
+
+# Orthogonal-init gains (seed section 6): sqrt(2) for hidden layers, a near-uniform initial policy
+# (0.01) and a unit-scale value head (1.0).
+HIDDEN_GAIN = float(np.sqrt(2))
+POLICY_HEAD_GAIN = 0.01
+VALUE_HEAD_GAIN = 1.0
+
+SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+def layer_init(layer: nn.Module, gain: float) -> nn.Module:
+    """Orthogonal weights with ``gain`` and zero biases for every Linear/Conv2d inside ``layer``."""
+    for module in layer.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.orthogonal_(module.weight, gain=gain)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return layer
+
+
+def mlp(input_dim: int, hidden_sizes: list[int], activation_fn: type[nn.Module]) -> tuple[nn.Sequential, int]:
+    """A stack of ``Linear -> activation`` layers; returns it and its output width."""
+    layers: list[nn.Module] = []
+    last = input_dim
+    for size in hidden_sizes:
+        layers += [nn.Linear(last, size), activation_fn()]
+        last = size
+    return nn.Sequential(*layers), last
+
+
+class ActorCriticMLP(nn.Module):
+    """Separate actor and critic hidden stacks on top of the extracted features.
+
+    :param features_dim: width of the features extractor's output.
+    :param net_arch: ``[64, 64]`` (same sizes for both) or ``dict(pi=[...], vf=[...])``.
+    :param activation_fn: activation class placed after every hidden layer.
+    """
+
+    def __init__(
+        self, features_dim: int, net_arch: list[int] | dict[str, list[int]], activation_fn: type[nn.Module]
+    ) -> None:
+        super().__init__()
+        if isinstance(net_arch, dict):
+            pi_sizes, vf_sizes = list(net_arch.get("pi", [])), list(net_arch.get("vf", []))
+        else:
+            pi_sizes = vf_sizes = list(net_arch)
+        self.policy_net, self.latent_dim_pi = mlp(features_dim, pi_sizes, activation_fn)
+        self.value_net, self.latent_dim_vf = mlp(features_dim, vf_sizes, activation_fn)
+
+    def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """Return ``(latent_pi, latent_vf)`` from shared features."""
+        return self.policy_net(features), self.value_net(features)
+
+    def forward_actor(self, features: th.Tensor) -> th.Tensor:
+        """Actor latent only."""
+        return self.policy_net(features)
+
+    def forward_critic(self, features: th.Tensor) -> th.Tensor:
+        """Critic latent only."""
+        return self.value_net(features)
+
+
+class ActorCriticPolicy(BasePolicy):
+    """Actor-critic policy for :class:`~sb3_ppo_ext.ClippedPPO` (the ``MlpPolicy``).
+
+    Accepts the constructor arguments of SB3's ``ActorCriticPolicy`` with the same meaning, plus
+    ``state_dependent_std``.
+
+    :param observation_space: observation space.
+    :param action_space: action space: Box, Discrete, MultiDiscrete or MultiBinary.
+    :param lr_schedule: learning-rate schedule; ``lr_schedule(1)`` is the initial learning rate.
+    :param net_arch: hidden sizes, ``[64, 64]`` or ``dict(pi=[...], vf=[...])``
+        (default ``dict(pi=[64, 64], vf=[64, 64])``, or none on top of NatureCNN).
+    :param activation_fn: activation after each hidden layer.
+    :param ortho_init: orthogonal initialisation with gains sqrt(2) / 0.01 / 1.0 (else PyTorch's default).
+    :param use_sde: generalized State-Dependent Exploration (SB3's gSDE distribution).
+    :param log_std_init: initial log standard deviation of Gaussian actions.
+    :param full_std: gSDE only: one std per (feature, action) pair rather than per feature.
+    :param use_expln: gSDE only: ``expln`` instead of ``exp`` to keep the std positive.
+    :param squash_output: gSDE only: squash actions with tanh.
+    :param features_extractor_class: SB3 features extractor class.
+    :param features_extractor_kwargs: its keyword arguments.
+    :param share_features_extractor: one extractor for actor and critic, or one each.
+    :param normalize_images: divide image observations by 255.
+    :param optimizer_class: optimizer class (default Adam with ``eps=1e-5``).
+    :param optimizer_kwargs: optimizer keyword arguments, learning rate excluded.
+    :param state_dependent_std: Box actions only: the head outputs ``[B, 2 * action_dim]`` (mean and
+        log_std per state, the seed's layout) instead of a state-independent ``log_std`` parameter.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.Tanh,
+        ortho_init: bool = True,
+        use_sde: bool = False,
+        log_std_init: float = 0.0,
+        full_std: bool = True,
+        use_expln: bool = False,
+        squash_output: bool = False,
+        features_extractor_class: type[BaseFeaturesExtractor] = FlattenExtractor,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        share_features_extractor: bool = True,
+        normalize_images: bool = True,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        state_dependent_std: bool = False,
+    ) -> None:
+        if optimizer_kwargs is None:
+            # Adam's eps=1e-5 as in the reference PPO implementations (SB3, baselines)
+            optimizer_kwargs = {"eps": 1e-5} if optimizer_class == th.optim.Adam else {}
+        super().__init__(
+            observation_space,
+            action_space,
+            features_extractor_class,
+            features_extractor_kwargs,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            squash_output=squash_output,
+            normalize_images=normalize_images,
+        )
+        if not isinstance(action_space, SUPPORTED_ACTION_SPACES):
+            raise TypeError(f"Unsupported action space {action_space!r} for {type(self).__name__}.")
+        if squash_output and not use_sde:
+            raise ValueError("squash_output=True is only available with use_sde=True (as in SB3).")
+        if state_dependent_std and (use_sde or not isinstance(action_space, spaces.Box)):
+            raise ValueError("state_dependent_std=True needs a Box action space and use_sde=False.")
+        if isinstance(net_arch, list) and len(net_arch) > 0 and isinstance(net_arch[0], dict):
+            warnings.warn("net_arch=[dict(pi=..., vf=...)] is deprecated (as in SB3): pass the dict directly.")
+            net_arch = net_arch[0]
+        if net_arch is None:
+            net_arch = [] if features_extractor_class == NatureCNN else dict(pi=[64, 64], vf=[64, 64])
+
+        self.net_arch = net_arch
+        self.activation_fn = activation_fn
+        self.ortho_init = ortho_init
+        self.use_sde = use_sde
+        self.log_std_init = log_std_init
+        self.full_std = full_std
+        self.use_expln = use_expln
+        self.state_dependent_std = state_dependent_std
+        self.share_features_extractor = share_features_extractor
+
+        self.features_extractor = self.make_features_extractor()
+        self.features_dim = self.features_extractor.features_dim
+        self.pi_features_extractor = self.features_extractor
+        self.vf_features_extractor = self.features_extractor if share_features_extractor else self.make_features_extractor()
+        self.mlp_extractor = ActorCriticMLP(self.features_dim, net_arch, activation_fn)
+        latent_pi = self.mlp_extractor.latent_dim_pi
+
+        self.action_head: ActionHead | None = None
+        self.sde_dist: StateDependentNoiseDistribution | None = None
+        if use_sde:
+            if not isinstance(action_space, spaces.Box):
+                raise ValueError(f"use_sde=True needs a Box action space, got {action_space!r}.")
+            self.sde_dist = StateDependentNoiseDistribution(
+                int(np.prod(action_space.shape)),
+                full_std=full_std,
+                use_expln=use_expln,
+                squash_output=squash_output,
+                learn_features=False,
+            )
+            self.action_net, self.log_std = self.sde_dist.proba_distribution_net(
+                latent_dim=latent_pi, log_std_init=log_std_init, latent_sde_dim=latent_pi
+            )
+        else:
+            self.action_head = make_action_head(action_space, state_dependent_std)
+            self.action_net = nn.Linear(latent_pi, self.action_head.n_outputs)
+            if isinstance(self.action_head, DiagGaussianHead) and not state_dependent_std:
+                self.log_std = nn.Parameter(th.full((self.action_head.action_dim,), float(log_std_init)))
+        self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+
+        if ortho_init:
+            gains: dict[nn.Module, float] = {
+                self.pi_features_extractor: HIDDEN_GAIN,
+                self.vf_features_extractor: HIDDEN_GAIN,
+                self.mlp_extractor: HIDDEN_GAIN,
+                self.action_net: POLICY_HEAD_GAIN,
+                self.value_net: VALUE_HEAD_GAIN,
+            }
+            for module, gain in gains.items():
+                layer_init(module, gain)
+        if state_dependent_std:
+            # start every state's std at exp(log_std_init), like the state-independent parameter
+            with th.no_grad():
+                self.action_net.bias[self.action_head.action_dim :].fill_(log_std_init)  # type: ignore[union-attr]
+
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            dict(
+                net_arch=self.net_arch,
+                activation_fn=self.activation_fn,
+                ortho_init=self.ortho_init,
+                use_sde=self.use_sde,
+                log_std_init=self.log_std_init,
+                full_std=self.full_std,
+                use_expln=self.use_expln,
+                squash_output=self.squash_output,
+                lr_schedule=self._dummy_schedule,
+                features_extractor_class=self.features_extractor_class,
+                features_extractor_kwargs=self.features_extractor_kwargs,
+                share_features_extractor=self.share_features_extractor,
+                optimizer_class=self.optimizer_class,
+                optimizer_kwargs=self.optimizer_kwargs,
+                state_dependent_std=self.state_dependent_std,
+            )
+        )
+        return data
+
+    # -- network pieces -------------------------------------------------------------------------
+
+    def _latents(self, obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
+        """Actor and critic latents for a batch of observations."""
+        if self.share_features_extractor:
+            features = self.extract_features(obs, self.features_extractor)
+            return self.mlp_extractor(features)
+        latent_pi = self.mlp_extractor.forward_actor(self.extract_features(obs, self.pi_features_extractor))
+        latent_vf = self.mlp_extractor.forward_critic(self.extract_features(obs, self.vf_features_extractor))
+        return latent_pi, latent_vf
+
+    def _head_params(self, latent_pi: th.Tensor) -> tuple[th.Tensor, ...]:
+        """Raw head output split into the head's parameters (logits, or mean and log_std)."""
+        out = self.action_net(latent_pi)
+        if isinstance(self.action_head, DiagGaussianHead):
+            if self.state_dependent_std:
+                mean, log_std = out.chunk(2, dim=-1)
+                return mean, log_std
+            return out, self.log_std
+        return (out,)
+
+    def _sde_distribution(self, latent_pi: th.Tensor) -> StateDependentNoiseDistribution:
+        assert self.sde_dist is not None
+        return self.sde_dist.proba_distribution(self.action_net(latent_pi), self.log_std, latent_pi)
+
+    def _act(self, latent_pi: th.Tensor, deterministic: bool) -> tuple[th.Tensor, th.Tensor]:
+        """Actions and their log-probabilities from the actor latent."""
+        if self.action_head is None:
+            dist = self._sde_distribution(latent_pi)
+            actions = dist.get_actions(deterministic=deterministic)
+            return actions, dist.log_prob(actions)
+        params = self._head_params(latent_pi)
+        actions = self.action_head.sample(params, deterministic)
+        return actions, self.action_head.log_prob(params, actions)
+
+    # -- the policy API used by the algorithm and by SB3 ----------------------------------------
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Act: return ``(actions, values [B, 1], log_prob [B])``."""
+        latent_pi, latent_vf = self._latents(obs)
+        actions, log_prob = self._act(latent_pi, deterministic)
+        actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        return actions, self.value_net(latent_vf), log_prob
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Return ``(values [B, 1], log pi(a|s) [B], entropy [B] or None)`` for stored actions."""
+        latent_pi, latent_vf = self._latents(obs)
+        values = self.value_net(latent_vf)
+        if self.action_head is None:
+            dist = self._sde_distribution(latent_pi)
+            return values, dist.log_prob(actions), dist.entropy()
+        params = self._head_params(latent_pi)
+        return values, self.action_head.log_prob(params, actions), self.action_head.entropy(params)
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        """Critic only: ``V(s)``, shape ``[B, 1]``."""
+        features = self.extract_features(obs, self.vf_features_extractor)
+        return self.value_net(self.mlp_extractor.forward_critic(features))
+
+    def _actor_latent(self, obs: PyTorchObs) -> th.Tensor:
+        return self.mlp_extractor.forward_actor(self.extract_features(obs, self.pi_features_extractor))
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        """Actions for ``predict()``; the critic is not evaluated."""
+        return self._act(self._actor_latent(observation), deterministic)[0]
+
+    def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        """The action distribution as an SB3 ``Distribution`` object (for code written against SB3)."""
+        latent_pi = self._actor_latent(obs)
+        if self.action_head is None:
+            return self._sde_distribution(latent_pi)
+        return self.action_head.to_sb3(self._head_params(latent_pi))
+
+    def reset_noise(self, n_envs: int = 1) -> None:
+        """Sample a new gSDE exploration matrix (only with ``use_sde=True``)."""
+        if self.sde_dist is None:
+            raise ValueError("reset_noise() is only available with use_sde=True.")
+        self.sde_dist.sample_weights(self.log_std, batch_size=n_envs)
+
+
+class ActorCriticCnnPolicy(ActorCriticPolicy):
+    """:class:`ActorCriticPolicy` with SB3's NatureCNN features extractor (the ``CnnPolicy``)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] = NatureCNN,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+        )
+
+
+class MultiInputActorCriticPolicy(ActorCriticPolicy):
+    """:class:`ActorCriticPolicy` for Dict observations with SB3's CombinedExtractor (``MultiInputPolicy``)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+        )
+
+
+MlpPolicy = ActorCriticPolicy
+CnnPolicy = ActorCriticCnnPolicy
+MultiInputPolicy = MultiInputActorCriticPolicy

@@ -1,0 +1,428 @@
+"""``ClippedPPO``: Proximal Policy Optimization with the clipped surrogate objective, as an SB3 algorithm."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_ppo_ext import losses
+from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
+from sb3_ppo_ext.errors import ConfigurationAssertionError, ConfigurationError, NonFiniteError
+from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
+
+SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
+
+ADVANTAGE_NORMALIZATION_MODES = (True, False, "minibatch", "batch")
+
+
+class ClippedPPO(OnPolicyAlgorithm):
+    """Proximal Policy Optimization, clip version (Schulman et al. 2017), drop-in for SB3's ``PPO``.
+
+    Every argument of SB3 2.9's ``PPO`` is accepted with the same name, default and meaning. The
+    additions are keyword-only.
+
+    :param policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a policy class.
+    :param env: the environment, or its registered id.
+    :param learning_rate: a float or a schedule of progress remaining (1 -> 0), e.g.
+        :func:`sb3_ppo_ext.schedules.linear`.
+    :param n_steps: steps per environment per rollout; the rollout holds ``n_steps * n_envs`` samples.
+    :param batch_size: minibatch size.
+    :param n_epochs: passes over each rollout (K in the seed).
+    :param gamma: discount factor.
+    :param gae_lambda: GAE lambda (0: one-step TD, 1: Monte Carlo).
+    :param clip_range: epsilon of the clipped surrogate, float or schedule.
+    :param clip_range_vf: value clipping around the old values, float or schedule; ``None`` disables it.
+        Depends on the reward scale.
+    :param normalize_advantage: ``True``/``"minibatch"``: per minibatch (SB3's default);
+        ``"batch"``: once over the whole rollout; ``False``: off.
+    :param ent_coef: entropy bonus coefficient (c2).
+    :param vf_coef: value loss coefficient (c1).
+    :param max_grad_norm: global gradient-norm clip; ``None`` disables clipping.
+    :param use_sde: generalized State-Dependent Exploration.
+    :param sde_sample_freq: resample the gSDE matrix every n steps (-1: once per rollout).
+    :param rollout_buffer_class: buffer class; default :class:`~sb3_ppo_ext.buffers.GAERolloutBuffer`
+        (or its Dict variant). SB3's ``RolloutBuffer``/``DictRolloutBuffer`` work too.
+    :param rollout_buffer_kwargs: extra keyword arguments for the buffer.
+    :param target_kl: stop the epoch loop once the approximate KL exceeds ``1.5 * target_kl``.
+    :param stats_window_size: episodes averaged in the ``rollout/`` logs.
+    :param tensorboard_log: tensorboard log folder (None: no tensorboard).
+    :param policy_kwargs: keyword arguments for the policy.
+    :param verbose: 0 silent, 1 info, 2 debug.
+    :param seed: random seed.
+    :param device: torch device, or ``"auto"``.
+    :param _init_setup_model: build the networks now.
+    :param vf_clip_mode: form of the value clipping when ``clip_range_vf`` is set: ``"max"`` (the seed's
+        ``max((V - R)^2, (V_clip - R)^2)``) or ``"sb3"`` (SB3's ``(V_clip - R)^2``).
+    :param check_finite: raise a clear error when an env returns NaN/inf observations or rewards.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": ActorCriticPolicy,
+        "CnnPolicy": ActorCriticCnnPolicy,
+        "MultiInputPolicy": MultiInputActorCriticPolicy,
+    }
+    policy: ActorCriticPolicy
+    rollout_buffer: GAERolloutBuffer | RolloutBuffer
+
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 3e-4,
+        n_steps: int = 2048,
+        batch_size: int = 64,
+        n_epochs: int = 10,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_range: float | Schedule = 0.2,
+        clip_range_vf: float | Schedule | None = None,
+        normalize_advantage: bool | str = True,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        max_grad_norm: float | None = 0.5,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | type[GAERolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        target_kl: float | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        *,
+        vf_clip_mode: losses.ValueClipMode = "max",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,  # type: ignore[arg-type]
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,  # type: ignore[arg-type]
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+        )
+        if normalize_advantage not in ADVANTAGE_NORMALIZATION_MODES:
+            raise ConfigurationError(
+                f"normalize_advantage={normalize_advantage!r} is not valid: use True/'minibatch' (per minibatch), "
+                "'batch' (once per rollout) or False."
+            )
+        if vf_clip_mode not in losses.VALUE_CLIP_MODES:
+            raise ConfigurationError(f"vf_clip_mode={vf_clip_mode!r} is not valid: use one of {losses.VALUE_CLIP_MODES}.")
+        # SB3's checks, with SB3's exception type: normalising a single sample divides by a zero std
+        if normalize_advantage:
+            if batch_size <= 1:
+                raise ConfigurationAssertionError(
+                    f"batch_size={batch_size} must be greater than 1 when normalize_advantage is on "
+                    "(a minibatch of one has no standard deviation); raise it or pass normalize_advantage=False."
+                )
+        if self.env is not None:
+            buffer_size = self.env.num_envs * self.n_steps
+            if normalize_advantage and buffer_size <= 1:
+                raise ConfigurationAssertionError(
+                    f"n_steps * n_envs must be greater than 1 when normalize_advantage is on; got "
+                    f"n_steps={self.n_steps} and n_envs={self.env.num_envs}."
+                )
+            if buffer_size % batch_size > 0:
+                warnings.warn(
+                    f"batch_size={batch_size} does not divide the rollout size n_steps * n_envs = {buffer_size} "
+                    f"(n_steps={self.n_steps}, n_envs={self.env.num_envs}): every epoch ends with a truncated "
+                    f"minibatch of {buffer_size % batch_size} samples. Prefer a batch_size that divides it."
+                )
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
+        self.clip_range = clip_range
+        self.clip_range_vf = clip_range_vf
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.vf_clip_mode = vf_clip_mode
+        self.check_finite = check_finite
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        if self.rollout_buffer_class is None:
+            is_dict = isinstance(self.observation_space, spaces.Dict)
+            self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer  # type: ignore[assignment]
+        super()._setup_model()
+        self.clip_range = FloatSchedule(self.clip_range)
+        if self.clip_range_vf is not None:
+            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
+                raise ConfigurationAssertionError(
+                    f"clip_range_vf={self.clip_range_vf} must be positive; pass None to turn value clipping off."
+                )
+            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    # -- rollout collection ----------------------------------------------------------------------
+
+    def _bootstrap_truncations(self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        """Add ``gamma * V(terminal_obs)`` to the reward of every time-limit truncation, in one forward pass.
+
+        A true termination is never bootstrapped: its future value is zero by definition.
+        """
+        truncated = [
+            i
+            for i in np.flatnonzero(dones)
+            if infos[i].get("TimeLimit.truncated", False) and infos[i].get("terminal_observation") is not None
+        ]
+        if not truncated:
+            return
+        terminal = [infos[i]["terminal_observation"] for i in truncated]
+        if isinstance(terminal[0], dict):
+            batch: Any = {key: np.stack([obs[key] for obs in terminal]) for key in terminal[0]}
+        else:
+            batch = np.stack(terminal)
+        obs_tensor, _ = self.policy.obs_to_tensor(batch)
+        with th.no_grad():
+            terminal_values = self.policy.predict_values(obs_tensor).flatten().cpu().numpy()
+        rewards[truncated] += self.gamma * terminal_values
+
+    def _check_env_data(self, new_obs: Any, rewards: np.ndarray, step: int) -> None:
+        """Raise a clear error naming env index and step when an env returned NaN or inf."""
+        arrays = new_obs.items() if isinstance(new_obs, dict) else [("observation", new_obs)]
+        for name, array in [*arrays, ("reward", rewards)]:
+            array = np.asarray(array)
+            if array.dtype.kind != "f" or np.isfinite(array).all():
+                continue
+            bad = np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))
+            env_index = int(bad[0][0])
+            raise NonFiniteError(
+                f"Environment {env_index} returned a non-finite {name} ({array.reshape(array.shape[0], -1)[env_index]}) "
+                f"at rollout step {step} (num_timesteps={self.num_timesteps}). Fix the environment, wrap it "
+                "(e.g. VecCheckNan to find the source), or pass check_finite=False to skip this check."
+            )
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env, then compute GAE."""
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        rollout_buffer.reset()
+        if self.use_sde:
+            self.policy.reset_noise(env.num_envs)
+        callback.on_rollout_start()
+        is_box = isinstance(self.action_space, spaces.Box)
+        is_discrete = isinstance(self.action_space, spaces.Discrete)
+
+        while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                self.policy.reset_noise(env.num_envs)
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                actions, values, log_probs = self.policy(obs_tensor)
+            actions = actions.cpu().numpy()
+            clipped_actions = actions
+            if is_box:
+                if self.policy.squash_output:
+                    clipped_actions = self.policy.unscale_action(clipped_actions)
+                else:
+                    # an unbounded Gaussian sample must be clipped to the env's bounds; the buffer keeps the
+                    # unclipped action so that its log-probability stays consistent
+                    clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
+
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self.num_timesteps += env.num_envs
+            if self.check_finite:
+                self._check_env_data(new_obs, rewards, n_steps)
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+            if is_discrete:
+                actions = actions.reshape(-1, 1)
+            self._bootstrap_truncations(rewards, dones, infos)
+            rollout_buffer.add(
+                self._last_obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                self._last_episode_starts,  # type: ignore[arg-type]
+                values,
+                log_probs,
+            )
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+
+        with th.no_grad():
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    # -- optimisation ----------------------------------------------------------------------------
+
+    def _normalize_rollout_advantages(self) -> None:
+        """The seed's per-batch variant: normalise all advantages of the rollout once, in place."""
+        advantages = self.rollout_buffer.advantages
+        flat = th.as_tensor(advantages).reshape(-1)
+        normalized = losses.normalize_advantages(flat).reshape(advantages.shape)
+        advantages[...] = normalized.numpy() if isinstance(advantages, np.ndarray) else normalized
+
+    def _current_clip_range(self, schedule: Schedule, name: str) -> float:
+        value = float(schedule(self._current_progress_remaining))
+        if not np.isfinite(value) or value <= 0:
+            raise ConfigurationError(
+                f"{name} schedule returned {value} at progress_remaining={self._current_progress_remaining:.4f}; "
+                f"{name} must stay a positive finite number (use None for clip_range_vf to disable value clipping)."
+            )
+        return value
+
+    def train(self) -> None:
+        """Run ``n_epochs`` passes of minibatch updates on the current rollout (seed section 5, step 3)."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self._current_clip_range(self.clip_range, "clip_range")  # type: ignore[arg-type]
+        clip_range_vf = None
+        if self.clip_range_vf is not None:
+            clip_range_vf = self._current_clip_range(self.clip_range_vf, "clip_range_vf")  # type: ignore[arg-type]
+        per_minibatch_normalization = self.normalize_advantage in (True, "minibatch")
+        if self.normalize_advantage == "batch":
+            self._normalize_rollout_advantages()
+        discrete_actions = isinstance(self.action_space, spaces.Discrete)
+        parameters = [p for p in self.policy.parameters() if p.requires_grad]
+        max_grad_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
+
+        # statistics stay tensors inside the loop and become numbers once, at the end
+        pg_losses: list[th.Tensor] = []
+        value_losses: list[th.Tensor] = []
+        entropy_losses: list[th.Tensor] = []
+        clip_fractions: list[th.Tensor] = []
+        approx_kl_divs: list[th.Tensor] = []
+        loss = th.zeros(())
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            approx_kl_divs = []
+            for batch in self.rollout_buffer.get(self.batch_size):
+                actions = batch.actions.long().flatten() if discrete_actions else batch.actions
+                values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, actions)
+                advantages = batch.advantages
+                if per_minibatch_normalization:
+                    advantages = losses.normalize_advantages(advantages)
+
+                # L = -L_CLIP + c1 * L_VF - c2 * H  (seed sections 3 and 6)
+                policy_loss, clip_fraction = losses.clipped_surrogate_loss(
+                    log_prob, batch.old_log_prob, advantages, clip_range
+                )
+                value_loss = losses.value_loss(
+                    values.flatten(), batch.old_values, batch.returns, clip_range_vf, self.vf_clip_mode
+                )
+                entropy_loss = losses.entropy_loss(entropy, log_prob)
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+
+                pg_losses.append(policy_loss.detach())
+                value_losses.append(value_loss.detach())
+                entropy_losses.append(entropy_loss.detach())
+                clip_fractions.append(clip_fraction)
+                kl = losses.approx_kl(log_prob, batch.old_log_prob)
+                approx_kl_divs.append(kl)
+                if self.target_kl is not None and kl.item() > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(f"Early stopping at step {epoch} due to reaching max kl: {kl.item():.2f}")
+                    break
+
+                self.policy.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = th.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+                if not th.isfinite(grad_norm):
+                    self._raise_non_finite(policy_loss, value_loss, entropy_loss, grad_norm, batch.advantages)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        explained_var = explained_variance(
+            np.asarray(self.rollout_buffer.values).flatten(), np.asarray(self.rollout_buffer.returns).flatten()
+        )
+        self.logger.record("train/entropy_loss", th.stack(entropy_losses).mean().item())
+        self.logger.record("train/policy_gradient_loss", th.stack(pg_losses).mean().item())
+        self.logger.record("train/value_loss", th.stack(value_losses).mean().item())
+        self.logger.record("train/approx_kl", th.stack(approx_kl_divs).mean().item() if approx_kl_divs else float("nan"))
+        self.logger.record("train/clip_fraction", th.stack(clip_fractions).mean().item())
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def _raise_non_finite(
+        self,
+        policy_loss: th.Tensor,
+        value_loss: th.Tensor,
+        entropy_loss: th.Tensor,
+        grad_norm: th.Tensor,
+        advantages: th.Tensor,
+    ) -> None:
+        """Stop before the optimizer step (parameters untouched) and say which term went bad."""
+        self.policy.optimizer.zero_grad(set_to_none=True)
+        terms = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy_loss": entropy_loss}
+        bad = [name for name, value in terms.items() if not th.isfinite(value)] or ["gradient"]
+        raise NonFiniteError(
+            f"Non-finite {', '.join(bad)} (policy_loss={policy_loss.item():.4g}, value_loss={value_loss.item():.4g}, "
+            f"entropy_loss={entropy_loss.item():.4g}, grad_norm={grad_norm.item():.4g}); batch advantages: "
+            f"mean={advantages.mean().item():.4g}, std={advantages.std().item():.4g}, "
+            f"min={advantages.min().item():.4g}, max={advantages.max().item():.4g}. The optimizer step was skipped, "
+            "so the parameters are the last good ones. Lower the learning rate, normalise rewards/observations "
+            "(VecNormalize) or check the environment."
+        )
+
+    def learn(
+        self: SelfClippedPPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "ClippedPPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfClippedPPO:
+        """Train for ``total_timesteps`` env steps (SB3's ``learn`` signature)."""
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+
+__all__ = ["ClippedPPO"]
