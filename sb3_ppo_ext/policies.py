@@ -175,7 +175,9 @@ class ActorCriticPolicy(BasePolicy):
         self.features_extractor = self.make_features_extractor()
         self.features_dim = self.features_extractor.features_dim
         self.pi_features_extractor = self.features_extractor
-        self.vf_features_extractor = self.features_extractor if share_features_extractor else self.make_features_extractor()
+        self.vf_features_extractor = (
+            self.features_extractor if share_features_extractor else self.make_features_extractor()
+        )
         self.mlp_extractor = ActorCriticMLP(self.features_dim, net_arch, activation_fn)
         latent_pi = self.mlp_extractor.latent_dim_pi
 
@@ -334,7 +336,12 @@ class ActorCriticCnnPolicy(ActorCriticPolicy):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
         )
 
 
@@ -351,7 +358,12 @@ class MultiInputActorCriticPolicy(ActorCriticPolicy):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            observation_space, action_space, lr_schedule, *args, features_extractor_class=features_extractor_class, **kwargs
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
         )
 
 

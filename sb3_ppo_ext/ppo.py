@@ -136,7 +136,9 @@ class ClippedPPO(OnPolicyAlgorithm):
                 "'batch' (once per rollout) or False."
             )
         if vf_clip_mode not in losses.VALUE_CLIP_MODES:
-            raise ConfigurationError(f"vf_clip_mode={vf_clip_mode!r} is not valid: use one of {losses.VALUE_CLIP_MODES}.")
+            raise ConfigurationError(
+                f"vf_clip_mode={vf_clip_mode!r} is not valid: use one of {losses.VALUE_CLIP_MODES}."
+            )
         # SB3's checks, with SB3's exception type: normalising a single sample divides by a zero std
         if normalize_advantage:
             if batch_size <= 1:
@@ -212,10 +214,10 @@ class ClippedPPO(OnPolicyAlgorithm):
             array = np.asarray(array)
             if array.dtype.kind != "f" or np.isfinite(array).all():
                 continue
-            bad = np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))
-            env_index = int(bad[0][0])
+            per_env = array.reshape(array.shape[0], -1)
+            env_index = int(np.argwhere(~np.isfinite(per_env))[0][0])
             raise NonFiniteError(
-                f"Environment {env_index} returned a non-finite {name} ({array.reshape(array.shape[0], -1)[env_index]}) "
+                f"Environment {env_index} returned a non-finite {name} ({per_env[env_index]}) "
                 f"at rollout step {step} (num_timesteps={self.num_timesteps}). Fix the environment, wrap it "
                 "(e.g. VecCheckNan to find the source), or pass check_finite=False to skip this check."
             )
@@ -373,7 +375,9 @@ class ClippedPPO(OnPolicyAlgorithm):
         self.logger.record("train/entropy_loss", th.stack(entropy_losses).mean().item())
         self.logger.record("train/policy_gradient_loss", th.stack(pg_losses).mean().item())
         self.logger.record("train/value_loss", th.stack(value_losses).mean().item())
-        self.logger.record("train/approx_kl", th.stack(approx_kl_divs).mean().item() if approx_kl_divs else float("nan"))
+        self.logger.record(
+            "train/approx_kl", th.stack(approx_kl_divs).mean().item() if approx_kl_divs else float("nan")
+        )
         self.logger.record("train/clip_fraction", th.stack(clip_fractions).mean().item())
         self.logger.record("train/loss", loss.item())
         self.logger.record("train/explained_variance", explained_var)
