@@ -297,8 +297,11 @@ class ClippedPPO(OnPolicyAlgorithm):
         advantages[...] = normalized.numpy() if isinstance(advantages, np.ndarray) else normalized
 
     def _current_clip_range(self, schedule: Schedule, name: str) -> float:
-        value = float(schedule(self._current_progress_remaining))
-        if not np.isfinite(value) or value <= 0:
+        progress = self._current_progress_remaining
+        value = float(schedule(progress))
+        # the last rollout usually overshoots total_timesteps, so progress ends at or slightly below 0, where
+        # linear schedules (RL Zoo's among them) reach 0 or below; SB3 trains through that, and so do we
+        if not np.isfinite(value) or (value <= 0 and progress > 0):
             raise ConfigurationError(
                 f"{name} schedule returned {value} at progress_remaining={self._current_progress_remaining:.4f}; "
                 f"{name} must stay a positive finite number (use None for clip_range_vf to disable value clipping)."

@@ -14,7 +14,8 @@ class LinearSchedule:
 
     def __call__(self, progress_remaining: float) -> float:
         """Return the value for ``progress_remaining`` in [0, 1]."""
-        return self.end + (self.start - self.end) * progress_remaining
+        # clamped: the last rollout overshoots total_timesteps, which makes progress slightly negative
+        return self.end + (self.start - self.end) * min(max(progress_remaining, 0.0), 1.0)
 
 
 @dataclass(frozen=True)
