@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from sb3_ppo_ext.schedules import LinearSchedule
+from sb3_ppo_ext.schedules import parse_schedule
 
 #: Folder of the shipped per-algorithm YAML files (``clipped_ppo.yml``, ``a2c.yml``, ``trpo.yml``).
 HYPERPARAMS_DIR = Path(__file__).parent / "benchmark" / "hyperparams"
@@ -132,19 +132,6 @@ class Settings:
         return wrap
 
 
-def parse_schedule(value: Any) -> Any:
-    """Turn a Zoo schedule string ``"lin_<x>"`` into ``LinearSchedule(x)`` (x -> 0 over training).
-
-    Numbers and callables are returned unchanged.
-    """
-    if not isinstance(value, str):
-        return value
-    kind, _, start = value.partition("_")
-    if kind != "lin" or not start:
-        raise ValueError(f"unknown schedule string {value!r}: expected 'lin_<initial value>'")
-    return LinearSchedule(float(start))
-
-
 def _eval_python_string(text: str, what: str) -> Any:
     # The Zoo stores policy_kwargs as Python source, e.g. "dict(net_arch=[64], activation_fn=nn.ReLU)";
     # evaluate it without builtins so only dict/nn/constants are reachable.
@@ -184,7 +171,7 @@ def parse_zoo_block(block: Mapping[str, Any]) -> Settings:
             model_kwargs[key] = parse_schedule(model_kwargs[key])
     if isinstance(model_kwargs.get("policy_kwargs"), str):
         model_kwargs["policy_kwargs"] = _eval_python_string(model_kwargs["policy_kwargs"], "policy_kwargs")
-    wrappers = raw.get("env_wrapper") or ()
+    wrappers = raw.get("env_wrapper") or []
     n_timesteps = raw.get("n_timesteps")
     return Settings(
         policy=raw.get("policy", "MlpPolicy"),
@@ -192,7 +179,7 @@ def parse_zoo_block(block: Mapping[str, Any]) -> Settings:
         model_kwargs=model_kwargs,
         n_timesteps=None if n_timesteps is None else int(float(n_timesteps)),
         normalize=_normalize_kwargs(raw.get("normalize"), raw.get("gamma")),
-        env_wrapper=tuple(wrappers) if isinstance(wrappers, list) else (wrappers,),
+        env_wrapper=tuple(wrappers if isinstance(wrappers, list) else [wrappers]),
         frame_stack=raw.get("frame_stack"),
         env_kwargs=dict(raw.get("env_kwargs") or {}),
         raw=raw,

@@ -1,0 +1,208 @@
+"""Plan the runs of a benchmark and execute them in parallel, resuming where a previous call stopped."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sb3_ppo_ext import presets
+from sb3_ppo_ext.benchmark.ablations import ABLATION_ALGOS, ABLATIONS
+from sb3_ppo_ext.benchmark.runs import ALGOS, RunSpec, is_finished, train_and_evaluate
+
+# Evaluations per run when --eval-freq is not given.
+DEFAULT_EVALUATIONS = 20
+
+
+def zoo_budget(env_id: str, hyperparams_dir: Path | None = None) -> int:
+    """The Zoo's PPO budget for ``env_id``; every algorithm gets it, so curves share one x-axis."""
+    path = None if hyperparams_dir is None else Path(hyperparams_dir) / presets.HYPERPARAMS_FILES["clipped_ppo"]
+    budget = presets.zoo_settings("clipped_ppo", env_id, path).n_timesteps
+    if budget is None:
+        raise ValueError(f"no n_timesteps for {env_id!r} in the Zoo settings: pass --timesteps or --budget")
+    return budget
+
+
+def plan(
+    envs: Sequence[str],
+    algos: Sequence[str],
+    seeds: Sequence[int],
+    budgets: dict[str, int],
+    *,
+    ablation: str | None = None,
+    eval_freq: int | None = None,
+    eval_episodes: int = 10,
+    device: str = "cpu",
+) -> list[RunSpec]:
+    """Every (env, algorithm or ablation variant, seed) run, as specs.
+
+    :param budgets: training env steps per env id.
+    :param eval_freq: env steps between evaluations; default: the budget / 20.
+    """
+    unknown = [algo for algo in algos if algo not in ALGOS]
+    if unknown:
+        raise ValueError(f"unknown algorithms {unknown}; known: {sorted(ALGOS)}")
+    if ablation is not None:
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; known: {sorted(ABLATIONS)}")
+        if len(algos) != 1 or algos[0] not in ABLATION_ALGOS[ablation]:
+            raise ValueError(f"--ablation {ablation} runs one algorithm out of {ABLATION_ALGOS[ablation]}")
+    variants = list(ABLATIONS[ablation]) if ablation is not None else [""]
+    return [
+        RunSpec(
+            env_id=env_id,
+            algo=algo,
+            seed=seed,
+            timesteps=budgets[env_id],
+            eval_freq=eval_freq or max(1, budgets[env_id] // DEFAULT_EVALUATIONS),
+            eval_episodes=eval_episodes,
+            ablation=ablation,
+            variant=variant,
+            device=device,
+        )
+        for env_id in envs
+        for algo in algos
+        for variant in variants
+        for seed in seeds
+    ]
+
+
+@dataclass
+class Outcome:
+    """What :func:`execute` did: runs skipped as already finished, completed now, and failed."""
+
+    skipped: list[RunSpec] = field(default_factory=list)
+    completed: list[RunSpec] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+# Set in each worker process by the pool's initializer: progress messages go back through it.
+_progress_queue: Any = None
+
+
+def _init_worker(progress_queue: Any) -> None:
+    global _progress_queue
+    import torch
+
+    torch.set_num_threads(1)
+    _progress_queue = progress_queue
+
+
+def _report_to_queue(key: str, steps: int) -> None:
+    _progress_queue.put((key, steps))
+
+
+def _run_in_worker(spec: RunSpec, out: Path, hyperparams_dir: Path | None) -> dict[str, Any]:
+    return train_and_evaluate(spec, out, report=_report_to_queue, hyperparams_dir=hyperparams_dir)
+
+
+def execute(
+    specs: Sequence[RunSpec],
+    out: Path,
+    *,
+    n_jobs: int = 1,
+    hyperparams_dir: Path | None = None,
+    show_progress: bool = True,
+    console: Console | None = None,
+) -> Outcome:
+    """Run every spec whose result is not already in ``out``; ``n_jobs`` runs at a time.
+
+    Each run writes its result file as soon as it finishes, so an interrupted call loses only the runs
+    in flight. A failed run is reported and left without a result, so the next call retries it.
+    """
+    out = Path(out)
+    console = console or Console()
+    outcome = Outcome()
+    todo = []
+    for spec in specs:
+        (outcome.skipped if is_finished(spec, out) else todo).append(spec)
+    if outcome.skipped:
+        console.print(f"resuming: {len(outcome.skipped)} of {len(specs)} runs already finished in {out}")
+    if not todo:
+        return outcome
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+    runs_task = progress.add_task("runs", total=len(todo))
+    steps_task = progress.add_task("env steps", total=sum(spec.timesteps for spec in todo))
+
+    def finished(spec: RunSpec, result: dict[str, Any] | None, error: str | None) -> None:
+        progress.advance(runs_task)
+        if error is None:
+            outcome.completed.append(spec)
+            minutes = result["wall_s"] / 60
+            console.print(f"done   {spec.key}: final return {result['final_return']:.1f} ({minutes:.1f} min)")
+        else:
+            outcome.failed[spec.key] = error
+            console.print(f"[red]failed {spec.key}[/red]\n{error}")
+
+    with progress:
+        if n_jobs <= 1:
+            for spec in todo:
+                try:
+                    result = train_and_evaluate(
+                        spec,
+                        out,
+                        report=lambda _key, steps: progress.advance(steps_task, steps),
+                        hyperparams_dir=hyperparams_dir,
+                    )
+                except Exception:
+                    finished(spec, None, traceback.format_exc())
+                else:
+                    finished(spec, result, None)
+        else:
+            _execute_in_pool(todo, out, n_jobs, hyperparams_dir, progress, steps_task, finished)
+    return outcome
+
+
+def _execute_in_pool(
+    todo: Sequence[RunSpec],
+    out: Path,
+    n_jobs: int,
+    hyperparams_dir: Path | None,
+    progress: Progress,
+    steps_task: Any,
+    finished: Callable[[RunSpec, dict[str, Any] | None, str | None], None],
+) -> None:
+    # spawn: fresh interpreters, no forked torch/OpenMP state; each sets torch threads to 1
+    context = multiprocessing.get_context("spawn")
+    progress_queue = context.Queue()
+    with ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_init_worker, initargs=(progress_queue,)) as pool:
+        pending: dict[Future, RunSpec] = {
+            pool.submit(_run_in_worker, spec, out, hyperparams_dir): spec for spec in todo
+        }
+        while pending:
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            _drain(progress_queue, progress, steps_task)
+            for future in done:
+                spec = pending.pop(future)
+                error = future.exception()
+                if error is None:
+                    finished(spec, future.result(), None)
+                else:
+                    finished(spec, None, "".join(traceback.format_exception(error)))
+    _drain(progress_queue, progress, steps_task)
+
+
+def _drain(progress_queue: Any, progress: Progress, steps_task: Any) -> None:
+    while True:
+        try:
+            _key, steps = progress_queue.get_nowait()
+        except queue.Empty:
+            return
+        progress.advance(steps_task, steps)

@@ -1,0 +1,281 @@
+"""One benchmark run: its spec, where its result lives, and how it is trained and evaluated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import sb3_contrib
+import stable_baselines3
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize, sync_envs_normalization
+
+import sb3_ppo_ext
+from sb3_ppo_ext import presets
+from sb3_ppo_ext.benchmark import ablations
+
+#: Benchmark algorithm name -> dotted class path (the seed's algorithm table, plus ClippedPPO).
+ALGOS: dict[str, str] = {
+    "clipped_ppo": "sb3_ppo_ext.ClippedPPO",
+    "ppo": "stable_baselines3.PPO",
+    "a2c": "stable_baselines3.A2C",
+    "trpo": "sb3_contrib.TRPO",
+}
+
+# Evaluation envs are seeded apart from the training envs (make_vec_env seeds env i with seed + i).
+EVAL_SEED_OFFSET = 10_000
+RESULT_VERSION = 1
+
+Reporter = Callable[[str, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What one run trains and how it is evaluated; equal specs give interchangeable results.
+
+    :param env_id: Gymnasium id.
+    :param algo: a key of :data:`ALGOS`.
+    :param seed: seed of the model and the training envs.
+    :param timesteps: training budget in env steps.
+    :param eval_freq: evaluate every this many env steps (plus at 0 and at the end).
+    :param eval_episodes: episodes per evaluation.
+    :param ablation: ``None``, ``"lambda"`` or ``"details"``.
+    :param variant: the ablation's variant name (``""`` without an ablation).
+    :param device: torch device.
+    """
+
+    env_id: str
+    algo: str
+    seed: int
+    timesteps: int
+    eval_freq: int
+    eval_episodes: int = 10
+    ablation: str | None = None
+    variant: str = ""
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        """The curve/table name: the algorithm, or the ablation variant."""
+        return self.variant or self.algo
+
+    @property
+    def key(self) -> str:
+        """A short unique name for progress messages."""
+        return f"{self.env_id}/{self.label}/seed{self.seed}"
+
+    def result_path(self, out: Path) -> Path:
+        """Where this run's JSON result is written under the output folder ``out``."""
+        return Path(out) / "raw" / self.env_id / self.label / f"seed{self.seed}.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the whole new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_result(path: Path) -> dict[str, Any] | None:
+    """A finished run's result, or ``None`` if the file is missing or unreadable."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and "spec" in result else None
+
+
+def is_finished(spec: RunSpec, out: Path) -> bool:
+    """Whether ``out`` already holds a result of exactly this spec (resume skips it)."""
+    result = load_result(spec.result_path(out))
+    return result is not None and result["spec"] == dataclasses.asdict(spec)
+
+
+def run_settings(spec: RunSpec, hyperparams_dir: Path | None = None) -> presets.Settings:
+    """The settings this run trains with: the Zoo's for its algorithm and env, then its ablation variant."""
+    path = None if hyperparams_dir is None else Path(hyperparams_dir) / presets.HYPERPARAMS_FILES[spec.algo]
+    settings = presets.zoo_settings(spec.algo, spec.env_id, path)
+    return ablations.apply(spec.ablation, spec.variant, settings)
+
+
+def make_envs(settings: presets.Settings, env_id: str, seed: int) -> tuple[VecEnv, VecEnv]:
+    """Training and evaluation VecEnvs built the Zoo's way (Monitor, wrappers, VecNormalize, frames)."""
+
+    def build(n_envs: int, env_seed: int, evaluation: bool) -> VecEnv:
+        env = make_vec_env(
+            env_id, n_envs=n_envs, seed=env_seed, env_kwargs=settings.env_kwargs, wrapper_class=settings.wrapper_class()
+        )
+        if settings.normalize is not None:
+            kwargs = dict(settings.normalize)
+            if evaluation:
+                # statistics are copied from the training env before each evaluation; returns unscaled
+                kwargs.update(training=False, norm_reward=False)
+            env = VecNormalize(env, **kwargs)
+        if settings.frame_stack:
+            env = VecFrameStack(env, settings.frame_stack)
+        return env
+
+    return build(settings.n_envs, seed, False), build(1, seed + EVAL_SEED_OFFSET, True)
+
+
+class EvalRecorder(BaseCallback):
+    """Evaluates on a separate env at 0, every ``eval_freq`` env steps and at the end.
+
+    Records env steps, mean/std return and wall-clock; time spent evaluating is kept apart so
+    that env-steps/s measures training alone.
+    """
+
+    def __init__(self, eval_env: Any, spec: RunSpec, deterministic: bool, report: Reporter | None) -> None:
+        super().__init__()
+        self.eval_env = eval_env
+        self.spec = spec
+        self.deterministic = deterministic
+        self.report = report
+        self.history: dict[str, list[float]] = {
+            "timesteps": [],
+            "mean_return": [],
+            "std_return": [],
+            "wall_s": [],
+            "train_s": [],
+        }
+        self.eval_s = 0.0
+        self._next_eval = 0
+        self._last_reported = 0
+        self._start = 0.0
+
+    def _on_training_start(self) -> None:
+        self._start = time.perf_counter()
+        self._evaluate()
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self._next_eval:
+            self._evaluate()
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self.report is not None:
+            # capped at the budget: the last rollout may overshoot it, the progress total does not
+            done = min(self.num_timesteps, self.spec.timesteps)
+            self.report(self.spec.key, done - self._last_reported)
+            self._last_reported = done
+
+    def _on_training_end(self) -> None:
+        if self.history["timesteps"][-1] != self.num_timesteps:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        began = time.perf_counter()
+        sync_envs_normalization(self.training_env, self.eval_env)
+        returns, _ = evaluate_policy(
+            self.model,
+            self.eval_env,
+            n_eval_episodes=self.spec.eval_episodes,
+            deterministic=self.deterministic,
+            return_episode_rewards=True,
+        )
+        ended = time.perf_counter()
+        self.eval_s += ended - began
+        history = self.history
+        history["timesteps"].append(int(self.num_timesteps))
+        history["mean_return"].append(float(np.mean(returns)))
+        history["std_return"].append(float(np.std(returns)))
+        history["wall_s"].append(ended - self._start)
+        history["train_s"].append(ended - self._start - self.eval_s)
+        self._next_eval = (self.num_timesteps // self.spec.eval_freq + 1) * self.spec.eval_freq
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "sb3_contrib": sb3_contrib.__version__,
+        "gymnasium": gym.__version__,
+        "sb3_ppo_ext": getattr(sb3_ppo_ext, "__version__", "unknown"),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    # Hyperparameters as readable JSON: schedules and classes by repr/name.
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether ``env_id`` is an ALE game (the Zoo evaluates those stochastically)."""
+    return "AtariEnv" in str(gym.spec(env_id).entry_point)
+
+
+def train_and_evaluate(
+    spec: RunSpec, out: Path, report: Reporter | None = None, hyperparams_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train one run, evaluating along the way, and write its result file atomically.
+
+    :return: the result written to ``spec.result_path(out)``.
+    """
+    torch.set_num_threads(1)  # one core per run: runs are parallelised across processes instead
+    settings = run_settings(spec, hyperparams_dir)
+    env, eval_env = make_envs(settings, spec.env_id, spec.seed)
+    algo_class = presets.import_object(ALGOS[spec.algo])
+    model = algo_class(settings.policy, env, seed=spec.seed, device=spec.device, verbose=0, **settings.model_kwargs)
+    # the Zoo evaluates deterministically except on Atari (and MiniGrid)
+    recorder = EvalRecorder(eval_env, spec, deterministic=not is_atari(spec.env_id), report=report)
+    started = time.perf_counter()
+    model.learn(spec.timesteps, callback=recorder)
+    wall_s = time.perf_counter() - started
+    env.close()
+    eval_env.close()
+
+    history = recorder.history
+    train_s = wall_s - recorder.eval_s
+    result = {
+        "version": RESULT_VERSION,
+        "spec": dataclasses.asdict(spec),
+        "hyperparameters": _jsonable(
+            {
+                "policy": settings.policy,
+                "n_envs": settings.n_envs,
+                "normalize": settings.normalize,
+                **settings.model_kwargs,
+            }
+        ),
+        "zoo_timesteps": settings.n_timesteps,
+        "evaluations": history,
+        "final_return": history["mean_return"][-1],
+        "total_timesteps": int(model.num_timesteps),
+        "wall_s": wall_s,
+        "train_s": train_s,
+        "steps_per_s": model.num_timesteps / train_s if train_s > 0 else float("nan"),
+        "versions": _versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomic(spec.result_path(out), result)
+    return result
