@@ -1,0 +1,297 @@
+"""Throughput benchmark: ClippedPPO vs SB3's PPO at identical hyperparameters, in one run.
+
+Each (workload, algorithm, seed) trains in a fresh subprocess so that peak RSS is measured per run;
+runs alternate A B A B to cancel slow machine drift. Results go to ``benchmarks/results/throughput.md``
+and ``throughput.json``.
+
+    python benchmarks/throughput.py                      # all three workloads, default budgets
+    python benchmarks/throughput.py --workloads cartpole --seeds 0 1 2 --timesteps 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# RL Zoo hyperparameters, identical for both algorithms
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "cartpole": dict(
+        env_id="CartPole-v1",
+        n_envs=8,
+        timesteps=50_000,
+        eval_episodes=10,
+        hyperparams=dict(
+            n_steps=32,
+            batch_size=256,
+            gae_lambda=0.8,
+            gamma=0.98,
+            n_epochs=20,
+            ent_coef=0.0,
+            learning_rate="lin_1e-3",
+            clip_range="lin_0.2",
+        ),
+    ),
+    "halfcheetah": dict(
+        env_id="HalfCheetah-v5",
+        n_envs=1,
+        normalize=True,
+        timesteps=20_480,
+        eval_episodes=3,
+        hyperparams=dict(
+            batch_size=64,
+            n_steps=512,
+            gamma=0.98,
+            learning_rate=2.0633e-05,
+            ent_coef=0.000401762,
+            clip_range=0.1,
+            n_epochs=20,
+            gae_lambda=0.92,
+            max_grad_norm=0.8,
+            vf_coef=0.58096,
+            policy_kwargs="relu256",
+        ),
+    ),
+    "pong": dict(
+        env_id="ALE/Pong-v5",
+        n_envs=8,
+        atari=True,
+        timesteps=16_384,
+        eval_episodes=1,
+        hyperparams=dict(
+            n_steps=128,
+            n_epochs=4,
+            batch_size=256,
+            learning_rate="lin_2.5e-4",
+            clip_range="lin_0.1",
+            vf_coef=0.5,
+            ent_coef=0.01,
+        ),
+    ),
+}
+
+
+def _hyperparams(raw: dict[str, Any]) -> dict[str, Any]:
+    import torch as th
+
+    from sb3_ppo_ext.schedules import parse_schedule
+
+    params = dict(raw)
+    for key in ("learning_rate", "clip_range"):
+        params[key] = parse_schedule(params[key])
+    if params.get("policy_kwargs") == "relu256":
+        params["policy_kwargs"] = dict(
+            log_std_init=-2, ortho_init=False, activation_fn=th.nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256])
+        )
+    return params
+
+
+def _make_env(spec: dict[str, Any], seed: int, n_envs: int | None = None) -> Any:
+    from stable_baselines3.common.env_util import make_atari_env, make_vec_env
+    from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
+
+    n = spec["n_envs"] if n_envs is None else n_envs
+    if spec.get("atari"):
+        import ale_py
+        import gymnasium as gym
+
+        gym.register_envs(ale_py)
+        return VecFrameStack(make_atari_env(spec["env_id"], n_envs=n, seed=seed), n_stack=4)
+    env = make_vec_env(spec["env_id"], n_envs=n, seed=seed)
+    if spec.get("normalize"):
+        env = VecNormalize(env, gamma=spec["hyperparams"]["gamma"])
+    return env
+
+
+def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int) -> dict[str, Any]:
+    """Train one model in this process and return its measurements."""
+    import numpy as np
+    import torch as th
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    from sb3_ppo_ext import ClippedPPO
+
+    th.set_num_threads(threads)
+    spec = WORKLOADS[workload]
+    cls = ClippedPPO if algo == "clipped_ppo" else PPO
+    policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
+    env = _make_env(spec, seed)
+    model = cls(policy, env, seed=seed, device="cpu", **_hyperparams(spec["hyperparams"]))
+
+    timers = {"rollout": 0.0, "train": 0.0}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timers[name] += time.perf_counter() - start
+
+        return wrapper
+
+    model.collect_rollouts = timed("rollout", model.collect_rollouts)  # type: ignore[method-assign]
+    model.train = timed("train", model.train)  # type: ignore[method-assign]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model.learn(timesteps)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+
+    eval_env = _make_env(spec, seed + 1000, n_envs=1)
+    if spec.get("normalize"):
+        eval_env.obs_rms = env.obs_rms  # type: ignore[attr-defined]
+        eval_env.training = False  # type: ignore[attr-defined]
+        eval_env.norm_reward = False  # type: ignore[attr-defined]
+    returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=spec["eval_episodes"], return_episode_rewards=True)
+    return dict(
+        workload=workload,
+        algo=algo,
+        seed=seed,
+        timesteps=model.num_timesteps,
+        wall_s=wall,
+        cpu_s=cpu,
+        fps=model.num_timesteps / wall,
+        rollout_s=timers["rollout"],
+        train_s=timers["train"],
+        eval_return=float(np.mean(returns)),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+
+
+def floors(workload: str, seed: int, threads: int, steps: int = 4096) -> dict[str, float]:
+    """Env-only steps/s (random actions) and env + ClippedPPO policy forward steps/s."""
+    import numpy as np
+    import torch as th
+    from stable_baselines3.common.utils import obs_as_tensor
+
+    from sb3_ppo_ext import ClippedPPO
+
+    th.set_num_threads(threads)
+    spec = WORKLOADS[workload]
+    env = _make_env(spec, seed)
+    n = env.num_envs
+    iterations = max(1, steps // n)
+    env.reset()
+    actions = np.stack([env.action_space.sample() for _ in range(n)])
+    start = time.perf_counter()
+    for _ in range(iterations):
+        env.step(actions)
+    env_only = iterations * n / (time.perf_counter() - start)
+
+    policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
+    model = ClippedPPO(policy, env, seed=seed, device="cpu", **_hyperparams(spec["hyperparams"]))
+    obs = env.reset()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        with th.no_grad():
+            act, _, _ = model.policy(obs_as_tensor(obs, model.device))
+        act = act.numpy()
+        if spec["env_id"] == "HalfCheetah-v5":
+            act = np.clip(act, -1, 1)
+        obs, _, _, _ = env.step(act)
+    with_policy = iterations * n / (time.perf_counter() - start)
+    return {"env_only_fps": env_only, "env_policy_fps": with_policy}
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True, env=os.environ
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], threads: int) -> str:
+    """The markdown table of the results."""
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads = {threads}, Python {platform.python_version()}.",
+        "",
+        "| workload | algo | env-steps/s (median) | rollout s | train s | peak RSS MB | eval return per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for workload in dict.fromkeys(r["workload"] for r in runs):
+        fps = {}
+        for algo in ("ppo", "clipped_ppo"):
+            rs = [r for r in runs if r["workload"] == workload and r["algo"] == algo]
+            if not rs:
+                continue
+            fps[algo] = _median([r["fps"] for r in rs])
+            lines.append(
+                f"| {workload} | {algo} | {fps[algo]:.0f} | {_median([r['rollout_s'] for r in rs]):.1f} | "
+                f"{_median([r['train_s'] for r in rs]):.1f} | {max(r['peak_rss_mb'] for r in rs):.0f} | "
+                + ", ".join(f"{r['eval_return']:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
+                + " |"
+            )
+        if len(fps) == 2:
+            ratios.append((workload, fps["clipped_ppo"] / fps["ppo"]))
+    lines += ["", "| workload | ClippedPPO / SB3 PPO env-steps/s | env-only steps/s | env + policy forward steps/s |"]
+    lines.append("|---|---|---|---|")
+    for workload, ratio in ratios:
+        f = floor.get(workload, {})
+        lines.append(
+            f"| {workload} | **{ratio:.2f}x** | {f.get('env_only_fps', float('nan')):.0f} | "
+            f"{f.get('env_policy_fps', float('nan')):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Parse arguments and run the benchmark (or one child run)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--timesteps", type=int, default=None, help="override every workload's budget")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", nargs=5, metavar=("WORKLOAD", "ALGO", "SEED", "TIMESTEPS", "THREADS"))
+    args = parser.parse_args()
+    if args.child:
+        workload, algo, seed, timesteps, threads = args.child
+        if algo == "floors":
+            print(json.dumps(floors(workload, int(seed), int(threads))))
+        else:
+            print(json.dumps(run_single(workload, algo, int(seed), int(timesteps), int(threads))))
+        return
+
+    runs: list[dict[str, Any]] = []
+    floor: dict[str, dict[str, float]] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for workload in args.workloads:
+        timesteps = args.timesteps or WORKLOADS[workload]["timesteps"]
+        floor[workload] = _child([workload, "floors", "0", "0", str(args.threads)])
+        for seed in args.seeds:
+            for algo in ("ppo", "clipped_ppo"):  # A B A B ...
+                run = _child([workload, algo, str(seed), str(timesteps), str(args.threads)])
+                runs.append(run)
+                print(
+                    f"{workload:12s} {algo:12s} seed {seed}: {run['fps']:7.0f} steps/s "
+                    f"(rollout {run['rollout_s']:.1f}s, train {run['train_s']:.1f}s), "
+                    f"RSS {run['peak_rss_mb']:.0f} MB, eval {run['eval_return']:.1f}",
+                    flush=True,
+                )
+    table = summarize(runs, floor, args.threads)
+    print(table)
+    (args.out / "throughput.md").write_text("# Throughput: ClippedPPO vs SB3 PPO\n\n" + table)
+    (args.out / "throughput.json").write_text(
+        json.dumps({"threads": args.threads, "runs": runs, "floors": floor}, indent=2) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
