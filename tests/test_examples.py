@@ -1,0 +1,87 @@
+"""Every script in examples/ runs standalone at a tiny budget (EXAMPLE_TIMESTEPS) and does what it says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SWAPPED_IMPORT = "from sb3_ppo_ext import ClippedPPO as PPO"
+SB3_IMPORT = "from stable_baselines3 import PPO"
+
+
+def run_script(path: Path, cwd: Path, timesteps: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EXAMPLE_TIMESTEPS": str(timesteps), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_the_examples_folder_holds_the_four_documented_scripts():
+    names = {p.name for p in EXAMPLES.glob("*.py")}
+    assert {
+        "cartpole_quickstart.py",
+        "continuous_vecnormalize.py",
+        "callbacks_checkpoints.py",
+        "sb3_script_swapped.py",
+    } <= names
+
+
+def test_cartpole_quickstart(tmp_path):
+    out = run_script(EXAMPLES / "cartpole_quickstart.py", tmp_path, 512).stdout
+    assert "evaluation: mean return" in out
+    assert "one episode with the loaded model" in out
+    assert (tmp_path / "clipped_ppo_cartpole.zip").exists()
+
+
+def test_continuous_vecnormalize_saves_stats_with_the_model(tmp_path):
+    # n_steps=1024 x 4 envs: the smallest budget is one rollout
+    out = run_script(EXAMPLES / "continuous_vecnormalize.py", tmp_path, 256).stdout
+    assert "evaluation: mean return -" in out
+    assert (tmp_path / "clipped_ppo_pendulum.zip").exists()
+    assert (tmp_path / "clipped_ppo_pendulum_vecnormalize.pkl").exists()
+
+
+def test_callbacks_checkpoints_writes_checkpoints_and_evaluations(tmp_path):
+    # an unreachable threshold, so training runs its full budget and every periodic callback fires
+    args = ("--threshold", "1e9", "--eval-every", "256", "--checkpoint-every", "512", "--log-dir", "logs")
+    out = run_script(EXAMPLES / "callbacks_checkpoints.py", tmp_path, 1024, *args).stdout
+    checkpoints = sorted(p.name for p in (tmp_path / "logs" / "checkpoints").glob("*.zip"))
+    assert checkpoints == ["clipped_ppo_1024_steps.zip", "clipped_ppo_512_steps.zip"]
+    assert (tmp_path / "logs" / "evaluations.npz").exists()
+    assert (tmp_path / "logs" / "best_model.zip").exists()
+    assert "trained 1024 steps in 4 rollouts;" in out
+
+
+def test_callbacks_checkpoints_stops_at_the_reward_threshold(tmp_path):
+    # a threshold every evaluation reaches: training stops at the first evaluation
+    args = ("--threshold", "-1", "--eval-every", "256", "--log-dir", "logs")
+    out = run_script(EXAMPLES / "callbacks_checkpoints.py", tmp_path, 4096, *args).stdout
+    assert "stopped early: threshold reached" in out
+    assert "trained 256 steps" in out
+
+
+def test_swapped_script_differs_from_an_sb3_script_only_in_the_import():
+    lines = (EXAMPLES / "sb3_script_swapped.py").read_text().splitlines()
+    assert lines.count(SWAPPED_IMPORT) == 1
+    assert not any("ClippedPPO" in line for line in lines if line != SWAPPED_IMPORT and not line.startswith(" "))
+    assert not any("sb3_ppo_ext" in line for line in lines if line != SWAPPED_IMPORT)
+
+
+@pytest.mark.parametrize("implementation", ["ClippedPPO", "SB3 PPO"])
+def test_swapped_script_runs_with_either_ppo(tmp_path, implementation):
+    source = (EXAMPLES / "sb3_script_swapped.py").read_text()
+    if implementation == "SB3 PPO":
+        source = source.replace(SWAPPED_IMPORT, SB3_IMPORT)
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    out = run_script(script, tmp_path, 1024).stdout
+    assert "mean_reward=" in out
+    assert "num_timesteps=2048" in out  # 1024, then 1024 // 5 rounded up to one 1024-step rollout
+    assert (tmp_path / "ppo_cartpole.zip").exists()
