@@ -1,0 +1,202 @@
+"""RL Baselines3 Zoo plug-in: ``clipped_ppo`` as an rl_zoo3 algorithm.
+
+rl_zoo3 keeps its algorithms in a plain dict (``rl_zoo3.utils.ALGOS``) and reads ``--algo``'s choices
+from it when its command line is built, before ``--gym-packages`` are imported; it has no entry-point
+plug-in mechanism. So ClippedPPO must be registered before ``rl_zoo3.utils`` is used. Two ways:
+
+1. ``python -m sb3_ppo_ext.zoo train --algo clipped_ppo --env CartPole-v1`` (and ``enjoy``,
+   ``record_video``): registers, then runs rl_zoo3's own script with the remaining arguments.
+2. ``python -m sb3_ppo_ext.zoo install-hook`` once: writes ``sb3_ppo_ext_rl_zoo3.pth`` into
+   site-packages. Python runs it at start-up; it only installs a small import hook (no import of
+   torch or of this package) that registers ClippedPPO right after rl_zoo3 loads its registry. From
+   then on ``python -m rl_zoo3.train --algo clipped_ppo ...`` and ``python -m rl_zoo3.enjoy ...``
+   work unchanged. ``uninstall-hook`` removes the file (``pip uninstall`` does not).
+
+Registering adds ClippedPPO to ``ALGOS``, PPO's optuna sampler and converter under ``clipped_ppo``
+(so ``-optimize`` works), and makes ``hyperparams/clipped_ppo.yml`` (shipped here, a mirror of the
+Zoo's ``ppo.yml``) the default ``--conf-file`` for ``--algo clipped_ppo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import inspect
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from sb3_ppo_ext.presets import HYPERPARAMS_DIR
+
+#: The algorithm name rl_zoo3 knows ClippedPPO by (``--algo clipped_ppo``, ``logs/clipped_ppo/``).
+ALGO_NAME = "clipped_ppo"
+#: The Zoo-format hyperparameters used by default for ``--algo clipped_ppo``.
+HYPERPARAMS_PATH = HYPERPARAMS_DIR / "clipped_ppo.yml"
+#: File name of the start-up hook that ``install-hook`` writes into site-packages.
+PTH_NAME = "sb3_ppo_ext_rl_zoo3.pth"
+
+# rl_zoo3 scripts that ``python -m sb3_ppo_ext.zoo <name>`` can run after registering.
+_SCRIPTS = {
+    "train": ("rl_zoo3.train", "train"),
+    "enjoy": ("rl_zoo3.enjoy", "enjoy"),
+    "record_video": ("rl_zoo3.record_video", None),
+    "record_training": ("rl_zoo3.record_training", None),
+}
+
+# The start-up hook, run from a .pth line: a meta-path finder that wraps the loading of the three
+# rl_zoo3 modules holding registries, and hands each module to patch_module() once it has run.
+_HOOK_SOURCE = '''
+import sys
+
+
+class ClippedPPOZooHook:
+    """Registers sb3_ppo_ext's ClippedPPO with rl_zoo3 as rl_zoo3 loads (written by sb3_ppo_ext.zoo)."""
+
+    modules = frozenset({"rl_zoo3.utils", "rl_zoo3.hyperparams_opt", "rl_zoo3.exp_manager"})
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.modules:
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return None
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            try:
+                from sb3_ppo_ext import zoo
+            except ModuleNotFoundError as exc:
+                if exc.name == "sb3_ppo_ext":
+                    return  # the package was uninstalled: leave rl_zoo3 as it is
+                raise
+            zoo.patch_module(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if not any(type(finder).__name__ == "ClippedPPOZooHook" for finder in sys.meta_path):
+    sys.meta_path.insert(0, ClippedPPOZooHook())
+'''
+
+
+def _patch_algos(utils: ModuleType) -> None:
+    from sb3_ppo_ext import ClippedPPO
+
+    utils.ALGOS.setdefault(ALGO_NAME, ClippedPPO)
+
+
+def _patch_optuna(hyperparams_opt: ModuleType) -> None:
+    # ClippedPPO takes PPO's arguments: PPO's search space and parameter conversion apply as they are
+    hyperparams_opt.HYPERPARAMS_SAMPLER.setdefault(ALGO_NAME, hyperparams_opt.HYPERPARAMS_SAMPLER["ppo"])
+    hyperparams_opt.HYPERPARAMS_CONVERTER.setdefault(ALGO_NAME, hyperparams_opt.HYPERPARAMS_CONVERTER["ppo"])
+
+
+def _patch_default_config(exp_manager: ModuleType) -> None:
+    # ExperimentManager looks for hyperparams/<algo>.yml inside rl_zoo3; point clipped_ppo at ours
+    cls = exp_manager.ExperimentManager
+    original = cls.__init__
+    if getattr(original, "_sb3_ppo_ext_patched", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(*args: object, **kwargs: object) -> None:
+        bound = signature.bind(*args, **kwargs)
+        if bound.arguments.get("algo") == ALGO_NAME and not bound.arguments.get("config"):
+            bound.arguments["config"] = str(HYPERPARAMS_PATH)
+        original(*bound.args, **bound.kwargs)
+
+    __init__._sb3_ppo_ext_patched = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+
+
+_PATCHES = {
+    "rl_zoo3.utils": _patch_algos,
+    "rl_zoo3.hyperparams_opt": _patch_optuna,
+    "rl_zoo3.exp_manager": _patch_default_config,
+}
+
+
+def patch_module(module: ModuleType) -> None:
+    """Register ClippedPPO in one freshly loaded rl_zoo3 module (the import hook calls this)."""
+    _PATCHES[module.__name__](module)
+
+
+def register() -> None:
+    """Register ClippedPPO as ``clipped_ppo`` with rl_zoo3 (idempotent); requires ``rl_zoo3`` installed."""
+    for name in _PATCHES:
+        patch_module(importlib.import_module(name))
+
+
+def hook_line() -> str:
+    """The one line of the ``.pth`` start-up hook (site runs lines that start with ``import``)."""
+    return f"import sys; exec({_HOOK_SOURCE!r}, {{'__name__': 'sb3_ppo_ext_rl_zoo3_hook'}})\n"
+
+
+def install_hook(site_dir: str | Path | None = None) -> Path:
+    """Write the start-up hook into ``site_dir`` (default: this interpreter's site-packages)."""
+    path = Path(site_dir or sysconfig.get_path("purelib")) / PTH_NAME
+    path.write_text(hook_line())
+    return path
+
+
+def uninstall_hook(site_dir: str | Path | None = None) -> Path | None:
+    """Remove the start-up hook; return its path, or ``None`` if it was not there."""
+    path = Path(site_dir or sysconfig.get_path("purelib")) / PTH_NAME
+    if not path.exists():
+        return None
+    path.unlink()
+    return path
+
+
+def run_script(name: str, argv: Sequence[str]) -> None:
+    """Register, then run rl_zoo3's script ``name`` as if called as ``python -m rl_zoo3.<name> argv``."""
+    module_name, function = _SCRIPTS[name]
+    register()
+    sys.argv = [module_name, *argv]
+    if function is None:
+        import runpy
+
+        runpy.run_module(module_name, run_name="__main__", alter_sys=True)
+    else:
+        getattr(importlib.import_module(module_name), function)()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sb3_ppo_ext.zoo``: run an rl_zoo3 script with ClippedPPO registered, or manage the hook."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_ppo_ext.zoo",
+        description="Use ClippedPPO from the RL Baselines3 Zoo as --algo clipped_ppo.",
+        epilog="Everything after the command goes to rl_zoo3, e.g. "
+        "python -m sb3_ppo_ext.zoo train --algo clipped_ppo --env CartPole-v1",
+    )
+    parser.add_argument(
+        "command", choices=[*_SCRIPTS, "install-hook", "uninstall-hook", "hyperparams"], help="what to do"
+    )
+    parser.add_argument("--site-dir", default=None, help="(install-hook/uninstall-hook) folder for the .pth file")
+    if not argv or argv[0] not in _SCRIPTS:
+        args = parser.parse_args(argv)
+    else:
+        args, rest = parser.parse_args(argv[:1]), argv[1:]
+    if args.command in _SCRIPTS:
+        run_script(args.command, rest)
+    elif args.command == "install-hook":
+        print(f"wrote {install_hook(args.site_dir)}: `python -m rl_zoo3.train --algo {ALGO_NAME}` now works")
+    elif args.command == "uninstall-hook":
+        removed = uninstall_hook(args.site_dir)
+        print(f"removed {removed}" if removed else "no hook installed")
+    else:
+        print(HYPERPARAMS_PATH)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
