@@ -23,6 +23,7 @@ import argparse
 import functools
 import importlib
 import inspect
+import runpy
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -160,13 +161,14 @@ def run_script(name: str, argv: Sequence[str]) -> None:
     """Register, then run rl_zoo3's script ``name`` as if called as ``python -m rl_zoo3.<name> argv``."""
     module_name, function = _SCRIPTS[name]
     register()
-    sys.argv = [module_name, *argv]
-    if function is None:
-        import runpy
-
-        runpy.run_module(module_name, run_name="__main__", alter_sys=True)
-    else:
-        getattr(importlib.import_module(module_name), function)()
+    saved_argv, sys.argv = sys.argv, [module_name, *argv]  # rl_zoo3's scripts parse sys.argv
+    try:
+        if function is None:
+            runpy.run_module(module_name, run_name="__main__", alter_sys=True)
+        else:
+            getattr(importlib.import_module(module_name), function)()
+    finally:
+        sys.argv = saved_argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
