@@ -46,6 +46,17 @@ def layer_init(layer: nn.Module, gain: float) -> nn.Module:
     return layer
 
 
+def fast_optimizer_kwargs(optimizer_class: type[th.optim.Optimizer], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add ``fused=True`` for Adam/AdamW unless the caller chose an implementation.
+
+    The fused kernel updates every parameter in one call instead of ~10 small ops per tensor; on
+    PPO's small networks that is about a sixth of a minibatch step (see benchmarks/throughput.py).
+    """
+    if issubclass(optimizer_class, (th.optim.Adam, th.optim.AdamW)) and not {"fused", "foreach"} & kwargs.keys():
+        return {**kwargs, "fused": True}
+    return kwargs
+
+
 def mlp(input_dim: int, hidden_sizes: list[int], activation_fn: type[nn.Module]) -> tuple[nn.Sequential, int]:
     """A stack of ``Linear -> activation`` layers; returns it and its output width."""
     layers: list[nn.Module] = []
@@ -218,7 +229,9 @@ class ActorCriticPolicy(BasePolicy):
             with th.no_grad():
                 self.action_net.bias[self.action_head.action_dim :].fill_(log_std_init)  # type: ignore[union-attr]
 
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.optimizer = self.optimizer_class(
+            self.parameters(), lr=lr_schedule(1), **fast_optimizer_kwargs(self.optimizer_class, self.optimizer_kwargs)
+        )
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()

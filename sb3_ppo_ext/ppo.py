@@ -26,6 +26,21 @@ SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
 ADVANTAGE_NORMALIZATION_MODES = (True, False, "minibatch", "batch")
 
 
+def clip_grad_norm(parameters: list[th.Tensor], max_norm: float) -> th.Tensor:
+    """Scale gradients in place so their global L2 norm is at most ``max_norm``; return the norm before.
+
+    Same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``
+    capped at 1) without its per-call regrouping of tensors by device and dtype.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return th.zeros(())
+    total_norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grads)))
+    if max_norm != float("inf"):
+        th._foreach_mul_(grads, th.clamp(max_norm / (total_norm + 1e-6), max=1.0))
+    return total_norm
+
+
 class ClippedPPO(OnPolicyAlgorithm):
     """Proximal Policy Optimization, clip version (Schulman et al. 2017), drop-in for SB3's ``PPO``.
 
@@ -203,7 +218,7 @@ class ClippedPPO(OnPolicyAlgorithm):
         else:
             batch = np.stack(terminal)
         obs_tensor, _ = self.policy.obs_to_tensor(batch)
-        with th.no_grad():
+        with th.inference_mode():
             terminal_values = self.policy.predict_values(obs_tensor).flatten().cpu().numpy()
         rewards[truncated] += self.gamma * terminal_values
 
@@ -243,7 +258,7 @@ class ClippedPPO(OnPolicyAlgorithm):
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
-            with th.no_grad():
+            with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 actions, values, log_probs = self.policy(obs_tensor)
             actions = actions.cpu().numpy()
@@ -280,7 +295,7 @@ class ClippedPPO(OnPolicyAlgorithm):
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
 
-        with th.no_grad():
+        with th.inference_mode():
             values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
         callback.update_locals(locals())
@@ -347,8 +362,14 @@ class ClippedPPO(OnPolicyAlgorithm):
                 value_loss = losses.value_loss(
                     values.flatten(), batch.old_values, batch.returns, clip_range_vf, self.vf_clip_mode
                 )
-                entropy_loss = losses.entropy_loss(entropy, log_prob)
-                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+                if self.ent_coef == 0:
+                    # same loss and gradient; the entropy is only logged, so keep it out of the backward pass
+                    with th.no_grad():
+                        entropy_loss = losses.entropy_loss(entropy, log_prob)
+                    loss = policy_loss + self.vf_coef * value_loss
+                else:
+                    entropy_loss = losses.entropy_loss(entropy, log_prob)
+                    loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
 
                 pg_losses.append(policy_loss.detach())
                 value_losses.append(value_loss.detach())
@@ -364,7 +385,7 @@ class ClippedPPO(OnPolicyAlgorithm):
 
                 self.policy.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = th.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+                grad_norm = clip_grad_norm(parameters, max_grad_norm)
                 if not th.isfinite(grad_norm):
                     self._raise_non_finite(policy_loss, value_loss, entropy_loss, grad_norm, batch.advantages)
                 self.policy.optimizer.step()
