@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sb3_ppo_ext.benchmark import ablations, cli
-from sb3_ppo_ext.benchmark.runner import Outcome, execute, plan
-from sb3_ppo_ext.benchmark.runs import RunSpec, is_finished, load_result, write_json_atomic
-from sb3_ppo_ext.presets import zoo_settings
-from sb3_ppo_ext.schedules import LinearSchedule
+pytest.importorskip("rliable", reason="the benchmark extra (requirements-benchmark.txt) is not installed")
+pytest.importorskip("matplotlib", reason="the benchmark extra (requirements-benchmark.txt) is not installed")
+
+from sb3_ppo_ext.benchmark import ablations, cli  # noqa: E402
+from sb3_ppo_ext.benchmark.runner import Outcome, execute, plan  # noqa: E402
+from sb3_ppo_ext.benchmark.runs import RunSpec, is_finished, load_result, write_json_atomic  # noqa: E402
+from sb3_ppo_ext.presets import zoo_settings  # noqa: E402
+from sb3_ppo_ext.schedules import LinearSchedule  # noqa: E402
 
 # Tiny Zoo-format settings: two rollouts of 2 x 64 steps per run, so a run takes about a second.
 TINY_YAML = """

@@ -145,8 +145,7 @@ def execute(
         progress.advance(runs_task)
         if error is None:
             outcome.completed.append(spec)
-            minutes = result["wall_s"] / 60
-            console.print(f"done   {spec.key}: final return {result['final_return']:.1f} ({minutes:.1f} min)")
+            console.print(f"done   {spec.key}: final return {result['final_return']:.1f} ({result['wall_s']:.0f} s)")
         else:
             outcome.failed[spec.key] = error
             console.print(f"[red]failed {spec.key}[/red]\n{error}")
