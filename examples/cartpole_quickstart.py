@@ -1,6 +1,6 @@
 """Quickstart: train ClippedPPO on CartPole-v1, evaluate it, save it, load it back and play one episode.
 
-    python examples/cartpole_quickstart.py                    # 100k steps, about a minute on one CPU core
+    python examples/cartpole_quickstart.py                    # 100k steps, 15-20 s on one CPU core
     python examples/cartpole_quickstart.py --timesteps 5000   # or EXAMPLE_TIMESTEPS=5000
 
 The hyperparameters are the RL Baselines3 Zoo's tuned CartPole-v1 settings; with them the agent

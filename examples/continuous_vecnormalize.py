@@ -1,12 +1,12 @@
 """Continuous control with VecNormalize: ClippedPPO on Pendulum-v1, normalization statistics saved with the model.
 
-    python examples/continuous_vecnormalize.py                    # 100k steps, a couple of minutes on one core
+    python examples/continuous_vecnormalize.py                    # 100k steps, about 30 s on one CPU core
     python examples/continuous_vecnormalize.py --timesteps 4096   # or EXAMPLE_TIMESTEPS=4096
 
 ``VecNormalize`` keeps running means of observations and returns. They are part of the agent: an
 agent loaded without them sees differently scaled observations. So the script saves them next to the
 model and loads both for evaluation, with the statistics frozen and rewards left unnormalized so the
-returns are the env's own (a random policy scores about -1200, a good one about -200).
+returns are the env's own (a random policy scores about -1200, a good one about -200; seed 0 reaches about -170).
 """
 
 import argparse
