@@ -19,6 +19,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_ppo_ext import losses
 from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
 from sb3_ppo_ext.errors import ConfigurationAssertionError, ConfigurationError, NonFiniteError
+from sb3_ppo_ext.fast_update import LossTerms, MLPActorCriticKernel
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
@@ -80,6 +81,9 @@ class ClippedPPO(OnPolicyAlgorithm):
     :param vf_clip_mode: form of the value clipping when ``clip_range_vf`` is set: ``"max"`` (the seed's
         ``max((V - R)^2, (V_clip - R)^2)``) or ``"sb3"`` (SB3's ``(V_clip - R)^2``).
     :param check_finite: raise a clear error when an env returns NaN/inf observations or rewards.
+    :param fast_update: for plain MLP policies (Flatten features, Tanh/ReLU layers, Categorical or Gaussian
+        actions), compute the loss gradients in closed form (:mod:`sb3_ppo_ext.fast_update`) instead of
+        through autograd: same update, fewer operations. Other policies always use autograd.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -121,6 +125,7 @@ class ClippedPPO(OnPolicyAlgorithm):
         *,
         vf_clip_mode: losses.ValueClipMode = "max",
         check_finite: bool = True,
+        fast_update: bool = True,
     ) -> None:
         super().__init__(
             policy,
@@ -182,6 +187,7 @@ class ClippedPPO(OnPolicyAlgorithm):
         self.target_kl = target_kl
         self.vf_clip_mode = vf_clip_mode
         self.check_finite = check_finite
+        self.fast_update = fast_update
         if _init_setup_model:
             self._setup_model()
 
@@ -335,6 +341,7 @@ class ClippedPPO(OnPolicyAlgorithm):
         if self.normalize_advantage == "batch":
             self._normalize_rollout_advantages()
         discrete_actions = isinstance(self.action_space, spaces.Discrete)
+        kernel = self._fast_kernel()
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
         max_grad_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
 
@@ -350,44 +357,44 @@ class ClippedPPO(OnPolicyAlgorithm):
             approx_kl_divs = []
             for batch in self.rollout_buffer.get(self.batch_size):
                 actions = batch.actions.long().flatten() if discrete_actions else batch.actions
-                values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, actions)
                 advantages = batch.advantages
                 if per_minibatch_normalization:
                     advantages = losses.normalize_advantages(advantages)
-
-                # L = -L_CLIP + c1 * L_VF - c2 * H  (seed sections 3 and 6)
-                policy_loss, clip_fraction = losses.clipped_surrogate_loss(
-                    log_prob, batch.old_log_prob, advantages, clip_range
+                loss_args = (
+                    batch.observations,
+                    actions,
+                    batch.old_log_prob,
+                    batch.old_values,
+                    advantages,
+                    batch.returns,
+                    clip_range,
+                    clip_range_vf,
                 )
-                value_loss = losses.value_loss(
-                    values.flatten(), batch.old_values, batch.returns, clip_range_vf, self.vf_clip_mode
-                )
-                if self.ent_coef == 0:
-                    # same loss and gradient; the entropy is only logged, so keep it out of the backward pass
-                    with th.no_grad():
-                        entropy_loss = losses.entropy_loss(entropy, log_prob)
-                    loss = policy_loss + self.vf_coef * value_loss
+                if kernel is None:
+                    terms = self._loss_terms(*loss_args)
                 else:
-                    entropy_loss = losses.entropy_loss(entropy, log_prob)
-                    loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
-
-                pg_losses.append(policy_loss.detach())
-                value_losses.append(value_loss.detach())
-                entropy_losses.append(entropy_loss.detach())
-                clip_fractions.append(clip_fraction)
-                kl = losses.approx_kl(log_prob, batch.old_log_prob)
-                approx_kl_divs.append(kl)
-                if self.target_kl is not None and kl.item() > 1.5 * self.target_kl:
+                    # same losses and gradients, derived by hand (tests/test_optimized_update.py)
+                    terms = kernel.loss_and_grad(*loss_args, self.vf_clip_mode, self.ent_coef, self.vf_coef)
+                loss = terms.loss
+                pg_losses.append(terms.policy_loss.detach())
+                value_losses.append(terms.value_loss.detach())
+                entropy_losses.append(terms.entropy_loss.detach())
+                clip_fractions.append(terms.clip_fraction)
+                approx_kl_divs.append(terms.approx_kl)
+                if self.target_kl is not None and terms.approx_kl.item() > 1.5 * self.target_kl:
                     continue_training = False
                     if self.verbose >= 1:
-                        print(f"Early stopping at step {epoch} due to reaching max kl: {kl.item():.2f}")
+                        print(f"Early stopping at step {epoch} due to reaching max kl: {terms.approx_kl.item():.2f}")
                     break
 
-                self.policy.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if kernel is None:
+                    self.policy.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 grad_norm = clip_grad_norm(parameters, max_grad_norm)
                 if not th.isfinite(grad_norm):
-                    self._raise_non_finite(policy_loss, value_loss, entropy_loss, grad_norm, batch.advantages)
+                    self._raise_non_finite(
+                        terms.policy_loss, terms.value_loss, terms.entropy_loss, grad_norm, batch.advantages
+                    )
                 self.policy.optimizer.step()
             self._n_updates += 1
             if not continue_training:
@@ -411,6 +418,40 @@ class ClippedPPO(OnPolicyAlgorithm):
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def _fast_kernel(self) -> MLPActorCriticKernel | None:
+        """The hand-derived-gradient kernel when switched on and the policy is a plain MLP, else None."""
+        if self.fast_update and MLPActorCriticKernel.supports(self.policy):
+            return MLPActorCriticKernel(self.policy)
+        return None
+
+    def _loss_terms(
+        self,
+        obs: Any,
+        actions: th.Tensor,
+        old_log_prob: th.Tensor,
+        old_values: th.Tensor,
+        advantages: th.Tensor,
+        returns: th.Tensor,
+        clip_range: float,
+        clip_range_vf: float | None,
+    ) -> LossTerms:
+        """PPO loss of one minibatch through autograd: L = -L_CLIP + c1 * L_VF - c2 * H (seed sections 3, 6)."""
+        values, log_prob, entropy = self.policy.evaluate_actions(obs, actions)
+        policy_loss, clip_fraction = losses.clipped_surrogate_loss(log_prob, old_log_prob, advantages, clip_range)
+        value_loss = losses.value_loss(values.flatten(), old_values, returns, clip_range_vf, self.vf_clip_mode)
+        if self.ent_coef == 0:
+            # same loss and gradient; the entropy is only logged, so keep it out of the backward pass
+            with th.no_grad():
+                entropy_loss = losses.entropy_loss(entropy, log_prob)
+            loss = policy_loss + self.vf_coef * value_loss
+        else:
+            entropy_loss = losses.entropy_loss(entropy, log_prob)
+            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        approx_kl = losses.approx_kl(log_prob, old_log_prob)
+        return LossTerms(
+            loss, policy_loss.detach(), value_loss.detach(), entropy_loss.detach(), clip_fraction, approx_kl
+        )
 
     def _raise_non_finite(
         self,

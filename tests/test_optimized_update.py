@@ -28,6 +28,10 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
     advantages = th.as_tensor(buffer.advantages.reshape(-1))
     returns = th.as_tensor(buffer.returns.reshape(-1))
     optimizer = th.optim.Adam(policy.parameters(), lr=lr, eps=1e-5, foreach=False)
+    # continue from the model's optimizer state, with the plain per-tensor Adam implementation
+    optimizer.load_state_dict(copy.deepcopy(model.policy.optimizer.state_dict()))
+    for group in optimizer.param_groups:
+        group.update(fused=None, foreach=False, lr=lr)
 
     latent_pi, latent_vf = policy.mlp_extractor(policy.extract_features(obs, policy.features_extractor))
     values = policy.value_net(latent_vf).flatten()
@@ -36,6 +40,11 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
         dist = th.distributions.Categorical(logits=head)
         log_prob = dist.log_prob(actions.long().flatten())
         entropy = dist.entropy()
+    elif policy.state_dependent_std:
+        mean, log_std = head.chunk(2, dim=-1)
+        dist = th.distributions.Normal(mean, th.exp(log_std))
+        log_prob = dist.log_prob(actions).sum(-1)
+        entropy = dist.entropy().sum(-1)
     else:
         dist = th.distributions.Normal(head, th.exp(policy.log_std))
         log_prob = dist.log_prob(actions).sum(-1)
@@ -50,7 +59,10 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
     else:
         eps_vf = model.clip_range_vf(1.0)
         clipped = old_values + th.clamp(values - old_values, -eps_vf, eps_vf)
-        value_loss = th.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
+        if model.vf_clip_mode == "sb3":
+            value_loss = th.nn.functional.mse_loss(returns, clipped)
+        else:
+            value_loss = th.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
     entropy_loss = -entropy.mean()
     loss = policy_loss + model.ent_coef * entropy_loss + model.vf_coef * value_loss
     optimizer.zero_grad()
@@ -70,15 +82,37 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
     [
         ("CartPole-v1", dict(ent_coef=0.0)),
         ("CartPole-v1", dict(ent_coef=0.01, clip_range_vf=0.2)),
+        ("CartPole-v1", dict(ent_coef=0.05, clip_range_vf=0.05, vf_clip_mode="sb3", clip_range=0.01)),
+        ("CartPole-v1", dict(policy_kwargs=dict(activation_fn=th.nn.ReLU, net_arch=dict(pi=[32], vf=[16, 8])))),
+        ("CartPole-v1", dict(policy_kwargs=dict(net_arch=[], share_features_extractor=False))),
         ("Pendulum-v1", dict(ent_coef=0.01, max_grad_norm=0.05)),
+        ("Pendulum-v1", dict(ent_coef=0.01, clip_range_vf=0.1, policy_kwargs=dict(state_dependent_std=True))),
+        ("Pendulum-v1", dict(clip_range=0.02, policy_kwargs=dict(log_std_init=-1.0, ortho_init=False))),
     ],
 )
-def test_optimized_update_matches_reference(env_id: str, kwargs: dict) -> None:
+@pytest.mark.parametrize("fast_update", [True, False])
+def test_optimized_update_matches_reference(env_id: str, kwargs: dict, fast_update: bool) -> None:
     lr = 1e-3
     model = ClippedPPO(
-        "MlpPolicy", env_id, n_steps=64, batch_size=64, n_epochs=1, learning_rate=lr, seed=3, device="cpu", **kwargs
+        "MlpPolicy",
+        env_id,
+        n_steps=64,
+        batch_size=64,
+        n_epochs=1,
+        learning_rate=lr,
+        seed=3,
+        device="cpu",
+        fast_update=fast_update,
+        **kwargs,
     )
+    assert (model._fast_kernel() is not None) == fast_update
     _collect(model)
+    # a few steps of training first, so that ratios leave 1 and clipping is exercised
+    model.n_epochs = 3
+    model.batch_size = 16
+    model._current_progress_remaining = 1.0
+    model.train()
+    model.n_epochs, model.batch_size = 1, 64
     reference_policy = copy.deepcopy(model.policy)
     reference_policy.set_training_mode(True)
     expected = _reference_step(reference_policy, model.rollout_buffer, model, lr)

@@ -1,0 +1,224 @@
+"""Hand-derived PPO gradients for plain MLP actor-critics: the same update as autograd, in fewer ops.
+
+On a CPU, a PPO minibatch step on a small MLP is dominated by per-operation overhead (autograd graph
+bookkeeping, one small kernel per node), not by arithmetic. For the most common policy, a
+parameter-free features extractor (``Flatten``) followed by ``Linear``/``Tanh``/``ReLU`` stacks with a
+Categorical or diagonal-Gaussian head, the gradient of the PPO loss has a short closed form. This
+module computes it directly: the forward pass keeps the activations, the backward pass is a handful of
+matrix products.
+
+The losses are the ones in :mod:`sb3_ppo_ext.losses` (clipped surrogate, optional value clipping in
+either form, entropy bonus); ``tests/test_optimized_update.py`` checks losses and parameter updates
+against a plain autograd step. Any other policy (CNNs, Dict observations, gSDE, MultiDiscrete,
+MultiBinary, custom modules, dropout...) uses the autograd path in ``ClippedPPO.train``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch as th
+from stable_baselines3.common.torch_layers import FlattenExtractor
+from torch import nn
+
+from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class LossTerms(NamedTuple):
+    """Loss terms and diagnostics of one minibatch; only ``loss`` may carry an autograd graph."""
+
+    loss: th.Tensor
+    policy_loss: th.Tensor
+    value_loss: th.Tensor
+    entropy_loss: th.Tensor
+    clip_fraction: th.Tensor
+    approx_kl: th.Tensor
+
+
+def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | None:
+    """``[(linear, "tanh" | "relu"), ...]`` for a Linear/activation stack, else None."""
+    modules = list(sequential)
+    if len(modules) % 2:
+        return None
+    layers = []
+    for linear, activation in zip(modules[::2], modules[1::2], strict=True):
+        if type(linear) is not nn.Linear:
+            return None
+        if type(activation) is nn.Tanh:
+            layers.append((linear, "tanh"))
+        elif type(activation) is nn.ReLU:
+            layers.append((linear, "relu"))
+        else:
+            return None
+    return layers
+
+
+def _forward(x: th.Tensor, layers: list[tuple[nn.Linear, str]]) -> list[th.Tensor]:
+    """Inputs of every layer plus the final output: ``[x, h1, ..., hL]``."""
+    outs = [x]
+    for linear, kind in layers:
+        z = th.addmm(linear.bias, outs[-1], linear.weight.t())
+        outs.append(th.tanh(z) if kind == "tanh" else th.relu(z))
+    return outs
+
+
+def _backward(grad: th.Tensor, outs: list[th.Tensor], layers: list[tuple[nn.Linear, str]]) -> None:
+    """Backpropagate ``dL/dh_L`` through the stack, writing ``.grad`` of every weight and bias."""
+    for i in range(len(layers) - 1, -1, -1):
+        linear, kind = layers[i]
+        h = outs[i + 1]
+        grad = grad * (1.0 - h * h) if kind == "tanh" else grad * (h > 0)
+        linear.weight.grad = grad.t() @ outs[i]
+        linear.bias.grad = grad.sum(0)
+        if i > 0:
+            grad = grad @ linear.weight
+
+
+class MLPActorCriticKernel:
+    """Loss and hand-derived gradients for an :class:`~sb3_ppo_ext.policies.ActorCriticPolicy` MLP.
+
+    :param policy: the policy; use :meth:`supports` first.
+    """
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.pi_layers = _stack_layers(policy.mlp_extractor.policy_net)
+        self.vf_layers = _stack_layers(policy.mlp_extractor.value_net)
+        self.head = policy.action_head
+
+    @staticmethod
+    def supports(policy: Any) -> bool:
+        """True when the policy is a plain MLP actor-critic this kernel differentiates exactly."""
+        from sb3_ppo_ext.policies import ActorCriticPolicy
+
+        if not isinstance(policy, ActorCriticPolicy) or type(policy).evaluate_actions is not (
+            ActorCriticPolicy.evaluate_actions
+        ):
+            return False
+        extractors = {policy.pi_features_extractor, policy.vf_features_extractor}
+        if any(type(e) is not FlattenExtractor for e in extractors):
+            return False
+        if not isinstance(policy.action_head, (CategoricalHead, DiagGaussianHead)):
+            return False
+        if type(policy.action_net) is not nn.Linear or type(policy.value_net) is not nn.Linear:
+            return False
+        layers = (_stack_layers(policy.mlp_extractor.policy_net), _stack_layers(policy.mlp_extractor.value_net))
+        return all(stack is not None for stack in layers)
+
+    def loss_and_grad(
+        self,
+        obs: Any,
+        actions: th.Tensor,
+        old_log_prob: th.Tensor,
+        old_values: th.Tensor,
+        advantages: th.Tensor,
+        returns: th.Tensor,
+        clip_range: float,
+        clip_range_vf: float | None,
+        vf_clip_mode: str,
+        ent_coef: float,
+        vf_coef: float,
+    ) -> LossTerms:
+        """Compute the PPO loss of one minibatch and set ``.grad`` of every policy parameter to its gradient."""
+        policy = self.policy
+        assert self.pi_layers is not None and self.vf_layers is not None
+        with th.no_grad():
+            batch = advantages.shape[0]
+            features = policy.extract_features(obs, policy.pi_features_extractor)
+            vf_features = (
+                features
+                if policy.vf_features_extractor is policy.pi_features_extractor
+                else policy.extract_features(obs, policy.vf_features_extractor)
+            )
+            pi_outs = _forward(features, self.pi_layers)
+            vf_outs = _forward(vf_features, self.vf_layers)
+            head_out = th.addmm(policy.action_net.bias, pi_outs[-1], policy.action_net.weight.t())
+            values = th.addmm(policy.value_net.bias, vf_outs[-1], policy.value_net.weight.t()).squeeze(1)
+
+            # log pi(a|s), entropy, and the derivatives d log_prob / d head, d entropy / d head
+            if isinstance(self.head, CategoricalHead):
+                log_p = th.log_softmax(head_out, dim=-1)
+                probs = log_p.exp()
+                index = actions.long().reshape(-1, 1)
+                log_prob = log_p.gather(1, index).squeeze(1)
+                entropy = -(probs * log_p).sum(-1)
+            else:
+                action_dim = self.head.action_dim
+                if self.head.state_dependent_std:
+                    mean, log_std = head_out[:, :action_dim], head_out[:, action_dim:]
+                else:
+                    mean, log_std = head_out, policy.log_std.expand_as(head_out)
+                inv_std = th.exp(-log_std)
+                z = (actions.reshape(mean.shape) - mean) * inv_std
+                log_prob = (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(-1)
+                entropy = (log_std + (0.5 + _HALF_LOG_2PI)).sum(-1)
+
+            # clipped surrogate (seed section 3): d/dlog_prob of -mean(min(r A, clip(r) A))
+            log_ratio = log_prob - old_log_prob
+            ratio = th.exp(log_ratio)
+            surrogate = ratio * advantages
+            clipped_surrogate = th.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
+            policy_loss = -th.min(surrogate, clipped_surrogate).mean()
+            # the gradient flows where the unclipped term is the minimum, or where the two coincide
+            in_range = (ratio >= 1.0 - clip_range) & (ratio <= 1.0 + clip_range)
+            active = (surrogate < clipped_surrogate) | in_range
+            grad_log_prob = th.where(active, surrogate, 0.0) * (-1.0 / batch)
+
+            # value loss and dL/dV
+            error = values - returns
+            if clip_range_vf is None:
+                value_loss = (error * error).mean()
+                grad_values = error * (2.0 * vf_coef / batch)
+            else:
+                delta = values - old_values
+                clipped_error = old_values + th.clamp(delta, -clip_range_vf, clip_range_vf) - returns
+                vf_in_range = (delta >= -clip_range_vf) & (delta <= clip_range_vf)
+                if vf_clip_mode == "sb3":
+                    value_loss = (clipped_error * clipped_error).mean()
+                    grad_values = th.where(vf_in_range, clipped_error, 0.0) * (2.0 * vf_coef / batch)
+                else:
+                    squared, clipped_squared = error * error, clipped_error * clipped_error
+                    value_loss = th.max(squared, clipped_squared).mean()
+                    use_unclipped = (squared > clipped_squared) | vf_in_range
+                    grad_values = th.where(use_unclipped, error, 0.0) * (2.0 * vf_coef / batch)
+
+            entropy_loss = -entropy.mean()
+            loss = policy_loss + vf_coef * value_loss + (ent_coef * entropy_loss if ent_coef != 0 else 0.0)
+
+            # dL/d head output
+            if isinstance(self.head, CategoricalHead):
+                # d log_prob / d logits = onehot(a) - p ; d H / d logits = -p (log p + H)
+                grad_head = probs * (grad_log_prob.unsqueeze(1) * -1.0)
+                grad_head.scatter_add_(1, index, grad_log_prob.unsqueeze(1))
+                if ent_coef != 0:
+                    grad_head += probs * (log_p + entropy.unsqueeze(1)) * (ent_coef / batch)
+                grad_log_std_param = None
+            else:
+                # d log_prob / d mean = z / std ; d log_prob / d log_std = z^2 - 1 ; d H / d log_std = 1
+                grad_mean = grad_log_prob.unsqueeze(1) * z * inv_std
+                grad_log_std = grad_log_prob.unsqueeze(1) * (z * z - 1.0) - ent_coef / batch
+                if self.head.state_dependent_std:
+                    grad_head = th.cat([grad_mean, grad_log_std], dim=1)
+                    grad_log_std_param = None
+                else:
+                    grad_head = grad_mean
+                    grad_log_std_param = grad_log_std.sum(0)
+
+            policy.action_net.weight.grad = grad_head.t() @ pi_outs[-1]
+            policy.action_net.bias.grad = grad_head.sum(0)
+            if grad_log_std_param is not None:
+                policy.log_std.grad = grad_log_std_param
+            grad_values = grad_values.unsqueeze(1)
+            policy.value_net.weight.grad = grad_values.t() @ vf_outs[-1]
+            policy.value_net.bias.grad = grad_values.sum(0)
+            if self.pi_layers:
+                _backward(grad_head @ policy.action_net.weight, pi_outs, self.pi_layers)
+            if self.vf_layers:
+                _backward(grad_values @ policy.value_net.weight, vf_outs, self.vf_layers)
+
+            clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
+            approx_kl = (ratio - 1.0 - log_ratio).mean()
+        return LossTerms(loss, policy_loss, value_loss, entropy_loss, clip_fraction, approx_kl)
