@@ -130,6 +130,10 @@ class GAERolloutBuffer(BaseBuffer):
             self.generator_ready = True
         total = self.buffer_size * self.n_envs
         batch_size = total if batch_size is None else batch_size
+        if batch_size >= total:
+            # one minibatch holding the whole rollout: its losses are means, so order is irrelevant
+            yield self._make_samples(self._flat_obs, *(self._flat[name] for name in self._field_names))
+            return
         permutation = th.randperm(total, device=self.device)
         obs = self._take(self._flat_obs, permutation)
         fields = {name: tensor[permutation] for name, tensor in self._flat.items()}

@@ -56,12 +56,21 @@ def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | No
     return layers
 
 
+def _tanh(z: th.Tensor) -> th.Tensor:
+    """``tanh(z) = 2 sigmoid(2 z) - 1``, in place on a fresh tensor.
+
+    PyTorch's CPU tanh kernel is about 3x slower than its sigmoid; this form agrees with ``torch.tanh``
+    to within 2.5e-7 (absolute) and the backward pass only needs the output, ``1 - h^2``.
+    """
+    return th.sigmoid_(z.mul_(2.0)).mul_(2.0).sub_(1.0)
+
+
 def _forward(x: th.Tensor, layers: list[tuple[nn.Linear, str]]) -> list[th.Tensor]:
     """Inputs of every layer plus the final output: ``[x, h1, ..., hL]``."""
     outs = [x]
     for linear, kind in layers:
         z = th.addmm(linear.bias, outs[-1], linear.weight.t())
-        outs.append(th.tanh(z) if kind == "tanh" else th.relu(z))
+        outs.append(_tanh(z) if kind == "tanh" else th.relu_(z))
     return outs
 
 
@@ -107,6 +116,30 @@ class MLPActorCriticKernel:
             return False
         layers = (_stack_layers(policy.mlp_extractor.policy_net), _stack_layers(policy.mlp_extractor.value_net))
         return all(stack is not None for stack in layers)
+
+    def _head_params(self, head_out: th.Tensor) -> tuple[th.Tensor, ...]:
+        if isinstance(self.head, CategoricalHead):
+            return (head_out,)
+        if self.head.state_dependent_std:
+            return head_out[:, : self.head.action_dim], head_out[:, self.head.action_dim :]
+        return head_out, self.policy.log_std
+
+    def act(self, obs: Any) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``policy.forward(obs)`` without per-module call overhead: ``(actions, values [B, 1], log_prob)``."""
+        policy = self.policy
+        assert self.pi_layers is not None and self.vf_layers is not None
+        features = policy.extract_features(obs, policy.pi_features_extractor)
+        vf_features = (
+            features
+            if policy.vf_features_extractor is policy.pi_features_extractor
+            else policy.extract_features(obs, policy.vf_features_extractor)
+        )
+        latent_pi = _forward(features, self.pi_layers)[-1]
+        latent_vf = _forward(vf_features, self.vf_layers)[-1]
+        params = self._head_params(th.addmm(policy.action_net.bias, latent_pi, policy.action_net.weight.t()))
+        actions = self.head.sample(params, deterministic=False)
+        values = th.addmm(policy.value_net.bias, latent_vf, policy.value_net.weight.t())
+        return actions.reshape((-1, *policy.action_space.shape)), values, self.head.log_prob(params, actions)
 
     def loss_and_grad(
         self,

@@ -260,13 +260,15 @@ class ClippedPPO(OnPolicyAlgorithm):
         callback.on_rollout_start()
         is_box = isinstance(self.action_space, spaces.Box)
         is_discrete = isinstance(self.action_space, spaces.Discrete)
+        kernel = self._fast_kernel()
+        act = self.policy if kernel is None else kernel.act
 
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
             with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                actions, values, log_probs = self.policy(obs_tensor)
+                actions, values, log_probs = act(obs_tensor)
             actions = actions.cpu().numpy()
             clipped_actions = actions
             if is_box:
