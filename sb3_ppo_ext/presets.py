@@ -55,7 +55,7 @@ _NON_MODEL_KEYS = {
 # Keys the Zoo turns from ``lin_<x>`` strings into linear schedules (rl_zoo3's _preprocess_schedules).
 _SCHEDULE_KEYS = ("learning_rate", "clip_range", "clip_range_vf")
 # The names a Zoo ``policy_kwargs`` / ``normalize`` string may use; evaluated with no builtins.
-_EVAL_NAMESPACE: dict[str, Any] = {"dict": dict, "nn": nn, "True": True, "False": False, "None": None}
+_EVAL_NAMESPACE: dict[str, Any] = {"dict": dict, "nn": nn}
 
 # The seed's hyperparameter table (section 6), one column each, in the Zoo's vocabulary. The seed
 # anneals the learning rate linearly to 0 ("Learning Rate Annealing"); the clip range stays fixed.

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -90,8 +91,6 @@ _progress_queue: Any = None
 
 def _init_worker(progress_queue: Any) -> None:
     global _progress_queue
-    import torch
-
     torch.set_num_threads(1)
     _progress_queue = progress_queue
 
