@@ -16,6 +16,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.distributions import Distribution, StateDependentNoiseDistribution
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import is_image_space, preprocess_obs
 from stable_baselines3.common.torch_layers import (
     BaseFeaturesExtractor,
     CombinedExtractor,
@@ -229,6 +230,12 @@ class ActorCriticPolicy(BasePolicy):
             with th.no_grad():
                 self.action_net.bias[self.action_head.action_dim :].fill_(log_std_init)  # type: ignore[union-attr]
 
+        # oneDNN's convolutions run about 1.3x faster in NHWC ("channels_last") than in NCHW on a CPU;
+        # only the memory layout changes, not the values
+        self.channels_last = any(isinstance(module, nn.Conv2d) for module in self.modules())
+        if self.channels_last:
+            self.to(memory_format=th.channels_last)
+
         self.optimizer = self.optimizer_class(
             self.parameters(), lr=lr_schedule(1), **fast_optimizer_kwargs(self.optimizer_class, self.optimizer_kwargs)
         )
@@ -257,6 +264,18 @@ class ActorCriticPolicy(BasePolicy):
         return data
 
     # -- network pieces -------------------------------------------------------------------------
+
+    def extract_features(  # type: ignore[override]
+        self, obs: PyTorchObs, features_extractor: BaseFeaturesExtractor
+    ) -> th.Tensor:
+        """Preprocess ``obs`` (SB3's ``preprocess_obs``) and run ``features_extractor`` on it."""
+        if self.channels_last and isinstance(obs, th.Tensor) and obs.dim() == 4:
+            if self.normalize_images and is_image_space(self.observation_space):
+                # SB3's obs.float() / 255, with the layout change folded into the one conversion pass
+                return features_extractor(obs.to(th.float32, memory_format=th.channels_last).div_(255.0))
+            preprocessed = preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images)
+            return features_extractor(preprocessed.contiguous(memory_format=th.channels_last))  # type: ignore[union-attr]
+        return features_extractor(preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images))
 
     def _latents(self, obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
         """Actor and critic latents for a batch of observations."""
