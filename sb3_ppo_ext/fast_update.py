@@ -114,6 +114,8 @@ class MLPActorCriticKernel:
             return False
         if type(policy.action_net) is not nn.Linear or type(policy.value_net) is not nn.Linear:
             return False
+        if not all(p.requires_grad for p in policy.parameters()):
+            return False  # frozen parameters: autograd leaves their .grad alone, and so must we
         layers = (_stack_layers(policy.mlp_extractor.policy_net), _stack_layers(policy.mlp_extractor.value_net))
         return all(stack is not None for stack in layers)
 

@@ -133,3 +133,18 @@ def test_optimized_update_matches_reference(env_id: str, kwargs: dict, fast_upda
     # the step really moved the parameters (so equality above is not trivial)
     fresh = ClippedPPO("MlpPolicy", env_id, n_steps=64, batch_size=64, seed=3, device="cpu", **kwargs)
     assert any(not th.allclose(p, dict(fresh.policy.named_parameters())[n]) for n, p in model.policy.named_parameters())
+
+
+def test_kernel_is_used_only_where_it_is_exact() -> None:
+    from sb3_ppo_ext.fast_update import MLPActorCriticKernel
+
+    model = ClippedPPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, device="cpu")
+    assert MLPActorCriticKernel.supports(model.policy)
+    model.policy.value_net.weight.requires_grad_(False)
+    assert not MLPActorCriticKernel.supports(model.policy)
+    sde = ClippedPPO("MlpPolicy", "Pendulum-v1", n_steps=16, batch_size=16, use_sde=True, device="cpu")
+    assert not MLPActorCriticKernel.supports(sde.policy)
+    gelu = ClippedPPO(
+        "MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=dict(activation_fn=th.nn.GELU)
+    )
+    assert not MLPActorCriticKernel.supports(gelu.policy)
