@@ -271,6 +271,7 @@ def test_tensorboard_logging_writes_event_files(tmp_path: Path) -> None:
     assert "ClippedPPO_1" in os.listdir(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore::tqdm.TqdmExperimentalWarning")
 def test_progress_bar(monkeypatch: pytest.MonkeyPatch) -> None:
     from stable_baselines3.common.callbacks import ProgressBarCallback
 
