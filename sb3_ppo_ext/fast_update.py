@@ -119,6 +119,14 @@ class MLPActorCriticKernel:
         layers = (_stack_layers(policy.mlp_extractor.policy_net), _stack_layers(policy.mlp_extractor.value_net))
         return all(stack is not None for stack in layers)
 
+    def _features(self, obs: Any) -> tuple[th.Tensor, th.Tensor]:
+        """Actor and critic inputs (the same tensor when the extractor is shared)."""
+        policy = self.policy
+        features = policy.extract_features(obs, policy.pi_features_extractor)
+        if policy.vf_features_extractor is policy.pi_features_extractor:
+            return features, features
+        return features, policy.extract_features(obs, policy.vf_features_extractor)
+
     def _head_params(self, head_out: th.Tensor) -> tuple[th.Tensor, ...]:
         if isinstance(self.head, CategoricalHead):
             return (head_out,)
@@ -130,12 +138,7 @@ class MLPActorCriticKernel:
         """``policy.forward(obs)`` without per-module call overhead: ``(actions, values [B, 1], log_prob)``."""
         policy = self.policy
         assert self.pi_layers is not None and self.vf_layers is not None
-        features = policy.extract_features(obs, policy.pi_features_extractor)
-        vf_features = (
-            features
-            if policy.vf_features_extractor is policy.pi_features_extractor
-            else policy.extract_features(obs, policy.vf_features_extractor)
-        )
+        features, vf_features = self._features(obs)
         latent_pi = _forward(features, self.pi_layers)[-1]
         latent_vf = _forward(vf_features, self.vf_layers)[-1]
         params = self._head_params(th.addmm(policy.action_net.bias, latent_pi, policy.action_net.weight.t()))
@@ -162,12 +165,7 @@ class MLPActorCriticKernel:
         assert self.pi_layers is not None and self.vf_layers is not None
         with th.no_grad():
             batch = advantages.shape[0]
-            features = policy.extract_features(obs, policy.pi_features_extractor)
-            vf_features = (
-                features
-                if policy.vf_features_extractor is policy.pi_features_extractor
-                else policy.extract_features(obs, policy.vf_features_extractor)
-            )
+            features, vf_features = self._features(obs)
             pi_outs = _forward(features, self.pi_layers)
             vf_outs = _forward(vf_features, self.vf_layers)
             head_out = th.addmm(policy.action_net.bias, pi_outs[-1], policy.action_net.weight.t())
