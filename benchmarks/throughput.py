@@ -190,6 +190,7 @@ def floors(workload: str, seed: int, threads: int, steps: int = 4096) -> dict[st
 
     policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
     model = ClippedPPO(policy, env, seed=seed, device="cpu", **_hyperparams(spec["hyperparams"]))
+    env = model.get_env()  # with the image-transposing wrapper SB3 adds for CNN policies
     obs = env.reset()
     start = time.perf_counter()
     for _ in range(iterations):
@@ -293,12 +294,18 @@ def main() -> None:
                     f"RSS {run['peak_rss_mb']:.0f} MB, eval {run['eval_return']:.1f}",
                     flush=True,
                 )
-    table = summarize(runs, floor, args.threads)
-    print(table)
-    (args.out / "throughput.md").write_text("# Throughput: ClippedPPO vs SB3 PPO\n\n" + table)
-    (args.out / "throughput.json").write_text(
-        json.dumps({"threads": args.threads, "runs": runs, "floors": floor}, indent=2) + "\n"
+                _write(args.out, runs, floor, args.threads)
+    print(_write(args.out, runs, floor, args.threads))
+
+
+def _write(out: Path, runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], threads: int) -> str:
+    """Write (or rewrite, after every run) the markdown table and the JSON file; return the table."""
+    table = summarize(runs, floor, threads)
+    (out / "throughput.md").write_text("# Throughput: ClippedPPO vs SB3 PPO\n\n" + table)
+    (out / "throughput.json").write_text(
+        json.dumps({"threads": threads, "runs": runs, "floors": floor}, indent=2) + "\n"
     )
+    return table
 
 
 if __name__ == "__main__":
