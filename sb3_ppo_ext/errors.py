@@ -248,7 +248,11 @@ def validate_hyperparameters(
         "it must be an int >= 1 (and > 1 with normalize_advantage on)",
         assertion=True,
     )
-    if isinstance(normalize_advantage, str) and normalize_advantage not in ("minibatch", "batch"):
+    try:
+        known_mode = normalize_advantage in (True, False, "minibatch", "batch")
+    except (TypeError, ValueError):  # e.g. an array, whose truth value is ambiguous
+        known_mode = False
+    if not known_mode:
         _fail(
             "normalize_advantage",
             normalize_advantage,

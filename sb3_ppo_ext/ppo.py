@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.base_class import maybe_make_env
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
@@ -16,11 +16,22 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_ppo_ext import losses
+from sb3_ppo_ext import checkpoints, losses
 from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
-from sb3_ppo_ext.errors import ConfigurationAssertionError, ConfigurationError, NonFiniteError
+from sb3_ppo_ext.errors import (
+    NonFiniteError,
+    check_schedule_value,
+    non_finite_summary,
+    space_mismatch_error,
+    validate_hyperparameters,
+    validate_image_observation,
+    validate_policy,
+    validate_rollout_size,
+    validate_spaces,
+)
 from sb3_ppo_ext.fast_update import LossTerms, MLPActorCriticKernel
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
+from sb3_ppo_ext.worker_guard import guard_subprocess_workers
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
 
@@ -127,6 +138,29 @@ class ClippedPPO(OnPolicyAlgorithm):
         check_finite: bool = True,
         fast_update: bool = True,
     ) -> None:
+        # reliability: every argument is checked before the env is created or stepped (sb3_ppo_ext.errors)
+        validate_policy(policy, self.policy_aliases)
+        validate_hyperparameters(
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            clip_range=clip_range,
+            clip_range_vf=clip_range_vf,
+            normalize_advantage=normalize_advantage,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            target_kl=target_kl,
+            stats_window_size=stats_window_size,
+            vf_clip_mode=vf_clip_mode,
+            valid_vf_clip_modes=losses.VALUE_CLIP_MODES,
+        )
+        env = maybe_make_env(env, verbose)  # as SB3 does first thing in super().__init__
+        if env is not None:
+            validate_spaces(env.observation_space, env.action_space, policy=policy, use_sde=use_sde)
         super().__init__(
             policy,
             env,
@@ -150,35 +184,12 @@ class ClippedPPO(OnPolicyAlgorithm):
             _init_setup_model=False,
             supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
         )
-        if normalize_advantage not in ADVANTAGE_NORMALIZATION_MODES:
-            raise ConfigurationError(
-                f"normalize_advantage={normalize_advantage!r} is not valid: use True/'minibatch' (per minibatch), "
-                "'batch' (once per rollout) or False."
-            )
-        if vf_clip_mode not in losses.VALUE_CLIP_MODES:
-            raise ConfigurationError(
-                f"vf_clip_mode={vf_clip_mode!r} is not valid: use one of {losses.VALUE_CLIP_MODES}."
-            )
-        # SB3's checks, with SB3's exception type: normalising a single sample divides by a zero std
-        if normalize_advantage:
-            if batch_size <= 1:
-                raise ConfigurationAssertionError(
-                    f"batch_size={batch_size} must be greater than 1 when normalize_advantage is on "
-                    "(a minibatch of one has no standard deviation); raise it or pass normalize_advantage=False."
-                )
         if self.env is not None:
-            buffer_size = self.env.num_envs * self.n_steps
-            if normalize_advantage and buffer_size <= 1:
-                raise ConfigurationAssertionError(
-                    f"n_steps * n_envs must be greater than 1 when normalize_advantage is on; got "
-                    f"n_steps={self.n_steps} and n_envs={self.env.num_envs}."
-                )
-            if buffer_size % batch_size > 0:
-                warnings.warn(
-                    f"batch_size={batch_size} does not divide the rollout size n_steps * n_envs = {buffer_size} "
-                    f"(n_steps={self.n_steps}, n_envs={self.env.num_envs}): every epoch ends with a truncated "
-                    f"minibatch of {buffer_size % batch_size} samples. Prefer a batch_size that divides it."
-                )
+            # SB3's assertion on n_steps * n_envs (same exception type), then clear warnings
+            validate_rollout_size(self.n_steps, self.env.num_envs, batch_size, normalize_advantage)
+            validate_image_observation(
+                self.observation_space, policy=policy, policy_aliases=self.policy_aliases, policy_kwargs=policy_kwargs
+            )
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.clip_range = clip_range
@@ -195,13 +206,28 @@ class ClippedPPO(OnPolicyAlgorithm):
         if self.rollout_buffer_class is None:
             is_dict = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer  # type: ignore[assignment]
+        # again here: load() restores saved values and its keyword overrides, then calls _setup_model
+        validate_hyperparameters(
+            learning_rate=self.learning_rate,
+            n_steps=self.n_steps,
+            batch_size=self.batch_size,
+            n_epochs=self.n_epochs,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            clip_range=self.clip_range,
+            clip_range_vf=self.clip_range_vf,
+            normalize_advantage=self.normalize_advantage,
+            ent_coef=self.ent_coef,
+            vf_coef=self.vf_coef,
+            max_grad_norm=self.max_grad_norm,
+            target_kl=self.target_kl,
+            stats_window_size=self._stats_window_size,
+            vf_clip_mode=self.vf_clip_mode,
+            valid_vf_clip_modes=losses.VALUE_CLIP_MODES,
+        )
         super()._setup_model()
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
-            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
-                raise ConfigurationAssertionError(
-                    f"clip_range_vf={self.clip_range_vf} must be positive; pass None to turn value clipping off."
-                )
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
     # -- rollout collection ----------------------------------------------------------------------
@@ -228,19 +254,29 @@ class ClippedPPO(OnPolicyAlgorithm):
             terminal_values = self.policy.predict_values(obs_tensor).flatten().cpu().numpy()
         rewards[truncated] += self.gamma * terminal_values
 
-    def _check_env_data(self, new_obs: Any, rewards: np.ndarray, step: int) -> None:
-        """Raise a clear error naming env index and step when an env returned NaN or inf."""
-        arrays = new_obs.items() if isinstance(new_obs, dict) else [("observation", new_obs)]
-        for name, array in [*arrays, ("reward", rewards)]:
+    def _check_env_data(self, new_obs: Any, rewards: np.ndarray | None, step: int) -> None:
+        """Raise a clear error naming env index and step when an env returned NaN or inf.
+
+        One ``np.isfinite(...).all()`` per array and step when all is well. ``step=-1`` and
+        ``rewards=None`` check the observations of ``env.reset()``.
+        """
+        arrays = [(f"observation[{key!r}]", obs) for key, obs in new_obs.items()] if isinstance(new_obs, dict) else []
+        arrays = arrays or [("observation", new_obs)]
+        if rewards is not None:
+            arrays.append(("reward", rewards))
+        for name, array in arrays:
             array = np.asarray(array)
             if array.dtype.kind != "f" or np.isfinite(array).all():
                 continue
             per_env = array.reshape(array.shape[0], -1)
-            env_index = int(np.argwhere(~np.isfinite(per_env))[0][0])
+            bad_envs = np.flatnonzero(~np.isfinite(per_env).all(axis=1))
+            env_index = int(bad_envs[0])
+            when = "from env.reset()" if step < 0 else f"at rollout step {step} of {self.n_steps}"
             raise NonFiniteError(
-                f"Environment {env_index} returned a non-finite {name} ({per_env[env_index]}) "
-                f"at rollout step {step} (num_timesteps={self.num_timesteps}). Fix the environment, wrap it "
-                "(e.g. VecCheckNan to find the source), or pass check_finite=False to skip this check."
+                f"Environment {env_index} returned a non-finite {name} {when} (num_timesteps={self.num_timesteps}; "
+                f"envs with non-finite values: {bad_envs.tolist()}): {name}[{env_index}] = {per_env[env_index]}. "
+                "Fix the environment, wrap it (VecCheckNan finds the action that caused it), or pass "
+                "check_finite=False to skip this check."
             )
 
     def collect_rollouts(
@@ -320,16 +356,10 @@ class ClippedPPO(OnPolicyAlgorithm):
         advantages[...] = normalized.numpy() if isinstance(advantages, np.ndarray) else normalized
 
     def _current_clip_range(self, schedule: Schedule, name: str) -> float:
-        progress = self._current_progress_remaining
-        value = float(schedule(progress))
         # the last rollout usually overshoots total_timesteps, so progress ends at or slightly below 0, where
         # linear schedules (RL Zoo's among them) reach 0 or below; SB3 trains through that, and so do we
-        if not np.isfinite(value) or (value <= 0 and progress > 0):
-            raise ConfigurationError(
-                f"{name} schedule returned {value} at progress_remaining={self._current_progress_remaining:.4f}; "
-                f"{name} must stay a positive finite number (use None for clip_range_vf to disable value clipping)."
-            )
-        return value
+        progress = self._current_progress_remaining
+        return check_schedule_value(name, schedule(progress), progress)
 
     def train(self) -> None:
         """Run ``n_epochs`` passes of minibatch updates on the current rollout (seed section 5, step 3)."""
@@ -463,17 +493,21 @@ class ClippedPPO(OnPolicyAlgorithm):
         grad_norm: th.Tensor,
         advantages: th.Tensor,
     ) -> None:
-        """Stop before the optimizer step (parameters untouched) and say which term went bad."""
+        """Stop before the optimizer step (parameters and optimizer state untouched) and say which term went bad."""
         self.policy.optimizer.zero_grad(set_to_none=True)
         terms = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy_loss": entropy_loss}
-        bad = [name for name, value in terms.items() if not th.isfinite(value)] or ["gradient"]
+        bad = [name for name, value in terms.items() if not th.isfinite(value)]
+        what = ", ".join(bad) if bad else "gradient (all loss terms are finite)"
+        learning_rate = self.policy.optimizer.param_groups[0]["lr"]
         raise NonFiniteError(
-            f"Non-finite {', '.join(bad)} (policy_loss={policy_loss.item():.4g}, value_loss={value_loss.item():.4g}, "
-            f"entropy_loss={entropy_loss.item():.4g}, grad_norm={grad_norm.item():.4g}); batch advantages: "
-            f"mean={advantages.mean().item():.4g}, std={advantages.std().item():.4g}, "
-            f"min={advantages.min().item():.4g}, max={advantages.max().item():.4g}. The optimizer step was skipped, "
-            "so the parameters are the last good ones. Lower the learning rate, normalise rewards/observations "
-            "(VecNormalize) or check the environment."
+            f"Non-finite {what} in train() at num_timesteps={self.num_timesteps} (learning_rate={learning_rate:.4g}): "
+            f"policy_loss={policy_loss.item():.4g}, value_loss={value_loss.item():.4g}, "
+            f"entropy_loss={entropy_loss.item():.4g}, grad_norm={grad_norm.item():.4g}. "
+            f"Batch statistics: {non_finite_summary('advantages', advantages)}; rollout "
+            f"{non_finite_summary('returns', self.rollout_buffer.returns)}; rollout "
+            f"{non_finite_summary('values', self.rollout_buffer.values)}. The optimizer step was skipped: the "
+            "parameters are those of the last good update and can be saved with model.save(). Lower the learning "
+            "rate, scale rewards/observations (VecNormalize) or check the environment for extreme values."
         )
 
     def learn(
@@ -494,6 +528,74 @@ class ClippedPPO(OnPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+
+    # -- reliability: worker guard, reset check, atomic save, checked load ---------------------
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        # a dead SubprocVecEnv worker becomes a clear EnvWorkerError instead of EOFError or a hang
+        guard_subprocess_workers(self.env)
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if self.check_finite and self._last_obs is not None:
+            self._check_env_data(self._last_obs, None, -1)  # the reset observations, before the policy sees them
+        return result
+
+    def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
+        """Save like SB3 (same file, ``.zip`` added when there is no suffix), but atomically.
+
+        The zip is written to a temporary file next to the target, fsynced and renamed over it: a
+        process killed during the save leaves the previous file intact (:mod:`sb3_ppo_ext.checkpoints`).
+        """
+        checkpoints.save_atomically(self, path, exclude=exclude, include=include, save=super().save)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfClippedPPO],
+        path: Any,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfClippedPPO:
+        """Load a ClippedPPO (or SB3 PPO) model, as SB3's ``load``, with clear errors for bad files and envs.
+
+        Raises :class:`~sb3_ppo_ext.errors.ModelFileError` for truncated, corrupt or foreign files and
+        :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for an ``env`` whose spaces differ from the model's.
+        """
+        source = checkpoints.check_model_file(path)
+        try:
+            return super().load(
+                source,
+                env=env,
+                device=device,
+                custom_objects=custom_objects,
+                print_system_info=print_system_info,
+                force_reset=force_reset,
+                **kwargs,
+            )
+        except ValueError as error:
+            mismatch = space_mismatch_error(error, f"the model in {path}")
+            if mismatch is None:
+                raise
+            raise mismatch from error
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        """SB3's ``set_env``, with :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for mismatched spaces."""
+        try:
+            super().set_env(env, force_reset=force_reset)
+        except ValueError as error:
+            mismatch = space_mismatch_error(error, "this model")
+            if mismatch is None:
+                raise
+            raise mismatch from error
 
 
 __all__ = ["ClippedPPO"]
