@@ -242,6 +242,19 @@ def _open_source(path: PathLike | io.BufferedIOBase) -> tuple[pathlib.Path | io.
     return source, f"'{source}'"
 
 
+_LOCAL_HEADER_PEEK = 30 + 1024  # a zip local file header is 30 bytes, then the entry's name
+
+
+def _first_entry_name(head: bytes) -> str | None:
+    """The name in the zip local file header at the start of ``head``, or None."""
+    if head[:4] != b"PK\x03\x04" or len(head) < 30:
+        return None
+    name_length = int.from_bytes(head[26:28], "little")
+    if len(head) < 30 + name_length:
+        return None
+    return head[30 : 30 + name_length].decode("utf-8", errors="replace")
+
+
 def check_model_file(path: PathLike | io.BufferedIOBase) -> pathlib.Path | io.BytesIO:
     """Check that ``path`` holds a loadable ClippedPPO (or SB3 PPO) model and return what to load from.
 
@@ -258,20 +271,21 @@ def check_model_file(path: PathLike | io.BufferedIOBase) -> pathlib.Path | io.By
     size = len(content) if content is not None else source.stat().st_size  # type: ignore[union-attr]
     if size == 0:
         raise ModelFileError(f"{where} is empty (0 bytes): the save that wrote it did not finish.")
+    if content is not None:
+        head = content[:_LOCAL_HEADER_PEEK]
+    else:
+        with open(source, "rb") as file:  # type: ignore[arg-type]
+            head = file.read(_LOCAL_HEADER_PEEK)
+    truncated = ModelFileError(
+        f"{where} is a truncated or damaged zip archive ({size} bytes; its directory of entries is missing or does "
+        "not list its first entry): a save was probably interrupted by a tool that does not write atomically "
+        "(ClippedPPO.save never leaves such a file). Use an earlier checkpoint."
+    )
     try:
         archive = zipfile.ZipFile(source)
     except zipfile.BadZipFile as error:
-        if content is not None:
-            head = content[:4]
-        else:
-            with open(source, "rb") as file:  # type: ignore[arg-type]
-                head = file.read(4)
-        if head == b"PK\x03\x04":
-            raise ModelFileError(
-                f"{where} is a truncated or damaged zip archive ({size} bytes, no central directory): a save was "
-                "probably interrupted by a tool that does not write atomically (ClippedPPO.save never leaves such "
-                "a file). Use an earlier checkpoint."
-            ) from error
+        if head[:4] == b"PK\x03\x04":
+            raise truncated from error
         raise ModelFileError(
             f"{where} is not a zip archive, so not a model saved by ClippedPPO or SB3 (those are the .zip files "
             "written by model.save())."
@@ -286,6 +300,11 @@ def check_model_file(path: PathLike | io.BufferedIOBase) -> pathlib.Path | io.By
                 f"{where} is corrupt: its entry '{damaged}' fails the CRC check. Use an earlier checkpoint."
             )
         names = archive.namelist()
+        # the torch files inside a model are zips themselves: when the model's own directory was cut off,
+        # zipfile finds an inner one instead, which does not list the model's first entry
+        first_entry = _first_entry_name(head)
+        if first_entry is not None and first_entry not in names:
+            raise truncated
         if "data" not in names or "policy.pth" not in names:
             raise NotAModelFileError(
                 f"{where} is a zip archive but not a model saved by ClippedPPO or SB3: it lacks the 'data' and "
