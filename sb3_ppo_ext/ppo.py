@@ -187,9 +187,13 @@ class ClippedPPO(OnPolicyAlgorithm):
         if self.env is not None:
             # SB3's assertion on n_steps * n_envs (same exception type), then clear warnings
             validate_rollout_size(self.n_steps, self.env.num_envs, batch_size, normalize_advantage)
-            validate_image_observation(
-                self.observation_space, policy=policy, policy_aliases=self.policy_aliases, policy_kwargs=policy_kwargs
-            )
+            if _init_setup_model:  # load() passes neither the saved policy_kwargs nor True here
+                validate_image_observation(
+                    self.observation_space,
+                    policy=policy,
+                    policy_aliases=self.policy_aliases,
+                    policy_kwargs=policy_kwargs,
+                )
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.clip_range = clip_range

@@ -309,3 +309,11 @@ def test_schedule_going_bad_during_training_raises_at_that_update() -> None:
     state["broken"] = True
     with pytest.raises(ConfigurationError, match="clip_range is invalid: it is nan"):
         model.learn(64)
+
+
+def test_load_with_env_does_not_recheck_images_against_default_policy_kwargs(tmp_path) -> None:
+    env = SpaceEnv(observation_space=spaces.Box(0, 1, (3, 36, 36), np.float32))
+    model = make("CnnPolicy", env=env, policy_kwargs=dict(normalize_images=False))
+    model.save(tmp_path / "cnn")
+    loaded = ClippedPPO.load(tmp_path / "cnn", env=env)
+    loaded.learn(TINY["n_steps"])
