@@ -390,7 +390,8 @@ def _check_action_space(action_space: spaces.Space, use_sde: bool) -> None:
                 action_space,
                 "a Box action space needs finite low and high bounds (the Gaussian policy's actions are clipped to "
                 "them)",
-                "Give the env finite bounds, e.g. with gymnasium.wrappers.RescaleAction or a Box(-1, 1) wrapper.",
+                "Declare finite bounds in the env, or wrap it in a gymnasium.ActionWrapper whose action_space is a "
+                "bounded Box (e.g. Box(-1, 1)) and that scales actions to the env's range.",
                 error=UnsupportedSpaceError,
             )
     elif use_sde:
