@@ -19,6 +19,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_ppo_ext import checkpoints, losses
 from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
 from sb3_ppo_ext.errors import (
+    ConfigurationAssertionError,
     NonFiniteError,
     check_schedule_value,
     non_finite_summary,
@@ -210,28 +211,16 @@ class ClippedPPO(OnPolicyAlgorithm):
         if self.rollout_buffer_class is None:
             is_dict = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer  # type: ignore[assignment]
-        # again here: load() restores saved values and its keyword overrides, then calls _setup_model
-        validate_hyperparameters(
-            learning_rate=self.learning_rate,
-            n_steps=self.n_steps,
-            batch_size=self.batch_size,
-            n_epochs=self.n_epochs,
-            gamma=self.gamma,
-            gae_lambda=self.gae_lambda,
-            clip_range=self.clip_range,
-            clip_range_vf=self.clip_range_vf,
-            normalize_advantage=self.normalize_advantage,
-            ent_coef=self.ent_coef,
-            vf_coef=self.vf_coef,
-            max_grad_norm=self.max_grad_norm,
-            target_kl=self.target_kl,
-            stats_window_size=self._stats_window_size,
-            vf_clip_mode=self.vf_clip_mode,
-            valid_vf_clip_modes=losses.VALUE_CLIP_MODES,
-        )
         super()._setup_model()
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
+            # load() gets here with saved values and custom_objects (RL Zoo's enjoy.py replaces clip_range with
+            # `lambda _: 0.0`), which are not re-validated; only SB3's own check remains
+            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
+                raise ConfigurationAssertionError(
+                    f"clip_range_vf={self.clip_range_vf!r} is invalid: it must be positive; pass None to turn value "
+                    "clipping off."
+                )
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
     # -- rollout collection ----------------------------------------------------------------------

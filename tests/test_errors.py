@@ -214,10 +214,12 @@ def test_env_with_other_spaces_than_a_loaded_model(tmp_path) -> None:
         loaded.set_env(DummyVecEnv([lambda: other]))
 
 
-def test_load_keyword_overrides_are_validated(tmp_path) -> None:
-    make().save(tmp_path / "model")
-    with pytest.raises(ConfigurationError, match="n_epochs=0"):
-        ClippedPPO.load(tmp_path / "model", n_epochs=0)
+def test_load_accepts_rl_zoo_custom_objects_for_inference(tmp_path) -> None:
+    """RL Zoo's enjoy.py loads with clip_range and learning rate replaced by zero schedules, as SB3 allows."""
+    make(clip_range=linear(0.2)).save(tmp_path / "model")
+    custom_objects = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0}
+    model = ClippedPPO.load(tmp_path / "model", custom_objects=custom_objects)
+    assert model.predict(np.zeros(3, np.float32))[0] in (0, 1)
 
 
 # -- what SB3 accepts keeps working ------------------------------------------------------------------------
