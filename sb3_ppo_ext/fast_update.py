@@ -19,6 +19,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
@@ -97,6 +98,8 @@ class MLPActorCriticKernel:
         self.pi_layers = _stack_layers(policy.mlp_extractor.policy_net)
         self.vf_layers = _stack_layers(policy.mlp_extractor.value_net)
         self.head = policy.action_head
+        space = policy.observation_space
+        self.flat_float_obs = isinstance(space, spaces.Box) and len(space.shape) == 1
 
     @staticmethod
     def supports(policy: Any) -> bool:
@@ -122,6 +125,9 @@ class MLPActorCriticKernel:
     def _features(self, obs: Any) -> tuple[th.Tensor, th.Tensor]:
         """Actor and critic inputs (the same tensor when the extractor is shared)."""
         policy = self.policy
+        if self.flat_float_obs and isinstance(obs, th.Tensor) and obs.dtype == th.float32:
+            # a flat float Box: preprocessing (.float()) and Flatten are both the identity
+            return obs, obs
         features = policy.extract_features(obs, policy.pi_features_extractor)
         if policy.vf_features_extractor is policy.pi_features_extractor:
             return features, features
