@@ -6,8 +6,8 @@ which is both, so ``except AssertionError`` written against SB3 keeps working.
 
 The checks run in ``ClippedPPO.__init__`` before the environment is created or stepped. Each message
 names the argument, the value given and what would be valid. Inputs SB3's PPO trains with stay
-accepted, with four groups of exceptions that the project's reliability issue asks us to reject
-because they have no meaning for PPO (SB3 trains on with them silently): ``gamma``/``gae_lambda``
+accepted, except for values that the project's reliability issue asks us to reject because they
+have no meaning for PPO (SB3 trains on with them silently): ``gamma``/``gae_lambda``
 outside [0, 1], negative ``ent_coef``/``vf_coef``, ``max_grad_norm <= 0``, ``target_kl <= 0`` and a
 non-positive or non-finite ``clip_range``/``clip_range_vf``. Inputs that are only suspicious warn
 with :class:`ConfigurationWarning`.
