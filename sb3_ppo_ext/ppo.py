@@ -230,6 +230,8 @@ class ClippedPPO(OnPolicyAlgorithm):
 
         A true termination is never bootstrapped: its future value is zero by definition.
         """
+        if not dones.any():
+            return
         truncated = [
             i
             for i in np.flatnonzero(dones)
