@@ -23,93 +23,44 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# RL Zoo hyperparameters, identical for both algorithms
+# RL Zoo hyperparameters (the shipped mirror of the Zoo's ppo.yml), identical for both algorithms
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "cartpole": dict(
-        env_id="CartPole-v1",
-        n_envs=8,
-        timesteps=100_000,
-        eval_episodes=10,
-        hyperparams=dict(
-            n_steps=32,
-            batch_size=256,
-            gae_lambda=0.8,
-            gamma=0.98,
-            n_epochs=20,
-            ent_coef=0.0,
-            learning_rate="lin_1e-3",
-            clip_range="lin_0.2",
-        ),
-    ),
-    "halfcheetah": dict(
-        env_id="HalfCheetah-v5",
-        n_envs=1,
-        normalize=True,
-        timesteps=20_480,
-        eval_episodes=3,
-        hyperparams=dict(
-            batch_size=64,
-            n_steps=512,
-            gamma=0.98,
-            learning_rate=2.0633e-05,
-            ent_coef=0.000401762,
-            clip_range=0.1,
-            n_epochs=20,
-            gae_lambda=0.92,
-            max_grad_norm=0.8,
-            vf_coef=0.58096,
-            policy_kwargs="relu256",
-        ),
-    ),
-    "pong": dict(
-        env_id="ALE/Pong-v5",
-        n_envs=8,
-        atari=True,
-        timesteps=16_384,
-        eval_episodes=1,
-        hyperparams=dict(
-            n_steps=128,
-            n_epochs=4,
-            batch_size=256,
-            learning_rate="lin_2.5e-4",
-            clip_range="lin_0.1",
-            vf_coef=0.5,
-            ent_coef=0.01,
-        ),
-    ),
+    "cartpole": dict(env_id="CartPole-v1", zoo_key="CartPole-v1", timesteps=100_000, eval_episodes=10),
+    "halfcheetah": dict(env_id="HalfCheetah-v5", zoo_key="HalfCheetah-v5", timesteps=20_480, eval_episodes=3),
+    "pong": dict(env_id="ALE/Pong-v5", zoo_key="atari", atari=True, timesteps=16_384, eval_episodes=1),
 }
 
 
-def _hyperparams(raw: dict[str, Any]) -> dict[str, Any]:
-    import torch as th
+def _settings(workload: str) -> Any:
+    from sb3_ppo_ext.presets import zoo_settings
 
-    from sb3_ppo_ext.schedules import parse_schedule
-
-    params = dict(raw)
-    for key in ("learning_rate", "clip_range"):
-        params[key] = parse_schedule(params[key])
-    if params.get("policy_kwargs") == "relu256":
-        params["policy_kwargs"] = dict(
-            log_std_init=-2, ortho_init=False, activation_fn=th.nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256])
-        )
-    return params
+    return zoo_settings("clipped_ppo", WORKLOADS[workload]["zoo_key"])
 
 
-def _make_env(spec: dict[str, Any], seed: int, n_envs: int | None = None) -> Any:
+def _make_env(workload: str, seed: int, n_envs: int | None = None) -> Any:
     from stable_baselines3.common.env_util import make_atari_env, make_vec_env
     from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 
-    n = spec["n_envs"] if n_envs is None else n_envs
+    spec, settings = WORKLOADS[workload], _settings(workload)
+    n = settings.n_envs if n_envs is None else n_envs
     if spec.get("atari"):
         import ale_py
         import gymnasium as gym
 
         gym.register_envs(ale_py)
-        return VecFrameStack(make_atari_env(spec["env_id"], n_envs=n, seed=seed), n_stack=4)
+        return VecFrameStack(make_atari_env(spec["env_id"], n_envs=n, seed=seed), n_stack=settings.frame_stack)
     env = make_vec_env(spec["env_id"], n_envs=n, seed=seed)
-    if spec.get("normalize"):
-        env = VecNormalize(env, gamma=spec["hyperparams"]["gamma"])
+    if settings.normalize is not None:
+        env = VecNormalize(env, **settings.normalize)
     return env
+
+
+def _model(workload: str, env: Any, seed: int) -> Any:
+    """ClippedPPO with the workload's Zoo settings (for the floors)."""
+    from sb3_ppo_ext import ClippedPPO
+
+    settings = _settings(workload)
+    return ClippedPPO(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
 
 
 def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int) -> dict[str, Any]:
@@ -122,11 +73,10 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     from sb3_ppo_ext import ClippedPPO
 
     th.set_num_threads(threads)
-    spec = WORKLOADS[workload]
+    spec, settings = WORKLOADS[workload], _settings(workload)
     cls = ClippedPPO if algo == "clipped_ppo" else PPO
-    policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
-    env = _make_env(spec, seed)
-    model = cls(policy, env, seed=seed, device="cpu", **_hyperparams(spec["hyperparams"]))
+    env = _make_env(workload, seed)
+    model = cls(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
 
     timers = {"rollout": 0.0, "train": 0.0}
 
@@ -146,8 +96,8 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     model.learn(timesteps)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
-    eval_env = _make_env(spec, seed + 1000, n_envs=1)
-    if spec.get("normalize"):
+    eval_env = _make_env(workload, seed + 1000, n_envs=1)
+    if settings.normalize is not None:
         eval_env.obs_rms = env.obs_rms  # type: ignore[attr-defined]
         eval_env.training = False  # type: ignore[attr-defined]
         eval_env.norm_reward = False  # type: ignore[attr-defined]
@@ -172,13 +122,11 @@ def floors(workload: str, seed: int, threads: int, steps: int = 4096) -> dict[st
     """Env-only steps/s (random actions) and env + ClippedPPO policy forward steps/s."""
     import numpy as np
     import torch as th
+    from gymnasium import spaces
     from stable_baselines3.common.utils import obs_as_tensor
 
-    from sb3_ppo_ext import ClippedPPO
-
     th.set_num_threads(threads)
-    spec = WORKLOADS[workload]
-    env = _make_env(spec, seed)
+    env = _make_env(workload, seed)
     n = env.num_envs
     iterations = max(1, steps // n)
     env.reset()
@@ -188,8 +136,7 @@ def floors(workload: str, seed: int, threads: int, steps: int = 4096) -> dict[st
         env.step(actions)
     env_only = iterations * n / (time.perf_counter() - start)
 
-    policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
-    model = ClippedPPO(policy, env, seed=seed, device="cpu", **_hyperparams(spec["hyperparams"]))
+    model = _model(workload, env, seed)
     env = model.get_env()  # with the image-transposing wrapper SB3 adds for CNN policies
     obs = env.reset()
     start = time.perf_counter()
@@ -197,8 +144,8 @@ def floors(workload: str, seed: int, threads: int, steps: int = 4096) -> dict[st
         with th.no_grad():
             act, _, _ = model.policy(obs_as_tensor(obs, model.device))
         act = act.numpy()
-        if spec["env_id"] == "HalfCheetah-v5":
-            act = np.clip(act, -1, 1)
+        if isinstance(env.action_space, spaces.Box):
+            act = np.clip(act, env.action_space.low, env.action_space.high)
         obs, _, _, _ = env.step(act)
     with_policy = iterations * n / (time.perf_counter() - start)
     return {"env_only_fps": env_only, "env_policy_fps": with_policy}
