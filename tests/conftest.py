@@ -17,6 +17,14 @@ from stable_baselines3.common.logger import KVWriter, Logger
 
 th.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs() -> None:
+    """Every test starts from the same torch and NumPy random state, so a failure reproduces."""
+    th.manual_seed(0)
+    np.random.seed(0)
+
+
 # small, fast settings for smoke training: 2 rollouts of 32 steps, 2 epochs of 2 minibatches
 TINY = dict(n_steps=32, batch_size=16, n_epochs=2)
 
