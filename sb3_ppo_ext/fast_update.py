@@ -16,7 +16,7 @@ MultiBinary, custom modules, dropout...) uses the autograd path in ``ClippedPPO.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch as th
 from gymnasium import spaces
@@ -24,19 +24,9 @@ from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead
+from sb3_ppo_ext.losses import LossTerms, PPOBatch
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-class LossTerms(NamedTuple):
-    """Loss terms and diagnostics of one minibatch; only ``loss`` may carry an autograd graph."""
-
-    loss: th.Tensor
-    policy_loss: th.Tensor
-    value_loss: th.Tensor
-    entropy_loss: th.Tensor
-    clip_fraction: th.Tensor
-    approx_kl: th.Tensor
 
 
 def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | None:
@@ -154,12 +144,7 @@ class MLPActorCriticKernel:
 
     def loss_and_grad(
         self,
-        obs: Any,
-        actions: th.Tensor,
-        old_log_prob: th.Tensor,
-        old_values: th.Tensor,
-        advantages: th.Tensor,
-        returns: th.Tensor,
+        batch: PPOBatch,
         clip_range: float,
         clip_range_vf: float | None,
         vf_clip_mode: str,
@@ -169,8 +154,9 @@ class MLPActorCriticKernel:
         """Compute the PPO loss of one minibatch and set ``.grad`` of every policy parameter to its gradient."""
         policy = self.policy
         assert self.pi_layers is not None and self.vf_layers is not None
+        obs, actions, old_log_prob, old_values, advantages, returns = batch
         with th.no_grad():
-            batch = advantages.shape[0]
+            n = advantages.shape[0]
             features, vf_features = self._features(obs)
             pi_outs = _forward(features, self.pi_layers)
             vf_outs = _forward(vf_features, self.vf_layers)
@@ -204,25 +190,25 @@ class MLPActorCriticKernel:
             # the gradient flows where the unclipped term is the minimum, or where the two coincide
             in_range = (ratio >= 1.0 - clip_range) & (ratio <= 1.0 + clip_range)
             active = (surrogate < clipped_surrogate) | in_range
-            grad_log_prob = th.where(active, surrogate, 0.0) * (-1.0 / batch)
+            grad_log_prob = th.where(active, surrogate, 0.0) * (-1.0 / n)
 
             # value loss and dL/dV
             error = values - returns
             if clip_range_vf is None:
                 value_loss = (error * error).mean()
-                grad_values = error * (2.0 * vf_coef / batch)
+                grad_values = error * (2.0 * vf_coef / n)
             else:
                 delta = values - old_values
                 clipped_error = old_values + th.clamp(delta, -clip_range_vf, clip_range_vf) - returns
                 vf_in_range = (delta >= -clip_range_vf) & (delta <= clip_range_vf)
                 if vf_clip_mode == "sb3":
                     value_loss = (clipped_error * clipped_error).mean()
-                    grad_values = th.where(vf_in_range, clipped_error, 0.0) * (2.0 * vf_coef / batch)
+                    grad_values = th.where(vf_in_range, clipped_error, 0.0) * (2.0 * vf_coef / n)
                 else:
                     squared, clipped_squared = error * error, clipped_error * clipped_error
                     value_loss = th.max(squared, clipped_squared).mean()
                     use_unclipped = (squared > clipped_squared) | vf_in_range
-                    grad_values = th.where(use_unclipped, error, 0.0) * (2.0 * vf_coef / batch)
+                    grad_values = th.where(use_unclipped, error, 0.0) * (2.0 * vf_coef / n)
 
             entropy_loss = -entropy.mean()
             loss = policy_loss + vf_coef * value_loss + (ent_coef * entropy_loss if ent_coef != 0 else 0.0)
@@ -233,12 +219,12 @@ class MLPActorCriticKernel:
                 grad_head = probs * (grad_log_prob.unsqueeze(1) * -1.0)
                 grad_head.scatter_add_(1, index, grad_log_prob.unsqueeze(1))
                 if ent_coef != 0:
-                    grad_head += probs * (log_p + entropy.unsqueeze(1)) * (ent_coef / batch)
+                    grad_head += probs * (log_p + entropy.unsqueeze(1)) * (ent_coef / n)
                 grad_log_std_param = None
             else:
                 # d log_prob / d mean = z / std ; d log_prob / d log_std = z^2 - 1 ; d H / d log_std = 1
                 grad_mean = grad_log_prob.unsqueeze(1) * z * inv_std
-                grad_log_std = grad_log_prob.unsqueeze(1) * (z * z - 1.0) - ent_coef / batch
+                grad_log_std = grad_log_prob.unsqueeze(1) * (z * z - 1.0) - ent_coef / n
                 if self.head.state_dependent_std:
                     grad_head = th.cat([grad_mean, grad_log_std], dim=1)
                     grad_log_std_param = None

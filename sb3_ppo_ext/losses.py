@@ -10,12 +10,34 @@ written as ``policy_loss + vf_coef * value_loss + ent_coef * entropy_loss`` with
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch as th
 
 ValueClipMode = Literal["max", "sb3"]
 VALUE_CLIP_MODES: tuple[str, ...] = ("max", "sb3")
+
+
+class PPOBatch(NamedTuple):
+    """One minibatch as the loss sees it: advantages already normalised, Discrete actions as indices."""
+
+    observations: Any
+    actions: th.Tensor
+    old_log_prob: th.Tensor
+    old_values: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+
+
+class LossTerms(NamedTuple):
+    """Loss terms and diagnostics of one minibatch; only ``loss`` may carry an autograd graph."""
+
+    loss: th.Tensor
+    policy_loss: th.Tensor
+    value_loss: th.Tensor
+    entropy_loss: th.Tensor
+    clip_fraction: th.Tensor
+    approx_kl: th.Tensor
 
 
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:

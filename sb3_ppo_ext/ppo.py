@@ -30,7 +30,8 @@ from sb3_ppo_ext.errors import (
     validate_rollout_size,
     validate_spaces,
 )
-from sb3_ppo_ext.fast_update import LossTerms, MLPActorCriticKernel
+from sb3_ppo_ext.fast_update import MLPActorCriticKernel
+from sb3_ppo_ext.losses import LossTerms, PPOBatch
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
 from sb3_ppo_ext.worker_guard import guard_subprocess_workers
 
@@ -387,21 +388,16 @@ class ClippedPPO(OnPolicyAlgorithm):
                 advantages = batch.advantages
                 if per_minibatch_normalization:
                     advantages = losses.normalize_advantages(advantages)
-                loss_args = (
-                    batch.observations,
-                    actions,
-                    batch.old_log_prob,
-                    batch.old_values,
-                    advantages,
-                    batch.returns,
-                    clip_range,
-                    clip_range_vf,
+                inputs = PPOBatch(
+                    batch.observations, actions, batch.old_log_prob, batch.old_values, advantages, batch.returns
                 )
                 if kernel is None:
-                    terms = self._loss_terms(*loss_args)
+                    terms = self._loss_terms(inputs, clip_range, clip_range_vf)
                 else:
                     # same losses and gradients, derived by hand (tests/test_optimized_update.py)
-                    terms = kernel.loss_and_grad(*loss_args, self.vf_clip_mode, self.ent_coef, self.vf_coef)
+                    terms = kernel.loss_and_grad(
+                        inputs, clip_range, clip_range_vf, self.vf_clip_mode, self.ent_coef, self.vf_coef
+                    )
                 loss = terms.loss
                 pg_losses.append(terms.policy_loss.detach())
                 value_losses.append(terms.value_loss.detach())
@@ -452,21 +448,15 @@ class ClippedPPO(OnPolicyAlgorithm):
             return MLPActorCriticKernel(self.policy)
         return None
 
-    def _loss_terms(
-        self,
-        obs: Any,
-        actions: th.Tensor,
-        old_log_prob: th.Tensor,
-        old_values: th.Tensor,
-        advantages: th.Tensor,
-        returns: th.Tensor,
-        clip_range: float,
-        clip_range_vf: float | None,
-    ) -> LossTerms:
+    def _loss_terms(self, batch: PPOBatch, clip_range: float, clip_range_vf: float | None) -> LossTerms:
         """PPO loss of one minibatch through autograd: L = -L_CLIP + c1 * L_VF - c2 * H (seed sections 3, 6)."""
-        values, log_prob, entropy = self.policy.evaluate_actions(obs, actions)
-        policy_loss, clip_fraction = losses.clipped_surrogate_loss(log_prob, old_log_prob, advantages, clip_range)
-        value_loss = losses.value_loss(values.flatten(), old_values, returns, clip_range_vf, self.vf_clip_mode)
+        values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
+        policy_loss, clip_fraction = losses.clipped_surrogate_loss(
+            log_prob, batch.old_log_prob, batch.advantages, clip_range
+        )
+        value_loss = losses.value_loss(
+            values.flatten(), batch.old_values, batch.returns, clip_range_vf, self.vf_clip_mode
+        )
         if self.ent_coef == 0:
             # same loss and gradient; the entropy is only logged, so keep it out of the backward pass
             with th.no_grad():
@@ -475,7 +465,7 @@ class ClippedPPO(OnPolicyAlgorithm):
         else:
             entropy_loss = losses.entropy_loss(entropy, log_prob)
             loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
-        approx_kl = losses.approx_kl(log_prob, old_log_prob)
+        approx_kl = losses.approx_kl(log_prob, batch.old_log_prob)
         return LossTerms(
             loss, policy_loss.detach(), value_loss.detach(), entropy_loss.detach(), clip_fraction, approx_kl
         )
