@@ -214,6 +214,10 @@ def validate_policy(policy: Any, policy_aliases: Mapping[str, type[BasePolicy]])
         )
 
 
+#: values of ClippedPPO's ``normalize_advantage``: True/"minibatch" per minibatch, "batch" per rollout, False off
+ADVANTAGE_NORMALIZATION_MODES = (True, False, "minibatch", "batch")
+
+
 def validate_hyperparameters(
     *,
     learning_rate: Any = 3e-4,
@@ -249,7 +253,7 @@ def validate_hyperparameters(
         assertion=True,
     )
     try:
-        known_mode = normalize_advantage in (True, False, "minibatch", "batch")
+        known_mode = normalize_advantage in ADVANTAGE_NORMALIZATION_MODES
     except (TypeError, ValueError):  # e.g. an array, whose truth value is ambiguous
         known_mode = False
     if not known_mode:

@@ -37,8 +37,6 @@ from sb3_ppo_ext.worker_guard import guard_subprocess_workers
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
 
-ADVANTAGE_NORMALIZATION_MODES = (True, False, "minibatch", "batch")
-
 
 def clip_grad_norm(parameters: list[th.Tensor], max_norm: float) -> th.Tensor:
     """Scale gradients in place so their global L2 norm is at most ``max_norm``; return the norm before.
