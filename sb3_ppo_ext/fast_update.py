@@ -25,8 +25,11 @@ from torch import nn
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead
 from sb3_ppo_ext.losses import LossTerms, PPOBatch
+from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# the layer types whose forward pass is exactly x @ W^T + b
+_PLAIN_LINEARS = (nn.Linear, FastLinear)
 
 
 def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | None:
@@ -36,7 +39,7 @@ def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | No
         return None
     layers = []
     for linear, activation in zip(modules[::2], modules[1::2], strict=True):
-        if type(linear) is not nn.Linear:
+        if type(linear) not in _PLAIN_LINEARS:
             return None
         if type(activation) is nn.Tanh:
             layers.append((linear, "tanh"))
@@ -60,7 +63,7 @@ def _forward(x: th.Tensor, layers: list[tuple[nn.Linear, str]]) -> list[th.Tenso
     """Inputs of every layer plus the final output: ``[x, h1, ..., hL]``."""
     outs = [x]
     for linear, kind in layers:
-        z = th.addmm(linear.bias, outs[-1], linear.weight.t())
+        z = addmm(linear.bias, outs[-1], linear.weight)
         outs.append(_tanh(z) if kind == "tanh" else th.relu_(z))
     return outs
 
@@ -71,10 +74,10 @@ def _backward(grad: th.Tensor, outs: list[th.Tensor], layers: list[tuple[nn.Line
         linear, kind = layers[i]
         h = outs[i + 1]
         grad = grad * (1.0 - h * h) if kind == "tanh" else grad * (h > 0)
-        linear.weight.grad = grad.t() @ outs[i]
+        linear.weight.grad = mm(grad.t(), outs[i])
         linear.bias.grad = grad.sum(0)
         if i > 0:
-            grad = grad @ linear.weight
+            grad = mm(grad, linear.weight)
 
 
 class MLPActorCriticKernel:
@@ -105,7 +108,7 @@ class MLPActorCriticKernel:
             return False
         if not isinstance(policy.action_head, (CategoricalHead, DiagGaussianHead)):
             return False
-        if type(policy.action_net) is not nn.Linear or type(policy.value_net) is not nn.Linear:
+        if any(type(head) not in _PLAIN_LINEARS for head in (policy.action_net, policy.value_net)):
             return False
         if not all(p.requires_grad for p in policy.parameters()):
             return False  # frozen parameters: autograd leaves their .grad alone, and so must we

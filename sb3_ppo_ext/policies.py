@@ -27,6 +27,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from sb3_ppo_ext.distributions import ActionHead, DiagGaussianHead, make_action_head
+from sb3_ppo_ext.matmul import use_fast_linears
 
 # Orthogonal-init gains (seed section 6): sqrt(2) for hidden layers, a near-uniform initial policy
 # (0.01) and a unit-scale value head (1.0).
@@ -230,6 +231,9 @@ class ActorCriticPolicy(BasePolicy):
             with th.no_grad():
                 self.action_net.bias[self.action_head.action_dim :].fill_(log_std_init)  # type: ignore[union-attr]
 
+        # large Linear layers (NatureCNN's 3136x512, 256-unit MuJoCo layers) go through oneDNN's matrix
+        # product; same parameters and values (see sb3_ppo_ext/matmul.py)
+        use_fast_linears(self)
         # oneDNN's convolutions run about 1.3x faster in NHWC ("channels_last") than in NCHW on a CPU;
         # only the memory layout changes, not the values
         self.channels_last = any(isinstance(module, nn.Conv2d) for module in self.modules())
@@ -271,8 +275,10 @@ class ActorCriticPolicy(BasePolicy):
         """Preprocess ``obs`` (SB3's ``preprocess_obs``) and run ``features_extractor`` on it."""
         if self.channels_last and isinstance(obs, th.Tensor) and obs.dim() == 4:
             if self.normalize_images and is_image_space(self.observation_space):
-                # SB3's obs.float() / 255, with the layout change folded into the one conversion pass
-                return features_extractor(obs.to(th.float32, memory_format=th.channels_last).div_(255.0))
+                # SB3's obs.float() / 255 in NHWC; the layout change is done on the uint8 frames (4x less
+                # memory to move than on floats) and is free for the buffer's minibatches, already NHWC
+                frames = obs.contiguous(memory_format=th.channels_last)
+                return features_extractor(frames.to(th.float32).div_(255.0))
             preprocessed = preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images)
             return features_extractor(preprocessed.contiguous(memory_format=th.channels_last))  # type: ignore[union-attr]
         return features_extractor(preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images))

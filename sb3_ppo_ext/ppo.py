@@ -211,6 +211,8 @@ class ClippedPPO(OnPolicyAlgorithm):
             is_dict = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer  # type: ignore[assignment]
         super()._setup_model()
+        if isinstance(self.rollout_buffer, GAERolloutBuffer):
+            self.rollout_buffer.channels_last = bool(getattr(self.policy, "channels_last", False))
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
             # load() gets here with saved values and custom_objects (RL Zoo's enjoy.py replaces clip_range with

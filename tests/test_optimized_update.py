@@ -12,6 +12,7 @@ import torch as th
 from stable_baselines3.common.logger import configure
 
 from sb3_ppo_ext import ClippedPPO
+from sb3_ppo_ext.matmul import set_onednn_matmul
 
 
 def _collect(model: ClippedPPO) -> None:
@@ -88,6 +89,8 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
         ("Pendulum-v1", dict(ent_coef=0.01, max_grad_norm=0.05)),
         ("Pendulum-v1", dict(ent_coef=0.01, clip_range_vf=0.1, policy_kwargs=dict(state_dependent_std=True))),
         ("Pendulum-v1", dict(clip_range=0.02, policy_kwargs=dict(log_std_init=-1.0, ortho_init=False))),
+        # 256-unit layers at batch 64: large enough for the oneDNN matrix products (sb3_ppo_ext.matmul)
+        ("Pendulum-v1", dict(ent_coef=0.01, policy_kwargs=dict(activation_fn=th.nn.ReLU, net_arch=[256, 256]))),
     ],
 )
 @pytest.mark.parametrize("fast_update", [True, False])
@@ -115,7 +118,11 @@ def test_optimized_update_matches_reference(env_id: str, kwargs: dict, fast_upda
     model.n_epochs, model.batch_size = 1, 64
     reference_policy = copy.deepcopy(model.policy)
     reference_policy.set_training_mode(True)
-    expected = _reference_step(reference_policy, model.rollout_buffer, model, lr)
+    set_onednn_matmul(False)  # the reference is the plain BLAS product
+    try:
+        expected = _reference_step(reference_policy, model.rollout_buffer, model, lr)
+    finally:
+        set_onednn_matmul(True)
 
     model._current_progress_remaining = 1.0
     model.train()
