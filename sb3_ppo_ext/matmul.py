@@ -21,6 +21,7 @@ from typing import Any
 
 import torch as th
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 # smallest rows * inner * columns product sent to oneDNN (below it, its call overhead loses)
@@ -91,6 +92,7 @@ class _LinearFunction(th.autograd.Function):
         return addmm(bias, x, weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad_x = mm(grad, weight) if ctx.needs_input_grad[0] else None
@@ -99,9 +101,14 @@ class _LinearFunction(th.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _exporting() -> bool:
+    # tracing (torch.jit.trace, ONNX export) and torch.compile should see the standard op
+    return bool(th.jit.is_tracing() or th.onnx.is_in_onnx_export() or th.compiler.is_compiling())
+
+
 def linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None = None) -> th.Tensor:
     """``F.linear`` that sends large float32 CPU products through oneDNN, autograd included."""
-    if x.dim() != 2 or not _use_onednn(x, weight, x.shape[0] * x.shape[1] * weight.shape[0]):
+    if _exporting() or x.dim() != 2 or not _use_onednn(x, weight, x.shape[0] * x.shape[1] * weight.shape[0]):
         return F.linear(x, weight, bias)
     if th.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _LinearFunction.apply(x, weight, bias)

@@ -122,3 +122,12 @@ def test_channels_last_buffer_hands_out_the_same_minibatches() -> None:
     for a, b in zip(plain, nhwc, strict=True):
         assert th.equal(a, b)
         assert b.is_contiguous(memory_format=th.channels_last) and not b.is_contiguous()
+
+
+@needs_onednn
+def test_tracing_sees_the_standard_linear() -> None:
+    layer = matmul.use_fast_linears(nn.Sequential(nn.Linear(512, 512)))
+    traced = th.jit.trace(layer, th.randn(64, 512))
+    assert "mkldnn" not in str(traced.graph)
+    x = th.randn(64, 512)
+    th.testing.assert_close(traced(x), layer(x), rtol=1e-5, atol=1e-4)
