@@ -125,6 +125,19 @@ class FastLinear(nn.Linear):
         return F.linear(input, self.weight, self.bias)
 
 
+def wants_onednn_matmul(module: nn.Module) -> bool:
+    """The ``onednn_matmul=None`` rule: convolutions present, or a Linear layer with >= 2^20 weights.
+
+    oneDNN's first use costs about 7 MB of resident memory (its code and buffers), once per process.
+    With convolutions that is paid anyway; for a big Linear layer the ~2x faster products are worth it;
+    for 64- or 256-unit MLPs (CartPole, MuJoCo) the gain is a few percent, so they stay on the BLAS.
+    """
+    modules = list(module.modules())
+    if any(isinstance(sub, nn.Conv2d) for sub in modules):
+        return True
+    return any(isinstance(sub, nn.Linear) and sub.weight.numel() >= 2**20 for sub in modules)
+
+
 def use_fast_linears(module: nn.Module) -> nn.Module:
     """Turn every plain ``nn.Linear`` inside ``module`` into a :class:`FastLinear`, in place.
 

@@ -131,3 +131,20 @@ def test_tracing_sees_the_standard_linear() -> None:
     assert "mkldnn" not in str(traced.graph)
     x = th.randn(64, 512)
     th.testing.assert_close(traced(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
+def test_auto_rule_uses_onednn_only_where_it_pays() -> None:
+    from sb3_ppo_ext import ClippedPPO
+
+    def fast_linears(model: ClippedPPO) -> int:
+        return sum(type(m) is matmul.FastLinear for m in model.policy.modules())
+
+    small = ClippedPPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, device="cpu")
+    assert not small.policy.onednn_matmul and fast_linears(small) == 0
+    big = ClippedPPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=dict(net_arch=[1024, 1024]))
+    assert big.policy.onednn_matmul and fast_linears(big) > 0
+    forced = ClippedPPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=dict(onednn_matmul=True))
+    assert forced.policy.onednn_matmul and fast_linears(forced) == 6
+    assert forced.policy._get_constructor_parameters()["onednn_matmul"] is True
+    # any convolution turns it on (oneDNN already runs the convolutions)
+    assert matmul.wants_onednn_matmul(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2)))

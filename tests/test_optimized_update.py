@@ -90,7 +90,10 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
         ("Pendulum-v1", dict(ent_coef=0.01, clip_range_vf=0.1, policy_kwargs=dict(state_dependent_std=True))),
         ("Pendulum-v1", dict(clip_range=0.02, policy_kwargs=dict(log_std_init=-1.0, ortho_init=False))),
         # 256-unit layers at batch 64: large enough for the oneDNN matrix products (sb3_ppo_ext.matmul)
-        ("Pendulum-v1", dict(ent_coef=0.01, policy_kwargs=dict(activation_fn=th.nn.ReLU, net_arch=[256, 256]))),
+        (
+            "Pendulum-v1",
+            dict(ent_coef=0.01, policy_kwargs=dict(activation_fn=th.nn.ReLU, net_arch=[256, 256], onednn_matmul=True)),
+        ),
     ],
 )
 @pytest.mark.parametrize("fast_update", [True, False])
