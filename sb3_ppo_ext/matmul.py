@@ -10,8 +10,10 @@ oneDNN's per-call overhead loses.
 The values are the same product up to float rounding order. oneDNN is used only for float32 CPU
 tensors when the product has at least :data:`MIN_MACS` multiply-adds and a one-time probe confirmed
 that the installed torch has the kernel and that it agrees with the BLAS; otherwise everything goes
-through ``torch.addmm``/``torch.mm`` as usual. Switch it off with ``SB3_PPO_EXT_ONEDNN_MATMUL=0`` or
-:func:`set_onednn_matmul`.
+through ``torch.addmm``/``torch.mm`` as usual. A policy opts in with its ``onednn_matmul`` argument
+(default: :func:`wants_onednn_matmul`, i.e. CNN policies and very large layers, because oneDNN's
+first use costs ~7 MB of resident memory). Switch it off everywhere with
+``SB3_PPO_EXT_ONEDNN_MATMUL=0`` or :func:`set_onednn_matmul`.
 """
 
 from __future__ import annotations
