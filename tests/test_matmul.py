@@ -12,9 +12,9 @@ needs_onednn = pytest.mark.skipif(not matmul.onednn_matmul_available(), reason="
 
 
 @pytest.fixture(autouse=True)
-def _restore_switch():
-    yield
-    matmul.set_onednn_matmul(True)
+def _switch_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # these tests expect the switch on; monkeypatch restores whatever SB3_PPO_EXT_ONEDNN_MATMUL set
+    monkeypatch.setitem(matmul._state, "enabled", True)
 
 
 def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -11,8 +11,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.logger import configure
 
-from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.matmul import set_onednn_matmul
+from sb3_ppo_ext import ClippedPPO, matmul
 
 
 def _collect(model: ClippedPPO) -> None:
@@ -121,11 +120,9 @@ def test_optimized_update_matches_reference(env_id: str, kwargs: dict, fast_upda
     model.n_epochs, model.batch_size = 1, 64
     reference_policy = copy.deepcopy(model.policy)
     reference_policy.set_training_mode(True)
-    set_onednn_matmul(False)  # the reference is the plain BLAS product
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(matmul._state, "enabled", False)  # the reference is the plain BLAS product
         expected = _reference_step(reference_policy, model.rollout_buffer, model, lr)
-    finally:
-        set_onednn_matmul(True)
 
     model._current_progress_remaining = 1.0
     model.train()
