@@ -9,6 +9,7 @@ output. ``to_sb3`` builds the equivalent SB3 ``Distribution`` for code that asks
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch as th
@@ -34,11 +35,26 @@ def gumbel_max_sample(logits: th.Tensor) -> th.Tensor:
     return (logits - exponential.log_()).argmax(dim=-1)
 
 
+class HeadEvaluation(NamedTuple):
+    """``log pi(a|s)`` and ``H(pi(.|s))`` of a batch, plus the intermediates their gradients reuse."""
+
+    log_prob: th.Tensor
+    entropy: th.Tensor
+    saved: tuple[th.Tensor, ...] = ()
+
+
 class ActionHead:
-    """Maps the policy network's head output to actions, ``log pi(a|s)`` and ``H(pi(.|s))``."""
+    """Maps the policy network's head output to actions, ``log pi(a|s)`` and ``H(pi(.|s))``.
+
+    Heads with :attr:`closed_form_grad` also give the derivatives of ``log pi`` and ``H`` with respect
+    to their parameters (:meth:`param_grads`), which the closed-form update path (:mod:`sb3_ppo_ext.fast`)
+    backpropagates through the network.
+    """
 
     #: width of the linear layer that feeds this head
     n_outputs: int
+    #: whether :meth:`param_grads` is implemented
+    closed_form_grad: bool = False
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
         """Draw actions (or the mode when ``deterministic``)."""
@@ -51,6 +67,24 @@ class ActionHead:
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
         """Return ``H(pi(.|s))``, shape ``[B]``."""
         raise NotImplementedError
+
+    def evaluate(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> HeadEvaluation:
+        """``log pi(a|s)`` and ``H`` together (heads override this to share intermediates)."""
+        return HeadEvaluation(self.log_prob(params, actions), self.entropy(params))
+
+    def param_grads(
+        self,
+        params: tuple[th.Tensor, ...],
+        evaluation: HeadEvaluation,
+        grad_log_prob: th.Tensor,
+        grad_entropy: th.Tensor | None,
+    ) -> tuple[th.Tensor, ...]:
+        """``dL/d params`` (per sample, same shapes as ``params`` broadcast to the batch) by the chain rule.
+
+        :param grad_log_prob: ``dL/d log pi(a|s)``, shape ``[B]``.
+        :param grad_entropy: ``dL/dH``, shape ``[B]``, or None when the loss does not use the entropy.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form gradient; use autograd")
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
         """Return the equivalent SB3 distribution object."""
@@ -71,16 +105,45 @@ class CategoricalHead(ActionHead):
             return logits.argmax(dim=-1)
         return gumbel_max_sample(logits)
 
+    @staticmethod
+    def _log_prob(logits: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``(log pi(a), log_softmax(logits), a as [B, 1] indices)``."""
+        log_p = F.log_softmax(logits, dim=-1)
+        index = actions.long().reshape(-1, 1)
+        return log_p.gather(-1, index).squeeze(-1), log_p, index
+
     def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
         """Log-softmax of the chosen logit."""
-        (logits,) = params
-        return F.log_softmax(logits, dim=-1).gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
+        return self._log_prob(params[0], actions)[0]
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
         """``-sum p log p``."""
         (logits,) = params
         log_p = F.log_softmax(logits, dim=-1)
         return -(log_p.exp() * log_p).sum(dim=-1)
+
+    def evaluate(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> HeadEvaluation:
+        """Log-probability and entropy from one log-softmax."""
+        log_prob, log_p, index = self._log_prob(params[0], actions)
+        probs = log_p.exp()
+        return HeadEvaluation(log_prob, -(probs * log_p).sum(dim=-1), (log_p, probs, index))
+
+    closed_form_grad = True
+
+    def param_grads(
+        self,
+        params: tuple[th.Tensor, ...],
+        evaluation: HeadEvaluation,
+        grad_log_prob: th.Tensor,
+        grad_entropy: th.Tensor | None,
+    ) -> tuple[th.Tensor, ...]:
+        """``d log pi(a) / d logits = onehot(a) - p``; ``dH / d logits = -p (log p + H)``."""
+        log_p, probs, index = evaluation.saved
+        grad = probs * (-grad_log_prob).unsqueeze(1)
+        grad.scatter_add_(1, index, grad_log_prob.unsqueeze(1))
+        if grad_entropy is not None:
+            grad -= probs * (log_p + evaluation.entropy.unsqueeze(1)) * grad_entropy.unsqueeze(1)
+        return (grad,)
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
         """SB3 ``CategoricalDistribution`` on the same logits."""
@@ -171,17 +234,49 @@ class DiagGaussianHead(ActionHead):
             return mean
         return mean + th.exp(log_std) * th.randn_like(mean)
 
+    @staticmethod
+    def _log_prob(params: tuple[th.Tensor, ...], actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``(log pi(a), z = (a - mean) / std, 1 / std)``."""
+        mean, log_std = params
+        inv_std = th.exp(-log_std)
+        z = (actions.reshape(mean.shape) - mean) * inv_std
+        return (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(dim=-1), z, inv_std
+
     def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
         """Sum over action dims of the Gaussian log-density."""
-        mean, log_std = params
-        actions = actions.reshape(mean.shape)
-        z = (actions - mean) * th.exp(-log_std)
-        return (-0.5 * z**2 - log_std - _HALF_LOG_2PI).sum(dim=-1)
+        return self._log_prob(params, actions)[0]
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
         """Sum over action dims of ``0.5 + 0.5 log(2 pi) + log_std``."""
         mean, log_std = params
         return (log_std + (0.5 + _HALF_LOG_2PI)).expand_as(mean).sum(dim=-1)
+
+    def evaluate(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> HeadEvaluation:
+        """Log-density and entropy, keeping the standardised actions for the gradient."""
+        log_prob, z, inv_std = self._log_prob(params, actions)
+        return HeadEvaluation(log_prob, self.entropy(params), (z, inv_std))
+
+    closed_form_grad = True
+
+    def param_grads(
+        self,
+        params: tuple[th.Tensor, ...],
+        evaluation: HeadEvaluation,
+        grad_log_prob: th.Tensor,
+        grad_entropy: th.Tensor | None,
+    ) -> tuple[th.Tensor, ...]:
+        """``d log pi / d mean = z / std``, ``d log pi / d log_std = z^2 - 1``, ``dH / d log_std = 1``.
+
+        Both gradients are per sample, ``[B, action_dim]``; a state-independent log_std sums the second
+        over the batch.
+        """
+        z, inv_std = evaluation.saved
+        grad_log_prob = grad_log_prob.unsqueeze(1)
+        grad_mean = grad_log_prob * z * inv_std
+        grad_log_std = grad_log_prob * (z * z - 1.0)
+        if grad_entropy is not None:
+            grad_log_std = grad_log_std + grad_entropy.unsqueeze(1)
+        return grad_mean, grad_log_std
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
         """SB3 ``DiagGaussianDistribution`` with the same mean and std."""

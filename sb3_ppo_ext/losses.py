@@ -1,15 +1,24 @@
-"""PPO's loss terms as pure functions: tensors in, tensors out (seed sections 3 and 6).
+"""PPO's loss terms, each written once, with its closed-form gradient beside it (seed sections 3 and 6).
 
 The total loss minimised by :class:`~sb3_ppo_ext.ClippedPPO` is the seed's objective with its sign flipped,
 
     L = -L_CLIP + c1 * L_VF - c2 * H(pi)
 
 written as ``policy_loss + vf_coef * value_loss + ent_coef * entropy_loss`` with
-``entropy_loss = -mean(H)``.
+``entropy_loss = -mean(H)``. :class:`PPOLoss` puts the terms together. Both gradient paths use it: the
+autograd path differentiates :meth:`PPOLoss.__call__`; the closed-form path
+(:mod:`sb3_ppo_ext.fast`) takes :meth:`PPOLoss.with_gradients`, the derivatives of ``L`` with respect to
+the policy's per-sample outputs ``log pi(a|s)``, ``V(s)`` and ``H(pi(.|s))``, and backpropagates them
+through the network by hand.
+
+Adding a term: write its formula here, add it in :meth:`PPOLoss._terms`; if it has a closed-form
+derivative with respect to those outputs, add it in :meth:`PPOLoss._output_gradients`, otherwise
+make :attr:`PPOLoss.has_closed_form` false while it is active: the update then goes through autograd.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch as th
@@ -27,6 +36,25 @@ class PPOBatch(NamedTuple):
     old_values: th.Tensor
     advantages: th.Tensor
     returns: th.Tensor
+
+
+class PolicyEvaluation(NamedTuple):
+    """What the policy says about a minibatch: ``V(s)``, ``log pi(a|s)`` and ``H(pi(.|s))``, each ``[B]``.
+
+    ``entropy`` is None where the distribution has no closed-form entropy (squashed gSDE).
+    """
+
+    values: th.Tensor
+    log_prob: th.Tensor
+    entropy: th.Tensor | None
+
+
+class OutputGradients(NamedTuple):
+    """``dL/dV``, ``dL/dlog_prob`` (each ``[B]``) and ``dL/dH`` (``[B]``; None when no term uses H)."""
+
+    values: th.Tensor
+    log_prob: th.Tensor
+    entropy: th.Tensor | None
 
 
 class LossTerms(NamedTuple):
@@ -52,23 +80,39 @@ def probability_ratio(log_prob: th.Tensor, old_log_prob: th.Tensor) -> th.Tensor
     return th.exp(log_prob - old_log_prob)
 
 
-def clipped_surrogate_loss(
-    log_prob: th.Tensor, old_log_prob: th.Tensor, advantages: th.Tensor, clip_range: float
-) -> tuple[th.Tensor, th.Tensor]:
-    """PPO-Clip policy loss: ``-E[min(r * A, clip(r, 1 - eps, 1 + eps) * A)]`` (seed section 3).
+# -- the clipped surrogate (seed section 3) ---------------------------------------------------------
+
+
+def clipped_surrogate_loss(ratio: th.Tensor, advantages: th.Tensor, clip_range: float) -> th.Tensor:
+    """PPO-Clip policy loss: ``-E[min(r * A, clip(r, 1 - eps, 1 + eps) * A)]``.
 
     The ``min`` keeps the more pessimistic term, so the gradient vanishes once the ratio has moved past
     ``1 + eps`` for a positive advantage or below ``1 - eps`` for a negative one.
-
-    :return: ``(policy_loss, clip_fraction)`` where ``clip_fraction`` is the share of samples whose ratio
-        lies outside ``[1 - eps, 1 + eps]`` (a diagnostic, detached).
     """
-    ratio = probability_ratio(log_prob, old_log_prob)
     surrogate = ratio * advantages
     clipped_surrogate = th.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    policy_loss = -th.min(surrogate, clipped_surrogate).mean()
-    clip_fraction = ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
-    return policy_loss, clip_fraction
+    return -th.min(surrogate, clipped_surrogate).mean()
+
+
+def clipped_surrogate_grad(ratio: th.Tensor, advantages: th.Tensor, clip_range: float) -> th.Tensor:
+    """``d clipped_surrogate_loss / d log pi(a|s)`` per sample.
+
+    ``d(r * A) / d log pi = r * A``; the clipped term is constant in ``log pi``. The gradient flows where
+    the unclipped term is the minimum, or where the two coincide (``r`` inside ``[1 - eps, 1 + eps]``).
+    """
+    surrogate = ratio * advantages
+    clipped_surrogate = th.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
+    in_range = (ratio >= 1.0 - clip_range) & (ratio <= 1.0 + clip_range)
+    active = (surrogate < clipped_surrogate) | in_range
+    return th.where(active, surrogate, 0.0) * (-1.0 / ratio.shape[0])
+
+
+def clip_fraction(ratio: th.Tensor, clip_range: float) -> th.Tensor:
+    """Share of samples whose ratio lies outside ``[1 - eps, 1 + eps]`` (a diagnostic, no gradient)."""
+    return ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
+
+
+# -- the value loss (seed section 6, "value function clipping") -------------------------------------
 
 
 def value_loss(
@@ -89,13 +133,43 @@ def value_loss(
     """
     if clip_range_vf is None:
         return ((values - returns) ** 2).mean()
+    _check_value_clip_mode(mode)
     values_clipped = old_values + th.clamp(values - old_values, -clip_range_vf, clip_range_vf)
     clipped_error = (values_clipped - returns) ** 2
     if mode == "sb3":
         return clipped_error.mean()
-    if mode == "max":
-        return th.max((values - returns) ** 2, clipped_error).mean()
-    raise ValueError(f"Unknown value clipping mode {mode!r}; use one of {VALUE_CLIP_MODES}.")
+    return th.max((values - returns) ** 2, clipped_error).mean()
+
+
+def value_loss_grad(
+    values: th.Tensor,
+    old_values: th.Tensor,
+    returns: th.Tensor,
+    clip_range_vf: float | None = None,
+    mode: ValueClipMode = "max",
+) -> th.Tensor:
+    """``d value_loss / d V(s)`` per sample: ``2 (V - R) / n`` where the unclipped error is the one used."""
+    scale = 2.0 / values.shape[0]
+    error = values - returns
+    if clip_range_vf is None:
+        return error * scale
+    _check_value_clip_mode(mode)
+    delta = values - old_values
+    clipped_error = old_values + th.clamp(delta, -clip_range_vf, clip_range_vf) - returns
+    # inside the clip range V_clip = V and both errors are the same; outside it V_clip is constant in V
+    in_range = (delta >= -clip_range_vf) & (delta <= clip_range_vf)
+    if mode == "sb3":
+        return th.where(in_range, clipped_error, 0.0) * scale
+    use_unclipped = (error * error > clipped_error * clipped_error) | in_range
+    return th.where(use_unclipped, error, 0.0) * scale
+
+
+def _check_value_clip_mode(mode: str) -> None:
+    if mode not in VALUE_CLIP_MODES:
+        raise ValueError(f"Unknown value clipping mode {mode!r}; use one of {VALUE_CLIP_MODES}.")
+
+
+# -- the entropy bonus (seed section 6) --------------------------------------------------------------
 
 
 def entropy_loss(entropy: th.Tensor | None, log_prob: th.Tensor) -> th.Tensor:
@@ -109,8 +183,95 @@ def entropy_loss(entropy: th.Tensor | None, log_prob: th.Tensor) -> th.Tensor:
     return -entropy.mean()
 
 
-def approx_kl(log_prob: th.Tensor, old_log_prob: th.Tensor) -> th.Tensor:
+def entropy_loss_grad(entropy: th.Tensor) -> th.Tensor:
+    """``d entropy_loss / d H`` per sample: ``-1 / n``."""
+    return th.full_like(entropy, -1.0 / entropy.shape[0])
+
+
+# -- diagnostics ------------------------------------------------------------------------------------
+
+
+def approx_kl(ratio: th.Tensor, log_ratio: th.Tensor) -> th.Tensor:
     """Low-variance estimator of ``KL(pi_old || pi)``: ``mean((r - 1) - log r)`` (always >= 0), no gradient."""
     with th.no_grad():
-        log_ratio = log_prob - old_log_prob
-        return (th.exp(log_ratio) - 1.0 - log_ratio).mean()
+        return (ratio - 1.0 - log_ratio).mean()
+
+
+# -- the whole objective ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PPOLoss:
+    """``L = -L_CLIP + c1 * L_VF - c2 * H`` at this update's clip ranges and coefficients.
+
+    :param clip_range: epsilon of the clipped surrogate.
+    :param clip_range_vf: epsilon of the value clipping, or None (no value clipping).
+    :param vf_clip_mode: ``"max"`` or ``"sb3"``, see :func:`value_loss`.
+    :param ent_coef: c2.
+    :param vf_coef: c1.
+    """
+
+    clip_range: float
+    clip_range_vf: float | None = None
+    vf_clip_mode: ValueClipMode = "max"
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_value_clip_mode(self.vf_clip_mode)
+
+    @property
+    def has_closed_form(self) -> bool:
+        """True when every active term has a closed-form derivative in :meth:`_output_gradients`."""
+        return True
+
+    def __call__(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> LossTerms:
+        """The loss terms of one minibatch; ``loss`` keeps the autograd graph of ``evaluation``."""
+        return self._terms(evaluation, batch)[0]
+
+    def with_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, OutputGradients]:
+        """The loss terms and ``dL/d(V, log pi, H)`` per sample, for the closed-form path (no graph)."""
+        if not self.has_closed_form:
+            raise NotImplementedError("an active loss term has no closed-form gradient; use autograd")
+        with th.no_grad():
+            terms, ratio = self._terms(evaluation, batch)
+            return terms, self._output_gradients(evaluation, batch, ratio)
+
+    def _terms(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, th.Tensor]:
+        log_ratio = evaluation.log_prob - batch.old_log_prob
+        ratio = th.exp(log_ratio)
+        policy_loss = clipped_surrogate_loss(ratio, batch.advantages, self.clip_range)
+        critic_loss = value_loss(
+            evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode
+        )
+        loss = policy_loss + self.vf_coef * critic_loss
+        if self.ent_coef == 0:
+            # same loss and gradient; the entropy is only logged, so keep it out of the backward pass
+            with th.no_grad():
+                entropy_term = entropy_loss(evaluation.entropy, evaluation.log_prob)
+        else:
+            entropy_term = entropy_loss(evaluation.entropy, evaluation.log_prob)
+            loss = loss + self.ent_coef * entropy_term
+        terms = LossTerms(
+            loss,
+            policy_loss.detach(),
+            critic_loss.detach(),
+            entropy_term.detach(),
+            clip_fraction(ratio, self.clip_range),
+            approx_kl(ratio, log_ratio),
+        )
+        return terms, ratio
+
+    def _output_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch, ratio: th.Tensor) -> OutputGradients:
+        grad_log_prob = clipped_surrogate_grad(ratio, batch.advantages, self.clip_range)
+        grad_values = value_loss_grad(
+            evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode
+        ) * self.vf_coef
+        grad_entropy = None
+        if self.ent_coef != 0:
+            if evaluation.entropy is None:
+                # the Monte Carlo estimate mean(log pi) of entropy_loss
+                grad_log_prob = grad_log_prob + self.ent_coef / grad_log_prob.shape[0]
+            else:
+                grad_entropy = entropy_loss_grad(evaluation.entropy) * self.ent_coef
+        return OutputGradients(grad_values, grad_log_prob, grad_entropy)

@@ -27,7 +27,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from sb3_ppo_ext.distributions import ActionHead, DiagGaussianHead, make_action_head
-from sb3_ppo_ext.matmul import use_fast_linears, wants_onednn_matmul
+from sb3_ppo_ext.fast.matmul import use_fast_linears, wants_onednn_matmul
 
 # Orthogonal-init gains (seed section 6): sqrt(2) for hidden layers, a near-uniform initial policy
 # (0.01) and a unit-scale value head (1.0).
@@ -302,8 +302,11 @@ class ActorCriticPolicy(BasePolicy):
         return latent_pi, latent_vf
 
     def _head_params(self, latent_pi: th.Tensor) -> tuple[th.Tensor, ...]:
-        """Raw head output split into the head's parameters (logits, or mean and log_std)."""
-        out = self.action_net(latent_pi)
+        """The action head's parameters for an actor latent."""
+        return self.split_head_output(self.action_net(latent_pi))
+
+    def split_head_output(self, out: th.Tensor) -> tuple[th.Tensor, ...]:
+        """``action_net``'s output as the head's parameters: logits, or mean and log_std."""
         if isinstance(self.action_head, DiagGaussianHead):
             if self.state_dependent_std:
                 mean, log_std = out.chunk(2, dim=-1)
@@ -341,8 +344,8 @@ class ActorCriticPolicy(BasePolicy):
         if self.action_head is None:
             dist = self._sde_distribution(latent_pi)
             return values, dist.log_prob(actions), dist.entropy()
-        params = self._head_params(latent_pi)
-        return values, self.action_head.log_prob(params, actions), self.action_head.entropy(params)
+        log_prob, entropy, _ = self.action_head.evaluate(self._head_params(latent_pi), actions)
+        return values, log_prob, entropy
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Critic only: ``V(s)``, shape ``[B, 1]``."""

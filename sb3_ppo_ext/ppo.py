@@ -16,44 +16,29 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_ppo_ext import checkpoints, losses
+from sb3_ppo_ext import losses
+from sb3_ppo_ext.backends import Backend, select_backend
 from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
 from sb3_ppo_ext.errors import (
     ConfigurationAssertionError,
     NonFiniteError,
     check_schedule_value,
     non_finite_summary,
-    space_mismatch_error,
     validate_hyperparameters,
     validate_image_observation,
     validate_policy,
     validate_rollout_size,
     validate_spaces,
 )
-from sb3_ppo_ext.fast_update import MLPActorCriticKernel
-from sb3_ppo_ext.losses import LossTerms, PPOBatch
+from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss
+from sb3_ppo_ext.optim import clip_grad_norm
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
-from sb3_ppo_ext.worker_guard import guard_subprocess_workers
+from sb3_ppo_ext.reliability import ReliabilityMixin
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
 
 
-def clip_grad_norm(parameters: list[th.Tensor], max_norm: float) -> th.Tensor:
-    """Scale gradients in place so their global L2 norm is at most ``max_norm``; return the norm before.
-
-    Same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``
-    capped at 1) without its per-call regrouping of tensors by device and dtype.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return th.zeros(())
-    total_norm = th.linalg.vector_norm(th.stack(th._foreach_norm(grads)))
-    if max_norm != float("inf"):
-        th._foreach_mul_(grads, th.clamp(max_norm / (total_norm + 1e-6), max=1.0))
-    return total_norm
-
-
-class ClippedPPO(OnPolicyAlgorithm):
+class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     """Proximal Policy Optimization, clip version (Schulman et al. 2017), drop-in for SB3's ``PPO``.
 
     Every argument of SB3 2.9's ``PPO`` is accepted with the same name, default and meaning. The
@@ -211,8 +196,6 @@ class ClippedPPO(OnPolicyAlgorithm):
             is_dict = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer  # type: ignore[assignment]
         super()._setup_model()
-        if isinstance(self.rollout_buffer, GAERolloutBuffer):
-            self.rollout_buffer.channels_last = bool(getattr(self.policy, "channels_last", False))
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
             # load() gets here with saved values and custom_objects (RL Zoo's enjoy.py replaces clip_range with
@@ -292,8 +275,7 @@ class ClippedPPO(OnPolicyAlgorithm):
         callback.on_rollout_start()
         is_box = isinstance(self.action_space, spaces.Box)
         is_discrete = isinstance(self.action_space, spaces.Discrete)
-        kernel = self._fast_kernel()
-        act = self.policy if kernel is None else kernel.act
+        act = self._backend().act
 
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
@@ -365,24 +347,40 @@ class ClippedPPO(OnPolicyAlgorithm):
         clip_range_vf = None
         if self.clip_range_vf is not None:
             clip_range_vf = self._current_clip_range(self.clip_range_vf, "clip_range_vf")  # type: ignore[arg-type]
-        per_minibatch_normalization = self.normalize_advantage in (True, "minibatch")
         if self.normalize_advantage == "batch":
             self._normalize_rollout_advantages()
+        loss = PPOLoss(clip_range, clip_range_vf, self.vf_clip_mode, self.ent_coef, self.vf_coef)
+        history = self._train_epochs(self._backend(), loss)
+
+        self.logger.record("train/entropy_loss", _mean(history, "entropy_loss"))
+        self.logger.record("train/policy_gradient_loss", _mean(history, "policy_loss"))
+        self.logger.record("train/value_loss", _mean(history, "value_loss"))
+        # SB3 logs the approximate KL of the last epoch only
+        self.logger.record("train/approx_kl", _mean(history[-1], "approx_kl"))
+        self.logger.record("train/clip_fraction", _mean(history, "clip_fraction"))
+        self.logger.record("train/loss", history[-1][-1].loss.item() if history[-1] else float("nan"))
+        self.logger.record(
+            "train/explained_variance",
+            explained_variance(
+                np.asarray(self.rollout_buffer.values).flatten(), np.asarray(self.rollout_buffer.returns).flatten()
+            ),
+        )
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def _train_epochs(self, backend: Backend, loss: PPOLoss) -> list[list[LossTerms]]:
+        """The epoch and minibatch loops; returns each epoch's loss terms (statistics stay tensors until logged)."""
+        per_minibatch_normalization = self.normalize_advantage in (True, "minibatch")
         discrete_actions = isinstance(self.action_space, spaces.Discrete)
-        kernel = self._fast_kernel()
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
         max_grad_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
-
-        # statistics stay tensors inside the loop and become numbers once, at the end
-        pg_losses: list[th.Tensor] = []
-        value_losses: list[th.Tensor] = []
-        entropy_losses: list[th.Tensor] = []
-        clip_fractions: list[th.Tensor] = []
-        approx_kl_divs: list[th.Tensor] = []
-        loss = th.zeros(())
-        continue_training = True
+        history: list[list[LossTerms]] = []
         for epoch in range(self.n_epochs):
-            approx_kl_divs = []
+            history.append([])
             for batch in self.rollout_buffer.get(self.batch_size):
                 actions = batch.actions.long().flatten() if discrete_actions else batch.actions
                 advantages = batch.advantages
@@ -391,95 +389,29 @@ class ClippedPPO(OnPolicyAlgorithm):
                 inputs = PPOBatch(
                     batch.observations, actions, batch.old_log_prob, batch.old_values, advantages, batch.returns
                 )
-                if kernel is None:
-                    terms = self._loss_terms(inputs, clip_range, clip_range_vf)
-                else:
-                    # same losses and gradients, derived by hand (tests/test_optimized_update.py)
-                    terms = kernel.loss_and_grad(
-                        inputs, clip_range, clip_range_vf, self.vf_clip_mode, self.ent_coef, self.vf_coef
-                    )
-                loss = terms.loss
-                pg_losses.append(terms.policy_loss.detach())
-                value_losses.append(terms.value_loss.detach())
-                entropy_losses.append(terms.entropy_loss.detach())
-                clip_fractions.append(terms.clip_fraction)
-                approx_kl_divs.append(terms.approx_kl)
+                terms = backend.loss_and_grad(loss, inputs)  # sets .grad of every policy parameter
                 if self.target_kl is not None and terms.approx_kl.item() > 1.5 * self.target_kl:
-                    continue_training = False
+                    # SB3 stops before this minibatch's step, and logs its losses and KL all the same
+                    history[-1].append(terms)
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {terms.approx_kl.item():.2f}")
-                    break
-
-                if kernel is None:
-                    self.policy.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    return history
+                history[-1].append(terms)
                 grad_norm = clip_grad_norm(parameters, max_grad_norm)
                 if not th.isfinite(grad_norm):
-                    self._raise_non_finite(
-                        terms.policy_loss, terms.value_loss, terms.entropy_loss, grad_norm, batch.advantages
-                    )
+                    self._raise_non_finite(terms, grad_norm, batch.advantages)
                 self.policy.optimizer.step()
             self._n_updates += 1
-            if not continue_training:
-                break
+        return history
 
-        explained_var = explained_variance(
-            np.asarray(self.rollout_buffer.values).flatten(), np.asarray(self.rollout_buffer.returns).flatten()
-        )
-        self.logger.record("train/entropy_loss", th.stack(entropy_losses).mean().item())
-        self.logger.record("train/policy_gradient_loss", th.stack(pg_losses).mean().item())
-        self.logger.record("train/value_loss", th.stack(value_losses).mean().item())
-        self.logger.record(
-            "train/approx_kl", th.stack(approx_kl_divs).mean().item() if approx_kl_divs else float("nan")
-        )
-        self.logger.record("train/clip_fraction", th.stack(clip_fractions).mean().item())
-        self.logger.record("train/loss", loss.item())
-        self.logger.record("train/explained_variance", explained_var)
-        if hasattr(self.policy, "log_std"):
-            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/clip_range", clip_range)
-        if clip_range_vf is not None:
-            self.logger.record("train/clip_range_vf", clip_range_vf)
+    def _backend(self) -> Backend:
+        """Closed-form gradients for plain MLP policies when ``fast_update`` is on, else autograd (one call each)."""
+        return select_backend(self.policy, self.fast_update)
 
-    def _fast_kernel(self) -> MLPActorCriticKernel | None:
-        """The hand-derived-gradient kernel when switched on and the policy is a plain MLP, else None."""
-        if self.fast_update and MLPActorCriticKernel.supports(self.policy):
-            return MLPActorCriticKernel(self.policy)
-        return None
-
-    def _loss_terms(self, batch: PPOBatch, clip_range: float, clip_range_vf: float | None) -> LossTerms:
-        """PPO loss of one minibatch through autograd: L = -L_CLIP + c1 * L_VF - c2 * H (seed sections 3, 6)."""
-        values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
-        policy_loss, clip_fraction = losses.clipped_surrogate_loss(
-            log_prob, batch.old_log_prob, batch.advantages, clip_range
-        )
-        value_loss = losses.value_loss(
-            values.flatten(), batch.old_values, batch.returns, clip_range_vf, self.vf_clip_mode
-        )
-        if self.ent_coef == 0:
-            # same loss and gradient; the entropy is only logged, so keep it out of the backward pass
-            with th.no_grad():
-                entropy_loss = losses.entropy_loss(entropy, log_prob)
-            loss = policy_loss + self.vf_coef * value_loss
-        else:
-            entropy_loss = losses.entropy_loss(entropy, log_prob)
-            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
-        approx_kl = losses.approx_kl(log_prob, batch.old_log_prob)
-        return LossTerms(
-            loss, policy_loss.detach(), value_loss.detach(), entropy_loss.detach(), clip_fraction, approx_kl
-        )
-
-    def _raise_non_finite(
-        self,
-        policy_loss: th.Tensor,
-        value_loss: th.Tensor,
-        entropy_loss: th.Tensor,
-        grad_norm: th.Tensor,
-        advantages: th.Tensor,
-    ) -> None:
+    def _raise_non_finite(self, loss_terms: LossTerms, grad_norm: th.Tensor, advantages: th.Tensor) -> None:
         """Stop before the optimizer step (parameters and optimizer state untouched) and say which term went bad."""
         self.policy.optimizer.zero_grad(set_to_none=True)
+        policy_loss, value_loss, entropy_loss = loss_terms.policy_loss, loss_terms.value_loss, loss_terms.entropy_loss
         terms = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy_loss": entropy_loss}
         bad = [name for name, value in terms.items() if not th.isfinite(value)]
         what = ", ".join(bad) if bad else "gradient (all loss terms are finite)"
@@ -514,73 +446,13 @@ class ClippedPPO(OnPolicyAlgorithm):
             progress_bar=progress_bar,
         )
 
-    # -- reliability: worker guard, reset check, atomic save, checked load ---------------------
 
-    def _setup_learn(
-        self,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        reset_num_timesteps: bool = True,
-        tb_log_name: str = "run",
-        progress_bar: bool = False,
-    ) -> tuple[int, BaseCallback]:
-        # a dead SubprocVecEnv worker becomes a clear EnvWorkerError instead of EOFError or a hang
-        guard_subprocess_workers(self.env)
-        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
-        if self.check_finite and self._last_obs is not None:
-            self._check_env_data(self._last_obs, None, -1)  # the reset observations, before the policy sees them
-        return result
-
-    def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
-        """Save like SB3 (same file, ``.zip`` added when there is no suffix), but atomically.
-
-        The zip is written to a temporary file next to the target, fsynced and renamed over it: a
-        process killed during the save leaves the previous file intact (:mod:`sb3_ppo_ext.checkpoints`).
-        """
-        checkpoints.save_atomically(self, path, exclude=exclude, include=include, save=super().save)
-
-    @classmethod
-    def load(  # type: ignore[override]
-        cls: type[SelfClippedPPO],
-        path: Any,
-        env: GymEnv | None = None,
-        device: th.device | str = "auto",
-        custom_objects: dict[str, Any] | None = None,
-        print_system_info: bool = False,
-        force_reset: bool = True,
-        **kwargs: Any,
-    ) -> SelfClippedPPO:
-        """Load a ClippedPPO (or SB3 PPO) model, as SB3's ``load``, with clear errors for bad files and envs.
-
-        Raises :class:`~sb3_ppo_ext.errors.ModelFileError` for truncated, corrupt or foreign files and
-        :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for an ``env`` whose spaces differ from the model's.
-        """
-        source = checkpoints.check_model_file(path)
-        try:
-            return super().load(
-                source,
-                env=env,
-                device=device,
-                custom_objects=custom_objects,
-                print_system_info=print_system_info,
-                force_reset=force_reset,
-                **kwargs,
-            )
-        except ValueError as error:
-            mismatch = space_mismatch_error(error, f"the model in {path}")
-            if mismatch is None:
-                raise
-            raise mismatch from error
-
-    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
-        """SB3's ``set_env``, with :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for mismatched spaces."""
-        try:
-            super().set_env(env, force_reset=force_reset)
-        except ValueError as error:
-            mismatch = space_mismatch_error(error, "this model")
-            if mismatch is None:
-                raise
-            raise mismatch from error
+def _mean(terms: list[LossTerms] | list[list[LossTerms]], name: str) -> float:
+    """Mean of one field of :class:`LossTerms` over minibatches (nested lists are flattened); NaN if none."""
+    flat = [t for item in terms for t in (item if isinstance(item, list) else [item])]
+    if not flat:
+        return float("nan")
+    return th.stack([getattr(t, name) for t in flat]).mean().item()
 
 
 __all__ = ["ClippedPPO"]

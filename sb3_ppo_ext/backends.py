@@ -1,0 +1,81 @@
+"""How a minibatch's loss is differentiated: one call, ``loss_and_grad``, whichever path computes it.
+
+``ClippedPPO.train`` asks :func:`select_backend` once per update and then calls
+``backend.loss_and_grad(loss, batch)`` for every minibatch: it returns the :class:`~sb3_ppo_ext.losses.LossTerms`
+(detached) and leaves ``.grad`` of every policy parameter set, ready for gradient clipping and the
+optimizer step. ``backend.act`` is what the rollout calls to pick actions.
+
+* :class:`AutogradBackend`: ``policy.evaluate_actions`` -> :class:`~sb3_ppo_ext.losses.PPOLoss` ->
+  ``loss.backward()``. Works for every policy.
+* :class:`ClosedFormBackend`: the same loss, differentiated by hand
+  (:class:`~sb3_ppo_ext.fast.kernel.MLPActorCriticKernel`), for plain MLP policies. When the loss has an
+  active term without a closed-form gradient, it hands that step to autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch as th
+
+from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
+from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss
+
+
+class Backend(Protocol):
+    """Acting and differentiation for one policy."""
+
+    act: Callable[[Any], tuple[th.Tensor, th.Tensor, th.Tensor]]
+
+    def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
+        """Compute the loss terms of ``batch`` and set ``.grad`` of every policy parameter."""
+        ...
+
+
+class AutogradBackend:
+    """The textbook path: the policy's own ``forward``/``evaluate_actions`` and ``loss.backward()``.
+
+    :param policy: any actor-critic policy with SB3's ``evaluate_actions`` and an ``optimizer``.
+    """
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.act = policy
+
+    def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
+        """Evaluate the policy, compute the loss and backpropagate it through autograd."""
+        values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
+        terms = loss(PolicyEvaluation(values.flatten(), log_prob, entropy), batch)
+        self.policy.optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        return terms._replace(loss=terms.loss.detach())
+
+
+class ClosedFormBackend:
+    """The same loss and gradients without autograd, for policies :class:`MLPActorCriticKernel` supports.
+
+    :param policy: a policy for which ``MLPActorCriticKernel.supports(policy)`` holds.
+    """
+
+    def __init__(self, policy: Any) -> None:
+        self.kernel = MLPActorCriticKernel(policy)
+        self.autograd = AutogradBackend(policy)
+        self.act = self.kernel.act
+
+    def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
+        """Closed-form gradients when every active loss term has one, else this step goes through autograd."""
+        if not loss.has_closed_form:
+            return self.autograd.loss_and_grad(loss, batch)
+        with th.no_grad():
+            evaluation, activations = self.kernel.evaluate(batch.observations, batch.actions)
+            terms, grads = loss.with_gradients(evaluation, batch)
+            self.kernel.backward(activations, grads)
+        return terms
+
+
+def select_backend(policy: Any, fast_update: bool) -> Backend:
+    """The closed-form backend when ``fast_update`` is on and the policy is a plain MLP of ours, else autograd."""
+    if fast_update and MLPActorCriticKernel.supports(policy):
+        return ClosedFormBackend(policy)
+    return AutogradBackend(policy)

@@ -1,0 +1,111 @@
+"""SB3 algorithm overrides that turn silent failures into clear errors and make saves atomic.
+
+:class:`ReliabilityMixin` goes before SB3's ``OnPolicyAlgorithm`` in ``ClippedPPO``'s bases; each method
+calls SB3's own and adds one guarantee:
+
+* ``_setup_learn``: a dead ``SubprocVecEnv`` worker becomes :class:`~sb3_ppo_ext.errors.EnvWorkerError`
+  instead of ``EOFError`` or a hang (:mod:`sb3_ppo_ext.worker_guard`), and the reset observations are
+  checked for NaN/inf before the policy sees them (:mod:`sb3_ppo_ext.finite`);
+* ``save``: the zip is written to a temporary file and renamed over the target
+  (:mod:`sb3_ppo_ext.checkpoints`), so a process killed mid-save leaves the previous file intact;
+* ``load``: truncated, corrupt or foreign files raise :class:`~sb3_ppo_ext.errors.ModelFileError`;
+* ``load``/``set_env``: an env whose spaces differ from the model's raises
+  :class:`~sb3_ppo_ext.errors.SpaceMismatchError` naming both spaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
+
+from sb3_ppo_ext import checkpoints
+from sb3_ppo_ext.errors import space_mismatch_error
+from sb3_ppo_ext.worker_guard import guard_subprocess_workers
+
+SelfReliable = TypeVar("SelfReliable", bound="ReliabilityMixin")
+
+
+@contextmanager
+def _space_mismatch_as_clear_error(model_description: str) -> Iterator[None]:
+    """Re-raise SB3's "spaces do not match" ``ValueError`` as a ``SpaceMismatchError``; others pass through."""
+    try:
+        yield
+    except ValueError as error:
+        mismatch = space_mismatch_error(error, model_description)
+        if mismatch is None:
+            raise
+        raise mismatch from error
+
+
+class ReliabilityMixin:
+    """Clear errors and atomic saves on top of an SB3 algorithm (see the module docstring).
+
+    The class using it defines ``check_finite`` and ``_check_env_data(obs, rewards, step)``.
+    """
+
+    check_finite: bool
+    env: Any
+    _last_obs: Any
+    _check_env_data: Callable[..., None]
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        guard_subprocess_workers(self.env)
+        result = super()._setup_learn(  # type: ignore[misc]
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        if self.check_finite and self._last_obs is not None:
+            self._check_env_data(self._last_obs, None, -1)  # the reset observations, before the policy sees them
+        return result
+
+    def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
+        """Save like SB3 (same file, ``.zip`` added when there is no suffix), but atomically.
+
+        The zip is written to a temporary file next to the target, fsynced and renamed over it: a
+        process killed during the save leaves the previous file intact (:mod:`sb3_ppo_ext.checkpoints`).
+        """
+        checkpoints.save_atomically(self, path, exclude=exclude, include=include, save=super().save)  # type: ignore[misc]
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfReliable],
+        path: Any,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfReliable:
+        """Load like SB3's ``load``, with clear errors for bad files and envs.
+
+        Raises :class:`~sb3_ppo_ext.errors.ModelFileError` for truncated, corrupt or foreign files and
+        :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for an ``env`` whose spaces differ from the model's.
+        """
+        source = checkpoints.check_model_file(path)
+        with _space_mismatch_as_clear_error(f"the model in {path}"):
+            return super().load(  # type: ignore[misc]
+                source,
+                env=env,
+                device=device,
+                custom_objects=custom_objects,
+                print_system_info=print_system_info,
+                force_reset=force_reset,
+                **kwargs,
+            )
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        """SB3's ``set_env``, with :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for mismatched spaces."""
+        with _space_mismatch_as_clear_error("this model"):
+            super().set_env(env, force_reset=force_reset)  # type: ignore[misc]
