@@ -8,6 +8,7 @@ log-probabilities and entropies come from :mod:`sb3_ppo_ext.distributions` in cl
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -26,6 +27,7 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from sb3_ppo_ext.checks import SUPPORTED_ACTION_SPACES
 from sb3_ppo_ext.distributions import ActionHead, DiagGaussianHead, make_action_head
 from sb3_ppo_ext.fast.matmul import use_fast_linears, wants_onednn_matmul
 
@@ -34,8 +36,6 @@ from sb3_ppo_ext.fast.matmul import use_fast_linears, wants_onednn_matmul
 HIDDEN_GAIN = float(np.sqrt(2))
 POLICY_HEAD_GAIN = 0.01
 VALUE_HEAD_GAIN = 1.0
-
-SUPPORTED_ACTION_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
 
 def layer_init(layer: nn.Module, gain: float) -> nn.Module:
@@ -48,13 +48,35 @@ def layer_init(layer: nn.Module, gain: float) -> nn.Module:
     return layer
 
 
+@functools.cache
+def fused_adam_supported(device_type: str) -> bool:
+    """Whether this torch build runs a fused Adam step on ``device_type`` (tried once on a tiny tensor, cached).
+
+    setup.cfg allows torch>=2.3, but fused Adam on CPU only arrived in torch 2.4 (on MPS later); depending on
+    the version an unsupported device fails at construction or at the first step, so the probe does both.
+    """
+    try:
+        param = th.zeros(1, device=device_type, requires_grad=True)
+        optimizer = th.optim.Adam([param], fused=True)
+        param.grad = th.ones_like(param)
+        optimizer.step()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
 def fast_optimizer_kwargs(optimizer_class: type[th.optim.Optimizer], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Add ``fused=True`` for Adam/AdamW unless the caller chose an implementation.
+    """Add ``fused=True`` for Adam/AdamW unless the caller chose an implementation or torch lacks it.
 
     The fused kernel updates every parameter in one call instead of ~10 small ops per tensor; on
     PPO's small networks that is about a sixth of a minibatch step (see benchmarks/throughput.py).
     """
-    if issubclass(optimizer_class, (th.optim.Adam, th.optim.AdamW)) and not {"fused", "foreach"} & kwargs.keys():
+    if not issubclass(optimizer_class, (th.optim.Adam, th.optim.AdamW)) or {"fused", "foreach"} & kwargs.keys():
+        return kwargs
+    # the optimizer is built while the parameters sit on torch's default device; SB3 moves them afterwards, to
+    # CUDA (fused there since torch 2.0) or, only when asked, to MPS
+    devices = {th.empty(0).device.type} | ({"mps"} if th.backends.mps.is_available() else set())
+    if all(fused_adam_supported(device) for device in devices):
         return {**kwargs, "fused": True}
     return kwargs
 
@@ -197,60 +219,66 @@ class ActorCriticPolicy(BasePolicy):
             self.features_extractor if share_features_extractor else self.make_features_extractor()
         )
         self.mlp_extractor = ActorCriticMLP(self.features_dim, net_arch, activation_fn)
-        latent_pi = self.mlp_extractor.latent_dim_pi
-
-        self.action_head: ActionHead | None = None
-        self.sde_dist: StateDependentNoiseDistribution | None = None
-        if use_sde:
-            if not isinstance(action_space, spaces.Box):
-                raise ValueError(f"use_sde=True needs a Box action space, got {action_space!r}.")
-            self.sde_dist = StateDependentNoiseDistribution(
-                int(np.prod(action_space.shape)),
-                full_std=full_std,
-                use_expln=use_expln,
-                squash_output=squash_output,
-                learn_features=False,
-            )
-            self.action_net, self.log_std = self.sde_dist.proba_distribution_net(
-                latent_dim=latent_pi, log_std_init=log_std_init, latent_sde_dim=latent_pi
-            )
-        else:
-            self.action_head = make_action_head(action_space, state_dependent_std)
-            self.action_net = nn.Linear(latent_pi, self.action_head.n_outputs)
-            if isinstance(self.action_head, DiagGaussianHead) and not state_dependent_std:
-                self.log_std = nn.Parameter(th.full((self.action_head.action_dim,), float(log_std_init)))
+        self._build_action_net(self.mlp_extractor.latent_dim_pi)
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
-
         if ortho_init:
-            gains: dict[nn.Module, float] = {
-                self.pi_features_extractor: HIDDEN_GAIN,
-                self.vf_features_extractor: HIDDEN_GAIN,
-                self.mlp_extractor: HIDDEN_GAIN,
-                self.action_net: POLICY_HEAD_GAIN,
-                self.value_net: VALUE_HEAD_GAIN,
-            }
-            for module, gain in gains.items():
-                layer_init(module, gain)
-        if state_dependent_std:
-            # start every state's std at exp(log_std_init), like the state-independent parameter
-            with th.no_grad():
-                self.action_net.bias[self.action_head.action_dim :].fill_(log_std_init)  # type: ignore[union-attr]
-
-        # large Linear layers (NatureCNN's 3136x512) go through oneDNN's matrix product; same parameters
-        # and values (see sb3_ppo_ext/matmul.py)
+            self._init_weights()
         self._onednn_matmul_arg = onednn_matmul
-        self.onednn_matmul = wants_onednn_matmul(self) if onednn_matmul is None else bool(onednn_matmul)
-        if self.onednn_matmul:
-            use_fast_linears(self)
-        # oneDNN's convolutions run about 1.3x faster in NHWC ("channels_last") than in NCHW on a CPU;
-        # only the memory layout changes, not the values
-        self.channels_last = any(isinstance(module, nn.Conv2d) for module in self.modules())
-        if self.channels_last:
-            self.to(memory_format=th.channels_last)
+        self._use_accelerators(onednn_matmul)
 
         self.optimizer = self.optimizer_class(
             self.parameters(), lr=lr_schedule(1), **fast_optimizer_kwargs(self.optimizer_class, self.optimizer_kwargs)
         )
+
+    def _build_action_net(self, latent_pi: int) -> None:
+        """The action head and its linear layer (plus the state-independent ``log_std`` for Box actions)."""
+        self.action_head: ActionHead | None = None
+        self.sde_dist: StateDependentNoiseDistribution | None = None
+        if self.use_sde:
+            if not isinstance(self.action_space, spaces.Box):
+                raise ValueError(f"use_sde=True needs a Box action space, got {self.action_space!r}.")
+            self.sde_dist = StateDependentNoiseDistribution(
+                int(np.prod(self.action_space.shape)),
+                full_std=self.full_std,
+                use_expln=self.use_expln,
+                squash_output=self.squash_output,
+                learn_features=False,
+            )
+            self.action_net, self.log_std = self.sde_dist.proba_distribution_net(
+                latent_dim=latent_pi, log_std_init=self.log_std_init, latent_sde_dim=latent_pi
+            )
+            return
+        self.action_head = make_action_head(self.action_space, self.state_dependent_std)
+        self.action_net = nn.Linear(latent_pi, self.action_head.n_outputs)
+        if isinstance(self.action_head, DiagGaussianHead) and not self.state_dependent_std:
+            self.log_std = nn.Parameter(th.full((self.action_head.action_dim,), float(self.log_std_init)))
+
+    def _init_weights(self) -> None:
+        """Orthogonal initialisation with the seed's gains (sqrt(2) hidden, 0.01 policy head, 1.0 value head)."""
+        gains: dict[nn.Module, float] = {
+            self.pi_features_extractor: HIDDEN_GAIN,
+            self.vf_features_extractor: HIDDEN_GAIN,
+            self.mlp_extractor: HIDDEN_GAIN,
+            self.action_net: POLICY_HEAD_GAIN,
+            self.value_net: VALUE_HEAD_GAIN,
+        }
+        for module, gain in gains.items():
+            layer_init(module, gain)
+        if self.state_dependent_std:
+            # start every state's std at exp(log_std_init), like the state-independent parameter
+            with th.no_grad():
+                self.action_net.bias[self.action_head.action_dim :].fill_(self.log_std_init)  # type: ignore[union-attr]
+
+    def _use_accelerators(self, onednn_matmul: bool | None) -> None:
+        """Memory layouts and matrix-product kernels that change speed, not values (:mod:`sb3_ppo_ext.fast.matmul`)."""
+        # large Linear layers (NatureCNN's 3136x512) go through oneDNN's matrix product
+        self.onednn_matmul = wants_onednn_matmul(self) if onednn_matmul is None else bool(onednn_matmul)
+        if self.onednn_matmul:
+            use_fast_linears(self)
+        # oneDNN's convolutions run about 1.3x faster in NHWC ("channels_last") than in NCHW on a CPU
+        self.channels_last = any(isinstance(module, nn.Conv2d) for module in self.modules())
+        if self.channels_last:
+            self.to(memory_format=th.channels_last)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()

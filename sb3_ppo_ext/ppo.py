@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -19,23 +20,25 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_ppo_ext import losses
 from sb3_ppo_ext.backends import Backend, select_backend
 from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
-from sb3_ppo_ext.errors import (
-    ConfigurationAssertionError,
-    NonFiniteError,
+from sb3_ppo_ext.checks import (
+    SUPPORTED_ACTION_SPACES,
+    check_clip_range_vf,
     check_schedule_value,
-    non_finite_summary,
     validate_hyperparameters,
     validate_image_observation,
     validate_policy,
     validate_rollout_size,
     validate_spaces,
 )
+from sb3_ppo_ext.finite import check_env_data, non_finite_update_error
 from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss
 from sb3_ppo_ext.optim import clip_grad_norm
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
 from sb3_ppo_ext.reliability import ReliabilityMixin
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
+# the constructor arguments that validate_hyperparameters checks, passed by name
+HYPERPARAMETER_NAMES = tuple(inspect.signature(validate_hyperparameters).parameters)
 
 
 class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
@@ -123,26 +126,10 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         check_finite: bool = True,
         fast_update: bool = True,
     ) -> None:
-        # reliability: every argument is checked before the env is created or stepped (sb3_ppo_ext.errors)
+        # reliability: every argument is checked before the env is created or stepped (sb3_ppo_ext.checks)
         validate_policy(policy, self.policy_aliases)
-        validate_hyperparameters(
-            learning_rate=learning_rate,
-            n_steps=n_steps,
-            batch_size=batch_size,
-            n_epochs=n_epochs,
-            gamma=gamma,
-            gae_lambda=gae_lambda,
-            clip_range=clip_range,
-            clip_range_vf=clip_range_vf,
-            normalize_advantage=normalize_advantage,
-            ent_coef=ent_coef,
-            vf_coef=vf_coef,
-            max_grad_norm=max_grad_norm,
-            target_kl=target_kl,
-            stats_window_size=stats_window_size,
-            vf_clip_mode=vf_clip_mode,
-            valid_vf_clip_modes=losses.VALUE_CLIP_MODES,
-        )
+        arguments = locals()
+        validate_hyperparameters(**{name: arguments[name] for name in HYPERPARAMETER_NAMES})
         env = maybe_make_env(env, verbose)  # as SB3 does first thing in super().__init__
         if env is not None:
             validate_spaces(env.observation_space, env.action_space, policy=policy, use_sde=use_sde)
@@ -167,18 +154,14 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             device=device,
             seed=seed,
             _init_setup_model=False,
-            supported_action_spaces=(spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+            supported_action_spaces=SUPPORTED_ACTION_SPACES,
         )
         if self.env is not None:
             # SB3's assertion on n_steps * n_envs (same exception type), then clear warnings
             validate_rollout_size(self.n_steps, self.env.num_envs, batch_size, normalize_advantage)
             if _init_setup_model:  # load() passes neither the saved policy_kwargs nor True here
-                validate_image_observation(
-                    self.observation_space,
-                    policy=policy,
-                    policy_aliases=self.policy_aliases,
-                    policy_kwargs=policy_kwargs,
-                )
+                image_check = dict(policy=policy, policy_aliases=self.policy_aliases, policy_kwargs=policy_kwargs)
+                validate_image_observation(self.observation_space, **image_check)
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.clip_range = clip_range
@@ -200,11 +183,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         if self.clip_range_vf is not None:
             # load() gets here with saved values and custom_objects (RL Zoo's enjoy.py replaces clip_range with
             # `lambda _: 0.0`), which are not re-validated; only SB3's own check remains
-            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
-                raise ConfigurationAssertionError(
-                    f"clip_range_vf={self.clip_range_vf!r} is invalid: it must be positive; pass None to turn value "
-                    "clipping off."
-                )
+            check_clip_range_vf(self.clip_range_vf)
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
     # -- rollout collection ----------------------------------------------------------------------
@@ -234,29 +213,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         rewards[truncated] += self.gamma * terminal_values
 
     def _check_env_data(self, new_obs: Any, rewards: np.ndarray | None, step: int) -> None:
-        """Raise a clear error naming env index and step when an env returned NaN or inf.
-
-        One ``np.isfinite(...).all()`` per array and step when all is well. ``step=-1`` and
-        ``rewards=None`` check the observations of ``env.reset()``.
-        """
-        arrays = [(f"observation[{key!r}]", obs) for key, obs in new_obs.items()] if isinstance(new_obs, dict) else []
-        arrays = arrays or [("observation", new_obs)]
-        if rewards is not None:
-            arrays.append(("reward", rewards))
-        for name, array in arrays:
-            array = np.asarray(array)
-            if array.dtype.kind != "f" or np.isfinite(array).all():
-                continue
-            per_env = array.reshape(array.shape[0], -1)
-            bad_envs = np.flatnonzero(~np.isfinite(per_env).all(axis=1))
-            env_index = int(bad_envs[0])
-            when = "from env.reset()" if step < 0 else f"at rollout step {step} of {self.n_steps}"
-            raise NonFiniteError(
-                f"Environment {env_index} returned a non-finite {name} {when} (num_timesteps={self.num_timesteps}; "
-                f"envs with non-finite values: {bad_envs.tolist()}): {name}[{env_index}] = {per_env[env_index]}. "
-                "Fix the environment, wrap it (VecCheckNan finds the action that caused it), or pass "
-                "check_finite=False to skip this check."
-            )
+        """NaN/inf check of what the env returned (``step=-1``, ``rewards=None``: the reset observations)."""
+        check_env_data(new_obs, rewards, step=step, n_steps=self.n_steps, num_timesteps=self.num_timesteps)
 
     def collect_rollouts(
         self,
@@ -395,11 +353,22 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                     history[-1].append(terms)
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {terms.approx_kl.item():.2f}")
+                    self._n_updates += 1  # SB3 counts the interrupted epoch
                     return history
                 history[-1].append(terms)
                 grad_norm = clip_grad_norm(parameters, max_grad_norm)
                 if not th.isfinite(grad_norm):
-                    self._raise_non_finite(terms, grad_norm, batch.advantages)
+                    # stop before the step: parameters and optimizer state stay those of the last good update
+                    self.policy.optimizer.zero_grad(set_to_none=True)
+                    learning_rate = self.policy.optimizer.param_groups[0]["lr"]
+                    raise non_finite_update_error(
+                        terms,
+                        grad_norm,
+                        batch.advantages,
+                        self.rollout_buffer,
+                        num_timesteps=self.num_timesteps,
+                        learning_rate=learning_rate,
+                    )
                 self.policy.optimizer.step()
             self._n_updates += 1
         return history
@@ -407,25 +376,6 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     def _backend(self) -> Backend:
         """Closed-form gradients for plain MLP policies when ``fast_update`` is on, else autograd (one call each)."""
         return select_backend(self.policy, self.fast_update)
-
-    def _raise_non_finite(self, loss_terms: LossTerms, grad_norm: th.Tensor, advantages: th.Tensor) -> None:
-        """Stop before the optimizer step (parameters and optimizer state untouched) and say which term went bad."""
-        self.policy.optimizer.zero_grad(set_to_none=True)
-        policy_loss, value_loss, entropy_loss = loss_terms.policy_loss, loss_terms.value_loss, loss_terms.entropy_loss
-        terms = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy_loss": entropy_loss}
-        bad = [name for name, value in terms.items() if not th.isfinite(value)]
-        what = ", ".join(bad) if bad else "gradient (all loss terms are finite)"
-        learning_rate = self.policy.optimizer.param_groups[0]["lr"]
-        raise NonFiniteError(
-            f"Non-finite {what} in train() at num_timesteps={self.num_timesteps} (learning_rate={learning_rate:.4g}): "
-            f"policy_loss={policy_loss.item():.4g}, value_loss={value_loss.item():.4g}, "
-            f"entropy_loss={entropy_loss.item():.4g}, grad_norm={grad_norm.item():.4g}. "
-            f"Batch statistics: {non_finite_summary('advantages', advantages)}; rollout "
-            f"{non_finite_summary('returns', self.rollout_buffer.returns)}; rollout "
-            f"{non_finite_summary('values', self.rollout_buffer.values)}. The optimizer step was skipped: the "
-            "parameters are those of the last good update and can be saved with model.save(). Lower the learning "
-            "rate, scale rewards/observations (VecNormalize) or check the environment for extreme values."
-        )
 
     def learn(
         self: SelfClippedPPO,

@@ -24,7 +24,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
 from sb3_ppo_ext import checkpoints
-from sb3_ppo_ext.errors import space_mismatch_error
+from sb3_ppo_ext.checks import space_mismatch_error
 from sb3_ppo_ext.worker_guard import guard_subprocess_workers
 
 SelfReliable = TypeVar("SelfReliable", bound="ReliabilityMixin")

@@ -304,3 +304,21 @@ def test_multi_input_policy_uses_combined_extractor() -> None:
 def test_unsupported_action_space_is_rejected() -> None:
     with pytest.raises(TypeError):
         ActorCriticPolicy(OBS, spaces.Tuple([spaces.Discrete(2)]), lr)
+
+
+def test_adam_is_fused_where_torch_supports_it() -> None:
+    policy = ActorCriticPolicy(OBS, spaces.Discrete(2), lr)
+    assert bool(policy.optimizer.defaults.get("fused")) == policies.fused_adam_supported("cpu")
+    chosen = ActorCriticPolicy(OBS, spaces.Discrete(2), lr, optimizer_kwargs=dict(foreach=True))
+    assert not chosen.optimizer.defaults.get("fused")  # the caller's choice of implementation stays
+
+
+def test_adam_falls_back_to_unfused_where_torch_lacks_fused_adam(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.3 has no fused Adam on CPU: the optimizer must build, and train, without it."""
+    monkeypatch.setattr(policies, "fused_adam_supported", lambda device_type: False)
+    assert policies.fast_optimizer_kwargs(th.optim.Adam, {"eps": 1e-5}) == {"eps": 1e-5}
+    policy = ActorCriticPolicy(OBS, spaces.Discrete(2), lr)
+    assert not policy.optimizer.defaults.get("fused")
+    _, values, _ = policy(_obs_batch(8))
+    values.sum().backward()
+    policy.optimizer.step()

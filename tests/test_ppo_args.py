@@ -1,4 +1,7 @@
-"""Constructor arguments: SB3 PPO's signature and defaults, our extensions, and that each switch really acts."""
+"""Constructor arguments: SB3 PPO's signature and defaults, our extensions, and that each switch really acts.
+
+Which values are rejected, and with which message, is tested in test_checks.py.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.utils import FloatSchedule
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.errors import ConfigurationError
 from sb3_ppo_ext.schedules import ConstantSchedule, LinearSchedule, linear, parse_schedule
 
 
@@ -117,14 +119,6 @@ def test_stats_window_size_and_device() -> None:
     assert model.device == th.device("cpu")
 
 
-def test_batch_size_not_dividing_rollout_warns() -> None:
-    with pytest.warns(UserWarning, match="batch_size"):
-        ClippedPPO("MlpPolicy", cartpole(), n_steps=10, batch_size=8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ClippedPPO("MlpPolicy", cartpole(), n_steps=16, batch_size=8)
-
-
 # -- advantage normalization modes ---------------------------------------------------------------------------
 
 
@@ -207,12 +201,6 @@ def test_minibatch_of_one_is_left_unchanged() -> None:
     assert not same_params(model, model_off)
 
 
-@pytest.mark.parametrize("mode", ["epoch", "none", None, 0.5])
-def test_invalid_normalization_mode_is_rejected(mode) -> None:
-    with pytest.raises(ConfigurationError, match="normalize_advantage"):
-        ClippedPPO("MlpPolicy", cartpole(), normalize_advantage=mode, **TINY)
-
-
 # -- value clipping switches ---------------------------------------------------------------------------------
 
 
@@ -262,13 +250,6 @@ def test_vf_clip_mode_changes_training() -> None:
         model.learn(128)
         runs[mode] = model.policy.value_net.weight.detach().clone()
     assert not th.equal(runs["max"], runs["sb3"])
-
-
-def test_invalid_value_clipping_settings_are_rejected() -> None:
-    with pytest.raises(ConfigurationError, match="vf_clip_mode"):
-        ClippedPPO("MlpPolicy", cartpole(), vf_clip_mode="min", **TINY)
-    with pytest.raises(AssertionError, match="clip_range_vf"):
-        ClippedPPO("MlpPolicy", cartpole(), clip_range_vf=0.0, **TINY)
 
 
 # -- ortho_init, gradient clipping, target_kl ----------------------------------------------------------------
