@@ -264,9 +264,10 @@ class PPOLoss:
 
     def _output_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch, ratio: th.Tensor) -> OutputGradients:
         grad_log_prob = clipped_surrogate_grad(ratio, batch.advantages, self.clip_range)
-        grad_values = value_loss_grad(
-            evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode
-        ) * self.vf_coef
+        grad_values = (
+            value_loss_grad(evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode)
+            * self.vf_coef
+        )
         grad_entropy = None
         if self.ent_coef != 0:
             if evaluation.entropy is None:
