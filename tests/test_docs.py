@@ -1,0 +1,73 @@
+"""docs/architecture.md and README's "Where things live" list exactly the package's modules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "sb3_ppo_ext"
+
+
+def _code_block_after(text: str, heading: str) -> str:
+    """The first ``` block after ``heading``."""
+    start = text.index(heading)
+    block = re.search(r"```\n(.*?)```", text[start:], flags=re.DOTALL)
+    assert block is not None, f"no code block after {heading!r}"
+    return block.group(1)
+
+
+def _package_entries() -> set[str]:
+    """Top-level modules and folders of the package, and the modules of its subpackages as folder/name."""
+    entries = set()
+    for path in PACKAGE.iterdir():
+        if path.suffix == ".py" and path.name != "__init__.py":
+            entries.add(path.name)
+        elif path.is_dir() and not path.name.startswith(("_", ".")) and not path.name.endswith(".egg-info"):
+            entries.add(path.name + "/")
+    return entries
+
+
+def _listed_entries(block: str) -> set[str]:
+    """``name.py`` and ``folder/`` tokens that start a line of a layout block (the first column)."""
+    listed = set()
+    for line in block.splitlines():
+        match = re.match(r"\s*([\w.]+/?)\s", line + " ")
+        if match and (match.group(1).endswith(".py") or match.group(1).endswith("/")):
+            listed.add(match.group(1))
+    return listed - {"sb3_ppo_ext/"}
+
+
+@pytest.mark.parametrize(
+    ("document", "heading"),
+    [("docs/architecture.md", "## Modules"), ("README.md", "## Where things live")],
+)
+def test_layout_lists_every_module_and_nothing_else(document: str, heading: str) -> None:
+    block = _code_block_after((ROOT / document).read_text(encoding="utf-8"), heading)
+    package_part = block.split("\nbenchmarks/")[0]  # README's block goes on with the repository's other folders
+    assert _listed_entries(package_part) == _package_entries()
+
+
+def test_architecture_names_every_module_of_the_fast_subpackage() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for path in (PACKAGE / "fast").glob("*.py"):
+        if path.name != "__init__.py":
+            assert f"{path.name}" in text, path.name
+
+
+def test_architecture_names_functions_that_exist() -> None:
+    """Every ``module.function`` the data-flow section names is a real attribute of that module."""
+    import importlib
+
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text[text.index("## One training iteration") : text.index("## Where to add things")]
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    found = 0
+    for module_name, attribute in re.findall(r"\b([a-z_]+)\.([A-Za-z_]+)\b", section):
+        if module_name in modules and attribute != "py":
+            module = importlib.import_module(f"sb3_ppo_ext.{module_name}")
+            assert hasattr(module, attribute), f"{module_name}.{attribute}"
+            found += 1
+    assert found >= 5
