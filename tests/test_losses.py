@@ -1,4 +1,4 @@
-"""The pure loss functions against hand-derived numbers (seed sections 3 and 6)."""
+"""The pure loss functions and their closed-form gradients against hand-derived numbers (seed sections 3 and 6)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,17 @@ def _log_probs(ratios: list[float]) -> tuple[th.Tensor, th.Tensor]:
     return new, old
 
 
+def _surrogate(ratios: list[float], advantages: list[float], clip_range: float = EPS) -> tuple[th.Tensor, ...]:
+    """``(loss, d loss / d log_prob by autograd, the same by clipped_surrogate_grad, ratio)``."""
+    log_prob, old_log_prob = _log_probs(ratios)
+    ratio = losses.probability_ratio(log_prob, old_log_prob)
+    adv = th.tensor(advantages, dtype=th.float64)
+    loss = losses.clipped_surrogate_loss(ratio, adv, clip_range)
+    loss.backward()
+    closed_form = losses.clipped_surrogate_grad(ratio.detach(), adv, clip_range)
+    return loss, log_prob.grad, closed_form, ratio
+
+
 # -- clipped surrogate ---------------------------------------------------------------------------------------
 
 
@@ -34,15 +45,14 @@ def test_clipped_surrogate_value_gradient_and_clip_fraction_match_hand_derivatio
         (1.1, -2.0, -2.2, -2.2),  # inside the trust region
     ]
     ratios, advantages, objectives, term_grads = (list(c) for c in zip(*cases, strict=True))
-    log_prob, old_log_prob = _log_probs(ratios)
-    loss, clip_fraction = losses.clipped_surrogate_loss(
-        log_prob, old_log_prob, th.tensor(advantages, dtype=th.float64), EPS
-    )
+    loss, autograd, closed_form, ratio = _surrogate(ratios, advantages)
     # L = -(2.4 + 1.0 - 0.8 - 1.5 + 3.0 - 2.2) / 6 = -1.9 / 6
     assert loss.item() == pytest.approx(-1.9 / 6, abs=1e-12)
     assert loss.item() == pytest.approx(-np.mean(objectives), abs=1e-12)
-    loss.backward()
-    np.testing.assert_allclose(log_prob.grad.numpy(), -np.array(term_grads) / 6, atol=1e-12)
+    expected = -np.array(term_grads) / 6
+    np.testing.assert_allclose(autograd.numpy(), expected, atol=1e-12)
+    np.testing.assert_allclose(closed_form.numpy(), expected, atol=1e-12)
+    clip_fraction = losses.clip_fraction(ratio, EPS)
     assert clip_fraction.item() == pytest.approx(4 / 6)
     assert not clip_fraction.requires_grad
 
@@ -53,10 +63,9 @@ def test_clipped_surrogate_value_gradient_and_clip_fraction_match_hand_derivatio
 )
 def test_clipped_surrogate_gradient_is_exactly_zero_in_flat_regions(ratio: float, advantage: float) -> None:
     """A > 0 and r > 1 + eps, or A < 0 and r < 1 - eps: the min picks the constant clipped term."""
-    log_prob, old_log_prob = _log_probs([ratio])
-    loss, _ = losses.clipped_surrogate_loss(log_prob, old_log_prob, th.tensor([advantage], dtype=th.float64), EPS)
-    loss.backward()
-    assert log_prob.grad.item() == 0.0
+    loss, autograd, closed_form, _ = _surrogate([ratio], [advantage])
+    assert autograd.item() == 0.0
+    assert closed_form.item() == 0.0
     clipped_ratio = 1 + EPS if advantage > 0 else 1 - EPS
     assert loss.item() == pytest.approx(-clipped_ratio * advantage)
 
@@ -66,11 +75,10 @@ def test_clipped_surrogate_gradient_is_exactly_zero_in_flat_regions(ratio: float
     [(0.5, 1.0), (0.79, 2.0), (1.21, -1.0), (2.0, -0.5), (1.0, 1.0), (0.9, -1.0), (1.1, 1.0)],
 )
 def test_clipped_surrogate_gradient_is_ratio_times_advantage_elsewhere(ratio: float, advantage: float) -> None:
-    log_prob, old_log_prob = _log_probs([ratio])
-    loss, _ = losses.clipped_surrogate_loss(log_prob, old_log_prob, th.tensor([advantage], dtype=th.float64), EPS)
-    loss.backward()
+    loss, autograd, closed_form, _ = _surrogate([ratio], [advantage])
     # d(-r A)/d log pi = -r A
-    assert log_prob.grad.item() == pytest.approx(-ratio * advantage, rel=1e-9)
+    assert autograd.item() == pytest.approx(-ratio * advantage, rel=1e-9)
+    assert closed_form.item() == pytest.approx(-ratio * advantage, rel=1e-9)
     assert loss.item() == pytest.approx(-ratio * advantage, rel=1e-9)
 
 
@@ -80,13 +88,17 @@ def test_clipped_surrogate_matches_piecewise_formula_on_random_batch() -> None:
     advantages = rng.normal(size=200)
     log_prob = th.tensor(np.log(ratios), requires_grad=True)
     old_log_prob = th.zeros(200, dtype=th.float64)
-    loss, clip_fraction = losses.clipped_surrogate_loss(log_prob, old_log_prob, th.tensor(advantages), 0.1)
+    ratio = losses.probability_ratio(log_prob, old_log_prob)
+    loss = losses.clipped_surrogate_loss(ratio, th.tensor(advantages), 0.1)
     loss.backward()
     flat = ((advantages > 0) & (ratios > 1.1)) | ((advantages < 0) & (ratios < 0.9))
     objective = np.where(flat, np.clip(ratios, 0.9, 1.1) * advantages, ratios * advantages)
     assert loss.item() == pytest.approx(-objective.mean(), rel=1e-9)
-    np.testing.assert_allclose(log_prob.grad.numpy(), np.where(flat, 0.0, -ratios * advantages / 200), atol=1e-12)
-    assert clip_fraction.item() == pytest.approx(np.mean(np.abs(ratios - 1) > 0.1))
+    expected = np.where(flat, 0.0, -ratios * advantages / 200)
+    np.testing.assert_allclose(log_prob.grad.numpy(), expected, atol=1e-12)
+    closed_form = losses.clipped_surrogate_grad(ratio.detach(), th.tensor(advantages), 0.1)
+    np.testing.assert_allclose(closed_form.numpy(), expected, atol=1e-12)
+    assert losses.clip_fraction(ratio, 0.1).item() == pytest.approx(np.mean(np.abs(ratios - 1) > 0.1))
     assert 0 < flat.sum() < 200
 
 
@@ -103,19 +115,35 @@ def _value_case(values: list[float], old: list[float], returns: list[float]) -> 
     return v, th.tensor(old, dtype=th.float64), th.tensor(returns, dtype=th.float64)
 
 
+def _check_value_grads(
+    v: th.Tensor,
+    old: th.Tensor,
+    ret: th.Tensor,
+    clip_range_vf: float | None,
+    mode: str,
+    expected: list[float],
+) -> None:
+    """Autograd of ``value_loss`` and the closed-form ``value_loss_grad`` both give ``expected``."""
+    losses.value_loss(v, old, ret, clip_range_vf, mode).backward()  # type: ignore[arg-type]
+    np.testing.assert_allclose(v.grad.numpy(), expected, atol=1e-12)
+    closed_form = losses.value_loss_grad(v.detach(), old, ret, clip_range_vf, mode)  # type: ignore[arg-type]
+    np.testing.assert_allclose(closed_form.numpy(), expected, atol=1e-12)
+
+
 def test_value_loss_unclipped_is_mse() -> None:
     v, old, ret = _value_case([0.5, 2.0], [100.0, -100.0], [1.0, 0.0])
     loss = losses.value_loss(v, old, ret, None)
     assert loss.item() == pytest.approx((0.25 + 4.0) / 2)
-    loss.backward()
-    np.testing.assert_allclose(v.grad.numpy(), [2 * -0.5 / 2, 2 * 2.0 / 2])
+    _check_value_grads(v, old, ret, None, "max", [2 * -0.5 / 2, 2 * 2.0 / 2])
 
 
 @pytest.mark.parametrize("mode", ["max", "sb3"])
 def test_value_loss_inside_clip_range_equals_mse(mode: str) -> None:
     v, old, ret = _value_case([0.1, -0.15], [0.0, 0.0], [1.0, 2.0])
-    loss = losses.value_loss(v, old, ret, 0.2, mode)
+    loss = losses.value_loss(v, old, ret, 0.2, mode)  # type: ignore[arg-type]
     assert loss.item() == pytest.approx((0.81 + 2.15**2) / 2)
+    # inside the clip range both forms are the MSE: gradient 2 (V - R) / n
+    _check_value_grads(v, old, ret, 0.2, mode, [2 * -0.9 / 2, 2 * -2.15 / 2])
 
 
 def test_value_loss_max_form_hand_numbers() -> None:
@@ -125,8 +153,7 @@ def test_value_loss_max_form_hand_numbers() -> None:
     v, old, ret = _value_case([0.5, 1.5], [0.0, 1.0], [1.0, 1.0])
     loss = losses.value_loss(v, old, ret, 0.2, "max")
     assert loss.item() == pytest.approx((0.64 + 0.25) / 2)
-    loss.backward()
-    np.testing.assert_allclose(v.grad.numpy(), [0.0, 2 * 0.5 / 2])
+    _check_value_grads(v, old, ret, 0.2, "max", [0.0, 2 * 0.5 / 2])
 
 
 def test_value_loss_sb3_form_hand_numbers() -> None:
@@ -134,8 +161,7 @@ def test_value_loss_sb3_form_hand_numbers() -> None:
     v, old, ret = _value_case([0.5, 1.5], [0.0, 1.0], [1.0, 1.0])
     loss = losses.value_loss(v, old, ret, 0.2, "sb3")
     assert loss.item() == pytest.approx((0.64 + 0.04) / 2)
-    loss.backward()
-    np.testing.assert_allclose(v.grad.numpy(), [0.0, 0.0])
+    _check_value_grads(v, old, ret, 0.2, "sb3", [0.0, 0.0])
 
 
 def test_value_loss_sb3_form_matches_sb3_mse_of_clipped_prediction() -> None:
@@ -153,6 +179,10 @@ def test_value_loss_rejects_unknown_mode() -> None:
     v, old, ret = _value_case([0.0], [0.0], [0.0])
     with pytest.raises(ValueError, match="clipping mode"):
         losses.value_loss(v, old, ret, 0.2, "min")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="clipping mode"):
+        losses.value_loss_grad(v.detach(), old, ret, 0.2, "min")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="clipping mode"):
+        losses.PPOLoss(0.2, 0.2, "min")  # type: ignore[arg-type]
 
 
 # -- advantage normalization, entropy, KL --------------------------------------------------------------------
@@ -186,9 +216,21 @@ def test_entropy_loss_is_minus_mean_entropy_or_log_prob_estimate() -> None:
     assert losses.entropy_loss(None, th.tensor([-1.0, -2.0])).item() == pytest.approx(-1.5)
 
 
+def test_entropy_loss_gradient_is_minus_one_over_n() -> None:
+    entropy = th.tensor([1.0, 3.0, 0.5, 2.0], dtype=th.float64, requires_grad=True)
+    losses.entropy_loss(entropy, th.zeros(4, dtype=th.float64)).backward()
+    # d(-mean H)/dH_i = -1/4
+    np.testing.assert_allclose(entropy.grad.numpy(), [-0.25] * 4, atol=1e-15)
+    np.testing.assert_allclose(losses.entropy_loss_grad(entropy.detach()).numpy(), [-0.25] * 4, atol=1e-15)
+    # the log-prob estimate mean(log pi): d/dlog pi_i = +1/4
+    log_prob = th.tensor([-1.0, -2.0, -0.5, -3.0], dtype=th.float64, requires_grad=True)
+    losses.entropy_loss(None, log_prob).backward()
+    np.testing.assert_allclose(log_prob.grad.numpy(), [0.25] * 4, atol=1e-15)
+
+
 def test_approx_kl_hand_numbers_and_no_gradient() -> None:
-    log_prob = th.tensor([math.log(2.0), 0.0], requires_grad=True)
-    kl = losses.approx_kl(log_prob, th.zeros(2))
+    log_ratio = th.tensor([math.log(2.0), 0.0], requires_grad=True)
+    kl = losses.approx_kl(th.exp(log_ratio), log_ratio)
     # (r - 1) - log r: (1 - log 2) and 0
     assert kl.item() == pytest.approx((1 - math.log(2.0)) / 2)
     assert not kl.requires_grad

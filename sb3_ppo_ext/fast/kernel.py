@@ -23,6 +23,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.matmul import FastLinear, addmm, mm
@@ -136,7 +137,19 @@ class Activations(NamedTuple):
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
+    """Module or parameter hooks anywhere inside ``module``: the kernel would skip them, autograd runs them."""
+    for sub in module.modules():
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            return True
+    # global module hooks (torch.nn.modules.module.register_module_*_hook) apply to every module
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+    global_hooks += ("_global_backward_pre_hooks",)
+    if any(getattr(torch_module, name, None) for name in global_hooks):
+        return True
+    return any(
+        getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
+        for p in module.parameters()
+    )
 
 
 class MLPActorCriticKernel:
