@@ -23,36 +23,25 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# RL Zoo hyperparameters (the shipped mirror of the Zoo's ppo.yml), identical for both algorithms
+# RL Zoo hyperparameters (the shipped mirror of the Zoo's ppo.yml; Pong gets its "atari" block),
+# identical for both algorithms
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "cartpole": dict(env_id="CartPole-v1", zoo_key="CartPole-v1", timesteps=100_000, eval_episodes=10),
-    "halfcheetah": dict(env_id="HalfCheetah-v5", zoo_key="HalfCheetah-v5", timesteps=20_480, eval_episodes=3),
-    "pong": dict(env_id="ALE/Pong-v5", zoo_key="atari", atari=True, timesteps=16_384, eval_episodes=1),
+    "cartpole": dict(env_id="CartPole-v1", timesteps=100_000, eval_episodes=10),
+    "halfcheetah": dict(env_id="HalfCheetah-v5", timesteps=20_480, eval_episodes=3),
+    "pong": dict(env_id="ALE/Pong-v5", timesteps=16_384, eval_episodes=1),
 }
 
 
 def _settings(workload: str) -> Any:
     from sb3_ppo_ext.presets import zoo_settings
 
-    return zoo_settings("clipped_ppo", WORKLOADS[workload]["zoo_key"])
+    return zoo_settings("clipped_ppo", WORKLOADS[workload]["env_id"])
 
 
-def _make_env(workload: str, seed: int, n_envs: int | None = None) -> Any:
-    from stable_baselines3.common.env_util import make_atari_env, make_vec_env
-    from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
+def _make_env(workload: str, seed: int, n_envs: int | None = None, evaluation: bool = False) -> Any:
+    from sb3_ppo_ext.envs import make_env
 
-    spec, settings = WORKLOADS[workload], _settings(workload)
-    n = settings.n_envs if n_envs is None else n_envs
-    if spec.get("atari"):
-        import ale_py
-        import gymnasium as gym
-
-        gym.register_envs(ale_py)
-        return VecFrameStack(make_atari_env(spec["env_id"], n_envs=n, seed=seed), n_stack=settings.frame_stack)
-    env = make_vec_env(spec["env_id"], n_envs=n, seed=seed)
-    if settings.normalize is not None:
-        env = VecNormalize(env, **settings.normalize)
-    return env
+    return make_env(WORKLOADS[workload]["env_id"], _settings(workload), n_envs, seed, evaluation=evaluation)
 
 
 def _model(workload: str, env: Any, seed: int) -> Any:
@@ -69,6 +58,7 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     import torch as th
     from stable_baselines3 import PPO
     from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.vec_env import sync_envs_normalization
 
     from sb3_ppo_ext import ClippedPPO
 
@@ -96,11 +86,8 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     model.learn(timesteps)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
-    eval_env = _make_env(workload, seed + 1000, n_envs=1)
-    if settings.normalize is not None:
-        eval_env.obs_rms = env.obs_rms  # type: ignore[attr-defined]
-        eval_env.training = False  # type: ignore[attr-defined]
-        eval_env.norm_reward = False  # type: ignore[attr-defined]
+    eval_env = _make_env(workload, seed + 1000, n_envs=1, evaluation=True)
+    sync_envs_normalization(model.get_env(), eval_env)  # the training statistics, frozen
     returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=spec["eval_episodes"], return_episode_rewards=True)
     return dict(
         workload=workload,

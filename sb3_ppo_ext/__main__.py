@@ -9,75 +9,34 @@
 
 Hyperparameters come from the RL Baselines3 Zoo's tuned settings for the env (``sb3_ppo_ext.presets``),
 else from ClippedPPO's defaults (which are SB3 PPO's); ``--preset atari|mujoco`` picks a column of the
-seed's table instead, and ``--hyperparams key=value`` overrides any of them.
+seed's table instead, and ``--hyperparams key=value`` overrides any of them. Envs are built the Zoo's
+way by :func:`sb3_ppo_ext.envs.make_env`. MLP policies run with one torch thread unless ``--threads``
+says otherwise (faster on shared cores); policies with convolutions keep torch's default.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import importlib
-import importlib.util
-import runpy
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from stable_baselines3.common.evaluation import evaluate_policy
+from torch import nn
+
+from sb3_ppo_ext import ClippedPPO, presets
+from sb3_ppo_ext.envs import make_env
+from sb3_ppo_ext.presets import Settings
+
 DEFAULT_ENV = "CartPole-v1"
 ALGO_NAME = "clipped_ppo"
-
-# The RL Zoo's tuned CartPole-v1 block (rl_zoo3 hyperparams/ppo.yml): used when sb3_ppo_ext.presets
-# cannot be imported, so that the default command always trains with these settings.
-CARTPOLE_ZOO_BLOCK: dict[str, Any] = {
-    "n_envs": 8,
-    "n_timesteps": 100_000,
-    "policy": "MlpPolicy",
-    "n_steps": 32,
-    "batch_size": 256,
-    "gae_lambda": 0.8,
-    "gamma": 0.98,
-    "n_epochs": 20,
-    "ent_coef": 0.0,
-    "learning_rate": "lin_1e-3",
-    "clip_range": "lin_0.2",
-}
-# ClippedPPO's own defaults for envs the Zoo does not list (its "default" block).
-DEFAULT_BLOCK: dict[str, Any] = {"n_timesteps": 1_000_000, "policy": "MlpPolicy"}
-
-# Zoo keys that describe the environment or the run rather than constructor arguments.
-_ENV_KEYS = ("n_envs", "n_timesteps", "policy", "normalize", "env_wrapper", "frame_stack", "env_kwargs")
-_SCHEDULE_KEYS = ("learning_rate", "clip_range", "clip_range_vf")
-
-
-@dataclass
-class RunSettings:
-    """Everything ``train``/``enjoy`` need to build the envs and the model.
-
-    :param block: the Zoo-style block (strings not parsed yet), after ``--hyperparams`` overrides.
-    :param source: where the block came from, for the log line.
-    :param policy: policy alias.
-    :param n_envs: training envs.
-    :param n_timesteps: training budget.
-    :param model_kwargs: ClippedPPO constructor arguments (schedules and policy_kwargs parsed).
-    :param normalize: ``VecNormalize`` keyword arguments, or ``None``.
-    :param wrapper_class: ``make_vec_env``'s ``wrapper_class``, or ``None``.
-    :param frame_stack: ``VecFrameStack`` depth, or ``None``.
-    :param env_kwargs: ``gym.make`` keyword arguments.
-    """
-
-    block: dict[str, Any]
-    source: str
-    policy: str = "MlpPolicy"
-    n_envs: int = 1
-    n_timesteps: int = DEFAULT_BLOCK["n_timesteps"]
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    normalize: dict[str, Any] | None = None
-    wrapper_class: Callable[[Any], Any] | None = None
-    frame_stack: int | None = None
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
+# The budget where the Zoo block (or the seed's preset) gives none.
+DEFAULT_TIMESTEPS = 1_000_000
 
 
 # -- hyperparameters ---------------------------------------------------------------------------------
@@ -101,81 +60,12 @@ def parse_hyperparam(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _is_atari(env_id: str) -> bool:
-    return "NoFrameskip" in env_id or env_id.startswith("ALE/")
-
-
-def _register_atari() -> None:
-    try:
-        import ale_py
-        import gymnasium as gym
-
-        gym.register_envs(ale_py)
-    except ImportError:
-        pass
-
-
-def _presets_module() -> Any | None:
-    """``sb3_ppo_ext.presets`` when it imports (it needs PyYAML), else ``None``."""
-    try:
-        return importlib.import_module("sb3_ppo_ext.presets")
-    except ImportError:
-        return None
-
-
 def base_block(env_id: str, preset: str | None = None) -> tuple[dict[str, Any], str]:
     """The Zoo-style hyperparameter block for ``env_id`` and a word on where it came from."""
-    presets = _presets_module()
     if preset is not None:
-        if presets is None:
-            raise SystemExit("--preset needs sb3_ppo_ext.presets (and PyYAML): pip install pyyaml")
         return dict(presets.preset(preset).raw), f"seed preset {preset!r}"
-    if presets is not None and hasattr(presets, "zoo_settings"):
-        key = "atari" if _is_atari(env_id) else env_id
-        settings = presets.zoo_settings(ALGO_NAME, key)
-        zoo_file = presets.HYPERPARAMS_DIR / presets.HYPERPARAMS_FILES[ALGO_NAME]
-        listed = key in presets.load_zoo_file(zoo_file)
-        return dict(settings.raw), "RL Zoo" if listed else "ClippedPPO defaults"
-    if env_id == DEFAULT_ENV:
-        return dict(CARTPOLE_ZOO_BLOCK), "RL Zoo"
-    return dict(DEFAULT_BLOCK), "ClippedPPO defaults"
-
-
-def _eval_python(text: str) -> Any:
-    # the Zoo writes policy_kwargs as Python, e.g. "dict(net_arch=[64], activation_fn=nn.ReLU)"
-    from torch import nn
-
-    return eval(text, {"__builtins__": {}}, {"dict": dict, "nn": nn, "True": True, "False": False, "None": None})  # noqa: S307
-
-
-def _parse_block_fallback(block: dict[str, Any]) -> RunSettings:
-    """Minimal Zoo-block parser for when ``sb3_ppo_ext.presets`` is unavailable (no env wrappers)."""
-    from sb3_ppo_ext.schedules import parse_schedule
-
-    if block.get("env_wrapper"):
-        raise SystemExit("env_wrapper needs sb3_ppo_ext.presets (and PyYAML): pip install pyyaml")
-    kwargs = {key: value for key, value in block.items() if key not in _ENV_KEYS}
-    for key in _SCHEDULE_KEYS:
-        if key in kwargs:
-            kwargs[key] = parse_schedule(kwargs[key])
-    if isinstance(kwargs.get("policy_kwargs"), str):
-        kwargs["policy_kwargs"] = _eval_python(kwargs["policy_kwargs"])
-    normalize = block.get("normalize")
-    if isinstance(normalize, str):
-        normalize = _eval_python(normalize)
-    if normalize is True:
-        normalize = {"gamma": block["gamma"]} if "gamma" in block else {}
-    return RunSettings(
-        block=block,
-        source="",
-        policy=block.get("policy", "MlpPolicy"),
-        n_envs=int(block.get("n_envs", 1)),
-        n_timesteps=int(float(block.get("n_timesteps", DEFAULT_BLOCK["n_timesteps"]))),
-        model_kwargs=kwargs,
-        normalize=dict(normalize) if normalize else None,
-        frame_stack=block.get("frame_stack"),
-        env_kwargs=dict(block.get("env_kwargs") or {}),
-    )
+    key, block = presets.zoo_block(ALGO_NAME, env_id)
+    return dict(block), "ClippedPPO defaults" if key == "default" else "RL Zoo"
 
 
 def resolve_settings(
@@ -184,34 +74,19 @@ def resolve_settings(
     preset: str | None = None,
     n_envs: int | None = None,
     n_timesteps: int | None = None,
-) -> RunSettings:
-    """Zoo (or preset, or default) block for ``env_id`` with ``overrides`` applied, parsed."""
+) -> tuple[Settings, str]:
+    """Zoo (or preset, or default) block for ``env_id`` with ``overrides`` applied, parsed.
+
+    :return: the settings (``n_timesteps`` always set) and where they came from, for the log line.
+    """
     block, source = base_block(env_id, preset)
     block.update(dict(overrides))
     if n_envs is not None:
         block["n_envs"] = n_envs
     if n_timesteps is not None:
         block["n_timesteps"] = n_timesteps
-    presets = _presets_module()
-    if presets is None:
-        settings = _parse_block_fallback(block)
-    else:
-        parsed = presets.parse_zoo_block(block)
-        settings = RunSettings(
-            block=block,
-            source="",
-            policy=parsed.policy,
-            n_envs=parsed.n_envs,
-            n_timesteps=parsed.n_timesteps or DEFAULT_BLOCK["n_timesteps"],
-            model_kwargs=dict(parsed.model_kwargs),
-            normalize=parsed.normalize,
-            # an empty env_wrapper entry means no wrapper
-            wrapper_class=parsed.wrapper_class() if any(parsed.env_wrapper) else None,
-            frame_stack=parsed.frame_stack,
-            env_kwargs=dict(parsed.env_kwargs),
-        )
-    settings.source = source + (" + overrides" if overrides else "")
-    return settings
+    block.setdefault("n_timesteps", DEFAULT_TIMESTEPS)
+    return presets.parse_zoo_block(block), source + (" + overrides" if overrides else "")
 
 
 # -- environments ------------------------------------------------------------------------------------
@@ -224,26 +99,21 @@ def vecnormalize_path(model_path: str | Path) -> Path:
     return stem.with_name(stem.name + "_vecnormalize.pkl")
 
 
-def make_env(env_id: str, settings: RunSettings, n_envs: int, seed: int | None) -> Any:
-    """A monitored VecEnv for ``env_id`` with the settings' wrappers and frame stacking (no normalization)."""
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import VecFrameStack
-
-    if _is_atari(env_id):
-        _register_atari()
-    env = make_vec_env(
-        env_id, n_envs=n_envs, seed=seed, wrapper_class=settings.wrapper_class, env_kwargs=settings.env_kwargs
-    )
-    if settings.frame_stack:
-        env = VecFrameStack(env, n_stack=int(settings.frame_stack))
-    return env
-
-
 def _device(requested: str | None, policy: str) -> str:
     # an MLP on CPU beats a GPU at PPO's batch sizes (SB3 warns about it); CNNs go to the GPU if any
     if requested is not None:
         return requested
     return "auto" if policy == "CnnPolicy" else "cpu"
+
+
+def _set_threads(requested: int | None, policy: nn.Module) -> None:
+    # PPO's MLPs multiply small matrices: extra threads mostly contend with the envs and with other
+    # processes (two runs on 2 busy cores: 20k CartPole steps in 8.2 s with torch's default, 5.1 s with
+    # 1 thread). Convolutions do gain from threads, so CNN policies keep torch's default.
+    if requested is not None:
+        torch.set_num_threads(requested)
+    elif not any(isinstance(module, nn.Conv2d) for module in policy.modules()):
+        torch.set_num_threads(1)
 
 
 def _plus_minus() -> str:
@@ -259,32 +129,22 @@ def _plus_minus() -> str:
 
 def train(args: argparse.Namespace) -> int:
     """Train, evaluate (deterministic) and save; print one result line."""
-    import torch
-    from stable_baselines3.common.evaluation import evaluate_policy
-    from stable_baselines3.common.vec_env import VecNormalize
-
-    from sb3_ppo_ext import ClippedPPO
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    settings = resolve_settings(args.env, args.hyperparams, args.preset, args.n_envs, args.timesteps)
-    env = make_env(args.env, settings, settings.n_envs, args.seed)
-    if settings.normalize is not None:
-        env = VecNormalize(env, **settings.normalize)
-    device = _device(args.device, settings.policy)
+    settings, source = resolve_settings(args.env, args.hyperparams, args.preset, args.n_envs, args.timesteps)
+    env = make_env(args.env, settings, seed=args.seed)
     if args.verbose:
-        print(f"{args.env}: {settings.source} settings {settings.block}", flush=True)
+        print(f"{args.env}: {source} settings {settings.raw}", flush=True)
     model = ClippedPPO(
         settings.policy,
         env,
         seed=args.seed,
-        device=device,
+        device=_device(args.device, settings.policy),
         verbose=args.verbose,
         tensorboard_log=args.tensorboard_log,
         **settings.model_kwargs,
     )
-    model.learn(settings.n_timesteps, progress_bar=args.progress_bar)
+    _set_threads(args.threads, model.policy)
+    model.learn(settings.n_timesteps or DEFAULT_TIMESTEPS, progress_bar=args.progress_bar)
     train_seconds = time.perf_counter() - start
 
     save_path = Path(args.save_path or f"{ALGO_NAME}_{args.env.replace('/', '_')}")
@@ -294,14 +154,15 @@ def train(args: argparse.Namespace) -> int:
     model.save(save_path)
     saved = str(save_path)
 
-    eval_env = make_env(args.env, settings, 1, None if args.seed is None else args.seed + 10_000)
-    if isinstance(env, VecNormalize):
+    # evaluated on a separate env, with the training statistics frozen when there are any
+    stats_path: Path | bool = False
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is not None:
         stats_path = vecnormalize_path(save_path)
-        env.save(str(stats_path))
+        vec_normalize.save(str(stats_path))
         saved += f" (+ {stats_path.name})"
-        eval_env = VecNormalize.load(str(stats_path), eval_env)
-        eval_env.training = False
-        eval_env.norm_reward = False
+    eval_seed = None if args.seed is None else args.seed + 10_000
+    eval_env = make_env(args.env, settings, 1, eval_seed, normalize=stats_path, evaluation=True)
     mean_return, std_return = evaluate_policy(model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True)
     eval_env.close()
     env.close()
@@ -317,24 +178,19 @@ def train(args: argparse.Namespace) -> int:
 
 def enjoy(args: argparse.Namespace) -> int:
     """Load a saved model and run it for a few episodes, printing each return."""
-    import numpy as np
-    import torch
-    from stable_baselines3.common.vec_env import VecNormalize
-
-    from sb3_ppo_ext import ClippedPPO
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    settings = resolve_settings(args.env, args.hyperparams, args.preset, n_envs=1)
-    if args.render:
-        settings.env_kwargs.setdefault("render_mode", "human")
-    env = make_env(args.env, settings, 1, args.seed)
+    settings, _ = resolve_settings(args.env, args.hyperparams, args.preset, n_envs=1)
     stats_path = vecnormalize_path(args.load)
-    if stats_path.exists():
-        env = VecNormalize.load(str(stats_path), env)
-        env.training = False
-        env.norm_reward = False
+    env = make_env(
+        args.env,
+        settings,
+        1,
+        args.seed,
+        normalize=stats_path if stats_path.exists() else False,
+        evaluation=True,
+        env_kwargs={"render_mode": "human"} if args.render else None,
+    )
     model = ClippedPPO.load(args.load, env=env, device=_device(args.device, settings.policy))
+    _set_threads(args.threads, model.policy)
     returns: list[float] = []
     obs = env.reset()
     while len(returns) < args.episodes:
@@ -353,24 +209,16 @@ def enjoy(args: argparse.Namespace) -> int:
 
 
 def benchmark(argv: Sequence[str]) -> int:
-    """Hand ``argv`` to ``sb3_ppo_ext.benchmark`` (its ``main(argv)``, else ``python -m`` on it)."""
+    """Run ``python -m sb3_ppo_ext.benchmark argv`` in this process; return its exit status."""
     try:
-        package = importlib.import_module("sb3_ppo_ext.benchmark")
+        # the benchmark needs the "benchmark" extra (rich, rliable, matplotlib, ...)
+        from sb3_ppo_ext.benchmark.cli import main as benchmark_main
     except ImportError as exc:
-        print(f"the benchmark subcommand is not available: {exc}", file=sys.stderr)
+        print(
+            f"the benchmark subcommand is not available: {exc} (pip install 'sb3_ppo_ext[benchmark]')", file=sys.stderr
+        )
         return 2
-    main_fn = getattr(package, "main", None)
-    if callable(main_fn):
-        return int(main_fn(list(argv)) or 0)
-    if importlib.util.find_spec("sb3_ppo_ext.benchmark.__main__") is None:
-        print("the benchmark subcommand is not available in this version of sb3_ppo_ext", file=sys.stderr)
-        return 2
-    sys.argv = ["python -m sb3_ppo_ext.benchmark", *argv]
-    try:
-        runpy.run_module("sb3_ppo_ext.benchmark", run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    return benchmark_main(list(argv))
 
 
 # -- argument parsing --------------------------------------------------------------------------------
@@ -401,7 +249,13 @@ def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
         help="override settings, Zoo-style: n_epochs=4 learning_rate=lin_1e-3 'policy_kwargs=dict(net_arch=[64])'",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cpu for MLPs, auto for CNNs)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch.set_num_threads (default: 1 for MLP policies, faster than torch's default when other "
+        "processes share the cores; torch's default for policies with convolutions)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

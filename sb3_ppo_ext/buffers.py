@@ -1,7 +1,7 @@
 """Our GAE rollout buffers (flat and Dict observations).
 
-They keep SB3's ``RolloutBuffer`` interface (``add``, ``compute_returns_and_advantage``, ``get``) so that
-:class:`~sb3_ppo_ext.ClippedPPO` also runs with SB3's buffers, but differ in how they hand data to
+They subclass SB3's ``RolloutBuffer``/``DictRolloutBuffer`` (same interface, ``isinstance`` holds, so
+:class:`~sb3_ppo_ext.ClippedPPO` also runs with SB3's buffers) but differ in how they hand data to
 ``train()``: the rollout becomes torch tensors once, each epoch permutes the per-step fields with one
 gather each (minibatches are then contiguous slices, views), and observations, the one large field,
 are gathered per minibatch so the rollout's frames are never copied whole.
@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.buffers import BaseBuffer
+from stable_baselines3.common.buffers import BaseBuffer, DictRolloutBuffer, RolloutBuffer
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples, RolloutBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_ppo_ext.gae import compute_gae
 
 
-class GAERolloutBuffer(BaseBuffer):
+class GAERolloutBuffer(RolloutBuffer):
     """Rollout storage of shape ``[n_steps, n_envs]`` with GAE advantages (seed sections 4 and 5).
 
     :param buffer_size: steps per env per rollout (``n_steps``).
@@ -32,12 +33,11 @@ class GAERolloutBuffer(BaseBuffer):
     :param gae_lambda: GAE lambda.
     :param gamma: discount factor.
     :param n_envs: number of parallel environments.
+    :param channels_last: hand out image minibatches in NHWC memory layout (same values, same shape);
+        ``None``: when the observation space is an image space (SB3's ``is_image_space``).
     """
 
     observations: Any
-    # set by ClippedPPO when the policy runs its convolutions in NHWC: image observations are then
-    # handed to train() in that layout (one transpose per rollout instead of one per minibatch)
-    channels_last: bool = False
     _field_names = ("actions", "values", "log_probs", "advantages", "returns")
     _scalar_fields = ("values", "log_probs", "advantages", "returns")
 
@@ -50,12 +50,14 @@ class GAERolloutBuffer(BaseBuffer):
         gae_lambda: float = 1.0,
         gamma: float = 0.99,
         n_envs: int = 1,
+        channels_last: bool | None = None,
     ) -> None:
-        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
-        self.gae_lambda = gae_lambda
-        self.gamma = gamma
-        self.generator_ready = False
-        self.reset()
+        # RolloutBuffer.__init__ (DictRolloutBuffer's for the Dict variant) stores the arguments and
+        # calls our reset()
+        super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs)
+        # ClippedPPO's policies run convolutions in NHWC (faster on CPUs): image observations handed out
+        # in that layout cost one transpose per rollout instead of one per minibatch
+        self.channels_last = is_image_space(observation_space) if channels_last is None else bool(channels_last)
 
     def _new_observations(self) -> Any:
         return np.zeros((self.buffer_size, self.n_envs, *self.obs_shape), dtype=self.observation_space.dtype)
@@ -75,7 +77,8 @@ class GAERolloutBuffer(BaseBuffer):
         self.generator_ready = False
         self._flat_obs: Any = None  # drop the last rollout's tensors before the next one fills up
         self._flat: dict[str, th.Tensor] = {}
-        super().reset()
+        # BaseBuffer's, not RolloutBuffer's (or DictRolloutBuffer's) reset: the storage is allocated above
+        BaseBuffer.reset(self)
 
     def _store_observation(self, obs: Any) -> None:
         self.observations[self.pos] = np.asarray(obs).reshape((self.n_envs, *self.obs_shape))
@@ -171,8 +174,12 @@ class GAERolloutBuffer(BaseBuffer):
         return self._make_samples(self._take(obs, index), *(fields[name][index] for name in self._field_names))
 
 
-class DictGAERolloutBuffer(GAERolloutBuffer):
-    """:class:`GAERolloutBuffer` for ``Dict`` observation spaces: one array per key."""
+class DictGAERolloutBuffer(GAERolloutBuffer, DictRolloutBuffer):
+    """:class:`GAERolloutBuffer` for ``Dict`` observation spaces: one array per key.
+
+    An SB3 ``DictRolloutBuffer`` too; :class:`GAERolloutBuffer` comes first in the method order, so its
+    storage, ``add`` and ``get`` are the ones used. ``channels_last`` does not apply to Dict observations.
+    """
 
     observation_space: spaces.Dict
     obs_shape: dict[str, tuple[int, ...]]  # type: ignore[assignment]
@@ -186,10 +193,11 @@ class DictGAERolloutBuffer(GAERolloutBuffer):
         gae_lambda: float = 1.0,
         gamma: float = 0.99,
         n_envs: int = 1,
+        channels_last: bool | None = None,
     ) -> None:
         if not isinstance(observation_space, spaces.Dict):
             raise TypeError(f"DictGAERolloutBuffer needs a Dict observation space, got {observation_space!r}.")
-        super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs)
+        super().__init__(buffer_size, observation_space, action_space, device, gae_lambda, gamma, n_envs, channels_last)
 
     def _new_observations(self) -> dict[str, np.ndarray]:
         return {

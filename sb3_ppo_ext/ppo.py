@@ -91,7 +91,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         "MultiInputPolicy": MultiInputActorCriticPolicy,
     }
     policy: ActorCriticPolicy
-    rollout_buffer: GAERolloutBuffer | RolloutBuffer
+    rollout_buffer: RolloutBuffer
 
     def __init__(
         self,
@@ -111,7 +111,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         max_grad_norm: float | None = 0.5,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
-        rollout_buffer_class: type[RolloutBuffer] | type[GAERolloutBuffer] | None = None,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         target_kl: float | None = None,
         stats_window_size: int = 100,
@@ -145,7 +145,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             max_grad_norm=max_grad_norm,  # type: ignore[arg-type]
             use_sde=use_sde,
             sde_sample_freq=sde_sample_freq,
-            rollout_buffer_class=rollout_buffer_class,  # type: ignore[arg-type]
+            rollout_buffer_class=rollout_buffer_class,
             rollout_buffer_kwargs=rollout_buffer_kwargs,
             stats_window_size=stats_window_size,
             tensorboard_log=tensorboard_log,
@@ -177,7 +177,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     def _setup_model(self) -> None:
         if self.rollout_buffer_class is None:
             is_dict = isinstance(self.observation_space, spaces.Dict)
-            self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer  # type: ignore[assignment]
+            self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer
         super()._setup_model()
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:

@@ -28,10 +28,11 @@ from typing import Any
 import yaml
 from torch import nn
 
+from sb3_ppo_ext.envs import is_atari
 from sb3_ppo_ext.schedules import parse_schedule
 
 #: Folder of the shipped per-algorithm YAML files (``clipped_ppo.yml``, ``a2c.yml``, ``trpo.yml``).
-HYPERPARAMS_DIR = Path(__file__).parent / "benchmark" / "hyperparams"
+HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
 
 #: Which shipped file holds each algorithm's settings. SB3's PPO reads the same file as ClippedPPO:
 #: ``clipped_ppo.yml`` mirrors the Zoo's ``ppo.yml``, so both PPOs are compared at identical settings.
@@ -195,25 +196,38 @@ def load_zoo_file(path: str | Path) -> dict[str, dict[str, Any]]:
     return data
 
 
-def zoo_settings(algo: str, env_id: str, path: str | Path | None = None) -> Settings:
-    """The RL Zoo settings of ``algo`` on ``env_id``.
+def zoo_block(algo: str, env_id: str, path: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The raw Zoo block for ``algo`` on ``env_id`` and the key it is filed under.
+
+    rl_zoo3's rule: the env's own block, else the ``atari`` block for Atari games
+    (:func:`sb3_ppo_ext.envs.is_atari`), else the ``default`` block.
 
     :param algo: ``"clipped_ppo"``, ``"ppo"``, ``"a2c"`` or ``"trpo"`` (names the shipped file), or any
         name when ``path`` is given.
-    :param env_id: a Gymnasium id; the file's ``default`` block is used when the env is not listed
-        (the Zoo's rule; Atari ids are not detected, ask for ``preset("atari")`` instead).
+    :param env_id: a Gymnasium id.
     :param path: a Zoo-format YAML file to read instead of the shipped one.
+    :return: ``(key, block)``: ``key`` is ``env_id``, ``"atari"`` or ``"default"``.
     """
     if path is None:
         if algo not in HYPERPARAMS_FILES:
             raise ValueError(f"no shipped hyperparameters for {algo!r}; known: {sorted(HYPERPARAMS_FILES)}")
         path = HYPERPARAMS_DIR / HYPERPARAMS_FILES[algo]
     blocks = load_zoo_file(path)
-    if env_id in blocks:
-        return parse_zoo_block(blocks[env_id])
-    if "default" in blocks:
-        return parse_zoo_block(blocks["default"])
+    for key in (env_id, "atari" if is_atari(env_id) else None, "default"):
+        if key is not None and key in blocks:
+            return key, blocks[key]
     raise ValueError(f"{path}: no hyperparameters for {env_id!r} and no 'default' block")
+
+
+def zoo_settings(algo: str, env_id: str, path: str | Path | None = None) -> Settings:
+    """The RL Zoo settings of ``algo`` on ``env_id``, chosen as rl_zoo3 does (see :func:`zoo_block`).
+
+    :param algo: ``"clipped_ppo"``, ``"ppo"``, ``"a2c"`` or ``"trpo"`` (names the shipped file), or any
+        name when ``path`` is given.
+    :param env_id: a Gymnasium id.
+    :param path: a Zoo-format YAML file to read instead of the shipped one.
+    """
+    return parse_zoo_block(zoo_block(algo, env_id, path)[1])
 
 
 def preset(name: str) -> Settings:

@@ -2,18 +2,24 @@
 
 rl_zoo3 keeps its algorithms in a plain dict (``rl_zoo3.utils.ALGOS``) and reads ``--algo``'s choices
 from it when its command line is built, before ``--gym-packages`` are imported; it has no entry-point
-plug-in mechanism. So ClippedPPO must be registered before ``rl_zoo3.utils`` is used. Two ways:
+plug-in mechanism. So ClippedPPO must be registered before ``rl_zoo3.utils`` is used. This is done by
+a start-up hook, ``sb3_ppo_ext_rl_zoo3.pth``: Python runs it at start-up; it only installs a small
+import hook (no import of torch or of this package) that registers ClippedPPO right after rl_zoo3
+loads its registry. With it, ``python -m rl_zoo3.train --algo clipped_ppo ...`` and
+``python -m rl_zoo3.enjoy ...`` work unchanged.
 
-1. ``python -m sb3_ppo_ext.zoo train --algo clipped_ppo --env CartPole-v1`` (and ``enjoy``,
-   ``record_video``): registers, then runs rl_zoo3's own script with the remaining arguments.
-2. ``python -m sb3_ppo_ext.zoo install-hook`` once: writes ``sb3_ppo_ext_rl_zoo3.pth`` into
-   site-packages. Python runs it at start-up; it only installs a small import hook (no import of
-   torch or of this package) that registers ClippedPPO right after rl_zoo3 loads its registry. From
-   then on ``python -m rl_zoo3.train --algo clipped_ppo ...`` and ``python -m rl_zoo3.enjoy ...``
-   work unchanged. ``uninstall-hook`` removes the file (``pip uninstall`` does not).
+* ``pip install sb3_ppo_ext[zoo]`` (a wheel, built from a checkout or an sdist) puts the hook into
+  site-packages as one of the package's files (``setup.py`` writes it), and ``pip uninstall`` removes
+  it. Nothing else to do.
+* Editable installs (``pip install -e .``) cannot ship it: setuptools' editable wheels hold only the
+  path hooks to the source tree, not the build's extra files. There, run
+  ``python -m sb3_ppo_ext.zoo install-hook`` once, and ``uninstall-hook`` before ``pip uninstall``
+  (which does not know the file).
+* Or, without any hook: ``python -m sb3_ppo_ext.zoo train --algo clipped_ppo --env CartPole-v1`` (and
+  ``enjoy``, ``record_video``) registers, then runs rl_zoo3's own script with the remaining arguments.
 
 Registering adds ClippedPPO to ``ALGOS``, PPO's optuna sampler and converter under ``clipped_ppo``
-(so ``-optimize`` works), and makes ``hyperparams/clipped_ppo.yml`` (shipped here, a mirror of the
+(so ``-optimize`` works), and makes ``sb3_ppo_ext/hyperparams/clipped_ppo.yml`` (a mirror of the
 Zoo's ``ppo.yml``) the default ``--conf-file`` for ``--algo clipped_ppo``.
 """
 
@@ -30,13 +36,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from sb3_ppo_ext.presets import HYPERPARAMS_DIR
+# This module's top level imports the standard library only: setup.py loads it on its own, without
+# torch or this package, to write the hook into the wheel (hook_line()).
 
 #: The algorithm name rl_zoo3 knows ClippedPPO by (``--algo clipped_ppo``, ``logs/clipped_ppo/``).
 ALGO_NAME = "clipped_ppo"
-#: The Zoo-format hyperparameters used by default for ``--algo clipped_ppo``.
-HYPERPARAMS_PATH = HYPERPARAMS_DIR / "clipped_ppo.yml"
-#: File name of the start-up hook that ``install-hook`` writes into site-packages.
+#: The Zoo-format hyperparameters used by default for ``--algo clipped_ppo`` (in ``presets.HYPERPARAMS_DIR``).
+HYPERPARAMS_PATH = Path(__file__).resolve().parent / "hyperparams" / "clipped_ppo.yml"
+#: File name of the start-up hook, in site-packages (shipped in the wheel, or written by ``install-hook``).
 PTH_NAME = "sb3_ppo_ext_rl_zoo3.pth"
 
 # rl_zoo3 scripts that ``python -m sb3_ppo_ext.zoo <name>`` can run after registering.
@@ -176,12 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m sb3_ppo_ext.zoo",
-        description="Use ClippedPPO from the RL Baselines3 Zoo as --algo clipped_ppo.",
-        epilog="Everything after the command goes to rl_zoo3, e.g. "
+        description="Use ClippedPPO from the RL Baselines3 Zoo as --algo clipped_ppo. A wheel install "
+        f"(pip install 'sb3_ppo_ext[zoo]') ships the start-up hook {PTH_NAME}, so that plain "
+        "`python -m rl_zoo3.train --algo clipped_ppo` works; install-hook/uninstall-hook are for editable "
+        "installs (pip install -e), which cannot ship it.",
+        epilog="Everything after train/enjoy/record_video/record_training goes to rl_zoo3, e.g. "
         "python -m sb3_ppo_ext.zoo train --algo clipped_ppo --env CartPole-v1",
     )
     parser.add_argument(
-        "command", choices=[*_SCRIPTS, "install-hook", "uninstall-hook", "hyperparams"], help="what to do"
+        "command",
+        choices=[*_SCRIPTS, "install-hook", "uninstall-hook", "hyperparams"],
+        help="run an rl_zoo3 script with clipped_ppo registered; (editable installs) write or remove the "
+        "start-up hook; print the path of the default clipped_ppo.yml",
     )
     parser.add_argument("--site-dir", default=None, help="(install-hook/uninstall-hook) folder for the .pth file")
     if not argv or argv[0] not in _SCRIPTS:

@@ -15,9 +15,9 @@ pytest.importorskip("matplotlib", reason="the benchmark extra (requirements-benc
 
 from sb3_ppo_ext.benchmark import ablations, cli  # noqa: E402
 from sb3_ppo_ext.benchmark.runner import Outcome, execute, plan  # noqa: E402
-from sb3_ppo_ext.benchmark.runs import RunSpec, is_finished, load_result, write_json_atomic  # noqa: E402
+from sb3_ppo_ext.benchmark.runs import RunSpec, is_finished, load_result, write_json  # noqa: E402
 from sb3_ppo_ext.presets import zoo_settings  # noqa: E402
-from sb3_ppo_ext.schedules import LinearSchedule  # noqa: E402
+from sb3_ppo_ext.schedules import LinearDecay  # noqa: E402
 
 # Tiny Zoo-format settings: two rollouts of 2 x 64 steps per run, so a run takes about a second.
 TINY_YAML = """
@@ -100,7 +100,7 @@ def test_result_records_evaluations_timesteps_returns_and_wall_clock(finished):
     assert result["steps_per_s"] == pytest.approx(256 / result["train_s"])
     hyper = result["hyperparameters"]
     assert (hyper["n_envs"], hyper["n_steps"], hyper["batch_size"]) == (2, 64, 64)
-    assert hyper["learning_rate"] == repr(LinearSchedule(1e-3))
+    assert hyper["learning_rate"] == repr(LinearDecay(1e-3))
     assert result["zoo_timesteps"] == 100_000
     assert {"torch", "stable_baselines3", "sb3_ppo_ext"} <= set(result["versions"])
 
@@ -195,11 +195,20 @@ def test_a_failing_run_is_reported_and_left_for_the_next_call(tmp_path, hyperpar
     assert not spec.result_path(tmp_path).exists()
 
 
-def test_write_json_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "a" / "seed0.json"
-    write_json_atomic(path, {"spec": 1})
+    write_json(path, {"spec": 1})
     with pytest.raises(TypeError):
-        write_json_atomic(path, {"spec": object()})
+        write_json(path, {"spec": object()})
+    assert json.loads(path.read_text()) == {"spec": 1}
+    # a failure while writing (disk full, ...): checkpoints.atomic_write leaves the old file and no temporary
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"spec": 2})
     assert json.loads(path.read_text()) == {"spec": 1}
     assert os.listdir(path.parent) == ["seed0.json"]
 
@@ -271,12 +280,12 @@ def test_details_baseline_switches_every_detail_on():
     kw = s.model_kwargs
     assert kw["normalize_advantage"] is True and kw["clip_range_vf"] is None
     assert kw["ent_coef"] == 0.01  # the Zoo's CartPole uses 0
-    assert kw["learning_rate"] == LinearSchedule(1e-3) and kw["max_grad_norm"] == 0.5
+    assert kw["learning_rate"] == LinearDecay(1e-3) and kw["max_grad_norm"] == 0.5
     assert kw["policy_kwargs"]["ortho_init"] is True
     assert s.normalize == {"norm_obs": True, "norm_reward": False, "gamma": 0.98}
     hopper = ablations.apply("details", "all_on", zoo_settings("clipped_ppo", "Hopper-v5"))
     assert hopper.model_kwargs["policy_kwargs"]["ortho_init"] is True  # the Zoo's Hopper turns it off
-    assert hopper.model_kwargs["learning_rate"] == LinearSchedule(9.80828e-05)
+    assert hopper.model_kwargs["learning_rate"] == LinearDecay(9.80828e-05)
 
 
 @pytest.mark.parametrize(
@@ -319,5 +328,5 @@ def test_env_without_a_zoo_budget_asks_for_one(tmp_path):
 
 def test_result_spec_round_trips(tmp_path):
     spec = RunSpec("CartPole-v1", "ppo", 0, 10, 5)
-    write_json_atomic(spec.result_path(tmp_path), {"spec": dataclasses.asdict(spec)})
+    write_json(spec.result_path(tmp_path), {"spec": dataclasses.asdict(spec)})
     assert is_finished(spec, tmp_path)

@@ -154,6 +154,40 @@ def test_image_observations_keep_uint8() -> None:
     assert next(buffer.get(2)).observations.dtype == th.uint8
 
 
+def test_our_buffers_are_sb3_rollout_buffers() -> None:
+    flat = GAERolloutBuffer(T, OBS, spaces.Discrete(2), "cpu", n_envs=N)
+    assert isinstance(flat, RolloutBuffer) and not isinstance(flat, DictRolloutBuffer)
+    dict_buffer = DictGAERolloutBuffer(T, DICT_OBS, spaces.Discrete(2), "cpu", n_envs=N)
+    assert isinstance(dict_buffer, DictRolloutBuffer) and isinstance(dict_buffer, RolloutBuffer)
+    # our storage and minibatches, not SB3's
+    assert DictGAERolloutBuffer.get is GAERolloutBuffer.get and DictGAERolloutBuffer.add is GAERolloutBuffer.add
+    assert isinstance(dict_buffer.observations, dict) and dict_buffer.observations["img"].dtype == np.uint8
+
+
+def _image_buffer(channels_last: bool | None) -> GAERolloutBuffer:
+    image = spaces.Box(0, 255, (3, 8, 8), np.uint8)
+    buffer = GAERolloutBuffer(4, image, spaces.Discrete(2), "cpu", n_envs=2, channels_last=channels_last)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        obs = rng.integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
+        buffer.add(obs, np.array([[1], [0]]), np.ones(2), np.zeros(2), th.zeros(2, 1), th.zeros(2))
+    buffer.compute_returns_and_advantage(th.zeros(2, 1), np.zeros(2))
+    return buffer
+
+
+def test_image_minibatches_are_channels_last_by_default_with_the_same_values() -> None:
+    buffer = _image_buffer(None)
+    assert buffer.channels_last  # an image space: the policy's convolutions run NHWC
+    flat = buffer.observations.reshape(8, 3, 8, 8)
+    for batch in buffer.get(batch_size=3):
+        obs = batch.observations
+        assert obs.shape[1:] == (3, 8, 8) and obs.is_contiguous(memory_format=th.channels_last)
+        # every frame is one of the rollout's frames, unchanged
+        assert all(any(np.array_equal(frame, stored) for stored in flat) for frame in obs.numpy())
+    assert next(_image_buffer(False).get(batch_size=3)).observations.is_contiguous()
+    assert not GAERolloutBuffer(T, OBS, spaces.Discrete(2), "cpu", n_envs=N).channels_last
+
+
 def test_dict_buffer_rejects_flat_space() -> None:
     with pytest.raises(TypeError):
         DictGAERolloutBuffer(T, OBS, spaces.Discrete(2), "cpu")

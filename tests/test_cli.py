@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ from torch import nn
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext import __main__ as cli
-from sb3_ppo_ext.schedules import LinearSchedule
+from sb3_ppo_ext.benchmark import cli as benchmark_cli
+from sb3_ppo_ext.schedules import LinearDecay
 
 RESULT_LINE = re.compile(
     r"^ClippedPPO (?P<env>\S+): mean return (?P<mean>-?[\d.]+) (±|\+/-) (?P<std>[\d.]+) over (?P<n>\d+) episodes"
@@ -84,61 +84,36 @@ def _assert_cartpole_zoo(settings):
         "n_epochs": 20,
         "ent_coef": 0.0,
     }
-    assert isinstance(kwargs["learning_rate"], LinearSchedule)
+    assert isinstance(kwargs["learning_rate"], LinearDecay)
     assert kwargs["learning_rate"](1.0) == pytest.approx(1e-3) and kwargs["learning_rate"](0.0) == 0.0
-    assert isinstance(kwargs["clip_range"], LinearSchedule)
+    assert isinstance(kwargs["clip_range"], LinearDecay)
     assert kwargs["clip_range"](1.0) == pytest.approx(0.2)
 
 
 def test_default_env_uses_rl_zoo_cartpole_settings():
-    settings = cli.resolve_settings(cli.DEFAULT_ENV)
-    assert settings.source == "RL Zoo"
+    settings, source = cli.resolve_settings(cli.DEFAULT_ENV)
+    assert source == "RL Zoo"
     _assert_cartpole_zoo(settings)
-
-
-def test_builtin_cartpole_block_is_used_without_presets(monkeypatch):
-    monkeypatch.setattr(cli, "_presets_module", lambda: None)
-    settings = cli.resolve_settings(cli.DEFAULT_ENV)
-    assert settings.source == "RL Zoo"
-    _assert_cartpole_zoo(settings)
-
-
-def test_builtin_cartpole_block_matches_the_shipped_zoo_file():
-    presets = pytest.importorskip("sb3_ppo_ext.presets")
-    builtin = presets.parse_zoo_block(cli.CARTPOLE_ZOO_BLOCK)
-    shipped = presets.zoo_settings("clipped_ppo", "CartPole-v1")
-    assert builtin.model_kwargs == shipped.model_kwargs
-    for name in ("policy", "n_envs", "n_timesteps", "normalize"):
-        assert getattr(builtin, name) == getattr(shipped, name)
 
 
 def test_unlisted_env_falls_back_to_clippedppo_defaults():
-    settings = cli.resolve_settings("FrozenLake-v1")
-    assert settings.source == "ClippedPPO defaults"
+    settings, source = cli.resolve_settings("FrozenLake-v1")
+    assert source == "ClippedPPO defaults"
     assert settings.model_kwargs == {}
     assert settings.n_envs == 1
     assert settings.policy == "MlpPolicy"
-
-
-def test_unlisted_env_without_presets_gets_clippedppo_defaults(monkeypatch):
-    monkeypatch.setattr(cli, "_presets_module", lambda: None)
-    settings = cli.resolve_settings("Pendulum-v1")
-    assert settings.source == "ClippedPPO defaults"
-    assert settings.model_kwargs == {}
+    assert settings.n_timesteps == cli.DEFAULT_TIMESTEPS
 
 
 def test_listed_env_uses_its_zoo_block():
-    settings = cli.resolve_settings("Pendulum-v1")
-    assert settings.source == "RL Zoo"
+    settings, source = cli.resolve_settings("Pendulum-v1")
+    assert source == "RL Zoo"
     assert settings.n_envs == 4
     assert settings.model_kwargs["use_sde"] is True
     assert settings.model_kwargs["gamma"] == 0.9
 
 
-@pytest.mark.parametrize("without_presets", [False, True])
-def test_overrides_win_and_are_parsed(monkeypatch, without_presets):
-    if without_presets:
-        monkeypatch.setattr(cli, "_presets_module", lambda: None)
+def test_overrides_win_and_are_parsed():
     overrides = [
         cli.parse_hyperparam(item)
         for item in (
@@ -148,8 +123,8 @@ def test_overrides_win_and_are_parsed(monkeypatch, without_presets):
             "normalize=True",
         )
     ]
-    settings = cli.resolve_settings("CartPole-v1", overrides, n_envs=2, n_timesteps=1000)
-    assert settings.source == "RL Zoo + overrides"
+    settings, source = cli.resolve_settings("CartPole-v1", overrides, n_envs=2, n_timesteps=1000)
+    assert source == "RL Zoo + overrides"
     assert settings.n_envs == 2
     assert settings.n_timesteps == 1000
     assert settings.model_kwargs["n_epochs"] == 3
@@ -160,12 +135,13 @@ def test_overrides_win_and_are_parsed(monkeypatch, without_presets):
 
 
 def test_seed_presets_give_the_seed_table():
-    pytest.importorskip("sb3_ppo_ext.presets")
-    atari = cli.resolve_settings("PongNoFrameskip-v4", preset="atari")
+    atari, source = cli.resolve_settings("PongNoFrameskip-v4", preset="atari")
+    assert source == "seed preset 'atari'"
     assert atari.policy == "CnnPolicy"
     assert atari.n_envs == 8
     assert atari.frame_stack == 4
-    assert atari.wrapper_class is not None
+    assert atari.wrapper_class() is not None
+    assert atari.n_timesteps == cli.DEFAULT_TIMESTEPS  # the seed's table has no budget
     assert {k: atari.model_kwargs[k] for k in ("n_steps", "batch_size", "n_epochs", "clip_range", "ent_coef")} == {
         "n_steps": 128,
         "batch_size": 256,
@@ -173,15 +149,15 @@ def test_seed_presets_give_the_seed_table():
         "clip_range": 0.1,
         "ent_coef": 0.01,
     }
-    mujoco = cli.resolve_settings("Hopper-v5", preset="mujoco")
+    mujoco, _ = cli.resolve_settings("Hopper-v5", preset="mujoco")
     assert mujoco.policy == "MlpPolicy"
     assert mujoco.model_kwargs["n_steps"] == 2048 and mujoco.model_kwargs["batch_size"] == 64
 
 
-def test_atari_ids_use_the_zoo_atari_block():
-    pytest.importorskip("sb3_ppo_ext.presets")
-    settings = cli.resolve_settings("BreakoutNoFrameskip-v4")
-    assert settings.source == "RL Zoo"
+@pytest.mark.parametrize("env_id", ["BreakoutNoFrameskip-v4", "ALE/Breakout-v5"])
+def test_atari_ids_use_the_zoo_atari_block(env_id):
+    settings, source = cli.resolve_settings(env_id)
+    assert source == "RL Zoo"
     assert settings.policy == "CnnPolicy"
     assert settings.frame_stack == 4
 
@@ -266,19 +242,53 @@ def test_train_accepts_policy_kwargs_and_extra_clippedppo_args(tmp_path, capsys)
     assert model.n_envs == 2
 
 
-def test_benchmark_subcommand_passes_everything_through(monkeypatch):
+def test_benchmark_subcommand_calls_the_benchmark_main(monkeypatch):
     seen = []
-    fake = types.ModuleType("sb3_ppo_ext.benchmark")
-    fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "sb3_ppo_ext.benchmark", fake)
-    assert cli.main(["benchmark", "--envs", "CartPole-v1", "--help"]) == 0
+    monkeypatch.setattr(benchmark_cli, "main", lambda argv: seen.append(argv) or 3)
+    assert cli.main(["benchmark", "--envs", "CartPole-v1", "--help"]) == 3
     assert seen == [["--envs", "CartPole-v1", "--help"]]
 
 
-def test_benchmark_subcommand_reports_a_missing_package(monkeypatch, capsys):
-    def missing(name):
-        raise ImportError(f"No module named {name!r}")
+def test_benchmark_subcommand_help_is_the_benchmarks(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["benchmark", "--help"])
+    assert exc.value.code == 0
+    assert "python -m sb3_ppo_ext.benchmark" in capsys.readouterr().out
 
-    monkeypatch.setattr(cli.importlib, "import_module", missing)
+
+def test_benchmark_subcommand_reports_a_missing_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sb3_ppo_ext.benchmark.cli", None)  # import raises ImportError
     assert cli.main(["benchmark"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+# -- torch threads -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def set_threads_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.torch, "set_num_threads", calls.append)
+    return calls
+
+
+def test_mlp_policies_default_to_one_thread_and_explicit_threads_win(set_threads_calls):
+    mlp = ClippedPPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, device="cpu").policy
+    cli._set_threads(None, mlp)
+    cli._set_threads(3, mlp)
+    assert set_threads_calls == [1, 3]
+
+
+def test_cnn_policies_keep_torchs_default_threads(set_threads_calls):
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    cli._set_threads(None, cnn)
+    assert set_threads_calls == []
+    cli._set_threads(2, cnn)
+    assert set_threads_calls == [2]
+
+
+def test_threads_default_is_documented_in_help(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: 1 for MLP policies" in help_text

@@ -1,4 +1,4 @@
-"""The closed-form update path (sb3_ppo_ext.fast.kernel) computes the same losses and parameter updates as a plain reference.
+"""The closed-form update path (sb3_ppo_ext.fast.kernel) gives the same losses and updates as a plain reference.
 
 The reference uses ``torch.distributions``, ``torch.nn.utils.clip_grad_norm_``, a non-fused Adam and an
 entropy term that always stays in the graph: the textbook PPO step that SB3 also takes.

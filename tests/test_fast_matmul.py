@@ -5,8 +5,8 @@ import torch as th
 from torch import nn
 from torch.nn import functional as F
 
-from sb3_ppo_ext.fast import matmul
 from sb3_ppo_ext.buffers import GAERolloutBuffer
+from sb3_ppo_ext.fast import matmul
 
 needs_onednn = pytest.mark.skipif(not matmul.onednn_matmul_available(), reason="torch build without oneDNN matmul")
 
@@ -105,8 +105,10 @@ def test_channels_last_buffer_hands_out_the_same_minibatches() -> None:
     from gymnasium import spaces
 
     space = spaces.Box(0, 255, (4, 12, 10), dtype="uint8")
-    buffers = [GAERolloutBuffer(8, space, spaces.Discrete(3), device="cpu", n_envs=2) for _ in range(2)]
-    buffers[1].channels_last = True
+    buffers = [
+        GAERolloutBuffer(8, space, spaces.Discrete(3), device="cpu", n_envs=2, channels_last=layout)
+        for layout in (False, True)
+    ]
     rng = th.Generator().manual_seed(0)
     frames = th.randint(0, 256, (8, 2, 4, 12, 10), generator=rng, dtype=th.uint8).numpy()
     for buffer in buffers:

@@ -18,10 +18,10 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.utils import FloatSchedule
+from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.schedules import ConstantSchedule, LinearSchedule, linear, parse_schedule
+from sb3_ppo_ext.schedules import LinearDecay, linear, parse_schedule
 
 
 def cartpole(n_envs: int = 2, seed: int = 0):
@@ -337,7 +337,7 @@ def test_target_kl_stops_later_with_a_looser_bound() -> None:
 
 def test_linear_schedule_values() -> None:
     schedule = linear(3e-4)
-    assert isinstance(schedule, LinearSchedule)
+    assert isinstance(schedule, LinearDecay)
     assert schedule(1.0) == pytest.approx(3e-4)
     assert schedule(0.5) == pytest.approx(1.5e-4)
     assert schedule(0.0) == 0.0
@@ -355,8 +355,8 @@ def test_parse_schedule_reads_rl_zoo_strings() -> None:
 
 def test_schedules_pickle_and_drive_training() -> None:
     for schedule in (linear(1e-3), ConstantSchedule(0.2)):
-        assert pickle.loads(pickle.dumps(schedule)) == schedule
-        assert cloudpickle.loads(cloudpickle.dumps(schedule)) == schedule
+        for restored in (pickle.loads(pickle.dumps(schedule)), cloudpickle.loads(cloudpickle.dumps(schedule))):
+            assert [restored(p) for p in (1.0, 0.5, 0.0)] == [schedule(p) for p in (1.0, 0.5, 0.0)]
     model = ClippedPPO("MlpPolicy", cartpole(), learning_rate=linear(1e-3), clip_range=linear(0.2), **TINY)
     logger, writer = recording_logger()
     model.set_logger(logger)

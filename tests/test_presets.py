@@ -12,7 +12,7 @@ from torch import nn
 
 from sb3_ppo_ext import presets
 from sb3_ppo_ext.presets import Settings, parse_zoo_block, preset, zoo_settings
-from sb3_ppo_ext.schedules import LinearSchedule
+from sb3_ppo_ext.schedules import LinearDecay
 
 BENCHMARK_ENVS = [
     "CartPole-v1",
@@ -30,9 +30,9 @@ BENCHMARK_ENVS = [
 
 def test_lin_strings_become_linear_schedules_and_numbers_stay():
     s = parse_zoo_block({"learning_rate": "lin_1e-3", "clip_range": "lin_0.2", "clip_range_vf": 0.5})
-    assert s.model_kwargs["learning_rate"] == LinearSchedule(1e-3)
+    assert s.model_kwargs["learning_rate"] == LinearDecay(1e-3)
     assert s.model_kwargs["learning_rate"](0.5) == pytest.approx(5e-4)
-    assert s.model_kwargs["clip_range"] == LinearSchedule(0.2)
+    assert s.model_kwargs["clip_range"] == LinearDecay(0.2)
     assert s.model_kwargs["clip_range_vf"] == 0.5
 
 
@@ -115,12 +115,34 @@ def test_zoo_settings_reads_the_tuned_cartpole_block():
     s = zoo_settings("clipped_ppo", "CartPole-v1")
     assert (s.n_envs, s.n_timesteps, s.normalize) == (8, 100_000, None)
     assert s.model_kwargs["n_steps"] == 32 and s.model_kwargs["gae_lambda"] == 0.8
-    assert s.model_kwargs["learning_rate"] == LinearSchedule(1e-3)
+    assert s.model_kwargs["learning_rate"] == LinearDecay(1e-3)
 
 
 def test_unlisted_env_falls_back_to_the_default_block():
     s = zoo_settings("clipped_ppo", "MountainCar-v99")
     assert (s.policy, s.n_timesteps, s.model_kwargs) == ("MlpPolicy", 1_000_000, {})
+
+
+@pytest.mark.parametrize("env_id", ["PongNoFrameskip-v4", "ALE/Breakout-v5"])
+def test_atari_games_get_the_atari_block_as_in_rl_zoo3(env_id):
+    key, block = presets.zoo_block("clipped_ppo", env_id)
+    assert key == "atari"
+    s = zoo_settings("clipped_ppo", env_id)
+    assert (s.policy, s.frame_stack, s.n_timesteps) == ("CnnPolicy", 4, 10_000_000)
+    assert s.env_wrapper == ("stable_baselines3.common.atari_wrappers.AtariWrapper",)
+
+
+def test_a_listed_env_wins_over_the_atari_and_default_blocks(tmp_path):
+    path = tmp_path / "mine.yml"
+    path.write_text("PongNoFrameskip-v4:\n  n_envs: 3\natari:\n  n_envs: 8\ndefault:\n  n_envs: 1\n")
+    assert presets.zoo_block("x", "PongNoFrameskip-v4", path) == ("PongNoFrameskip-v4", {"n_envs": 3})
+    assert presets.zoo_block("x", "ALE/Pong-v5", path) == ("atari", {"n_envs": 8})
+    assert presets.zoo_block("x", "CartPole-v1", path) == ("default", {"n_envs": 1})
+
+
+def test_shipped_files_live_next_to_presets():
+    assert presets.HYPERPARAMS_DIR == Path(presets.__file__).parent / "hyperparams"
+    assert {p.name for p in presets.HYPERPARAMS_DIR.glob("*.yml")} == set(presets.HYPERPARAMS_FILES.values())
 
 
 def test_ppo_and_clipped_ppo_read_identical_settings():
@@ -174,7 +196,7 @@ def test_atari_preset_is_the_seeds_atari_column():
     kw = s.model_kwargs
     assert (kw["n_steps"], kw["batch_size"], kw["n_epochs"], kw["clip_range"]) == (128, 256, 4, 0.1)
     assert (kw["gamma"], kw["gae_lambda"], kw["ent_coef"]) == (0.99, 0.95, 0.01)
-    assert kw["learning_rate"] == LinearSchedule(2.5e-4)
+    assert kw["learning_rate"] == LinearDecay(2.5e-4)
 
 
 def test_mujoco_preset_is_the_seeds_mujoco_column():
@@ -183,7 +205,7 @@ def test_mujoco_preset_is_the_seeds_mujoco_column():
     kw = s.model_kwargs
     assert (kw["n_steps"], kw["batch_size"], kw["n_epochs"], kw["clip_range"]) == (2048, 64, 10, 0.2)
     assert (kw["gamma"], kw["gae_lambda"], kw["ent_coef"]) == (0.99, 0.95, 0.0)
-    assert kw["learning_rate"] == LinearSchedule(3e-4)
+    assert kw["learning_rate"] == LinearDecay(3e-4)
 
 
 def test_presets_are_fresh_copies():
@@ -203,6 +225,6 @@ def test_custom_yaml_file(tmp_path):
     path = tmp_path / "mine.yml"
     path.write_text("Pendulum-v1:\n  n_envs: 2\n  learning_rate: lin_5e-4\n")
     s = zoo_settings("anything", "Pendulum-v1", path)
-    assert isinstance(s, Settings) and s.n_envs == 2 and s.model_kwargs["learning_rate"] == LinearSchedule(5e-4)
+    assert isinstance(s, Settings) and s.n_envs == 2 and s.model_kwargs["learning_rate"] == LinearDecay(5e-4)
     with pytest.raises(ValueError, match="no 'default' block"):
         zoo_settings("anything", "CartPole-v1", path)

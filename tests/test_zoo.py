@@ -35,6 +35,30 @@ def test_register_adds_clipped_ppo_to_every_registry():
     assert ExperimentManager.__init__._sb3_ppo_ext_patched
 
 
+def test_default_config_is_the_shipped_clipped_ppo_yml():
+    from sb3_ppo_ext import presets
+
+    assert zoo.HYPERPARAMS_PATH == presets.HYPERPARAMS_DIR / presets.HYPERPARAMS_FILES["clipped_ppo"]
+    assert zoo.HYPERPARAMS_PATH.is_file()
+
+
+def test_module_top_level_needs_only_the_standard_library():
+    # setup.py loads zoo.py on its own, in a build environment without torch or this package, to write the hook
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("standalone_zoo", {zoo.__file__!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        heavy = sorted(m for m in ("torch", "numpy", "yaml", "stable_baselines3", "sb3_ppo_ext") if m in sys.modules)
+        assert not heavy, heavy
+        print(module.hook_line(), end="")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout == zoo.hook_line()
+
+
 def test_shipped_hyperparameters_cover_every_zoo_ppo_env():
     ours = yaml.safe_load(zoo.HYPERPARAMS_PATH.read_text())
     theirs = yaml.safe_load((Path(rl_zoo3.__file__).parent / "hyperparams" / "ppo.yml").read_text())

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +16,14 @@ import sb3_contrib
 import stable_baselines3
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize, sync_envs_normalization
+from stable_baselines3.common.vec_env import sync_envs_normalization
 
 import sb3_ppo_ext
 from sb3_ppo_ext import presets
 from sb3_ppo_ext.benchmark import ablations
+from sb3_ppo_ext.checkpoints import atomic_write
+from sb3_ppo_ext.envs import is_atari, make_env
 
 #: Benchmark algorithm name -> dotted class path (the seed's algorithm table, plus ClippedPPO).
 ALGOS: dict[str, str] = {
@@ -81,19 +80,15 @@ class RunSpec:
         return Path(out) / "raw" / self.env_id / self.label / f"seed{self.seed}.json"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never a partial one."""
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON through :func:`sb3_ppo_ext.checkpoints.atomic_write`, creating the folder.
+
+    Readers see the old file or the whole new one, never a partial one.
+    """
+    text = json.dumps(data, indent=1)  # serialized before the file is opened: a failure leaves no trace
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as file:
+        file.write(text.encode())
 
 
 def load_result(path: Path) -> dict[str, Any] | None:
@@ -117,26 +112,6 @@ def run_settings(spec: RunSpec, hyperparams_dir: Path | None = None) -> presets.
     path = None if hyperparams_dir is None else Path(hyperparams_dir) / presets.HYPERPARAMS_FILES[spec.algo]
     settings = presets.zoo_settings(spec.algo, spec.env_id, path)
     return ablations.apply(spec.ablation, spec.variant, settings)
-
-
-def make_envs(settings: presets.Settings, env_id: str, seed: int) -> tuple[VecEnv, VecEnv]:
-    """Training and evaluation VecEnvs built the Zoo's way (Monitor, wrappers, VecNormalize, frames)."""
-
-    def build(n_envs: int, env_seed: int, evaluation: bool) -> VecEnv:
-        env = make_vec_env(
-            env_id, n_envs=n_envs, seed=env_seed, env_kwargs=settings.env_kwargs, wrapper_class=settings.wrapper_class()
-        )
-        if settings.normalize is not None:
-            kwargs = dict(settings.normalize)
-            if evaluation:
-                # statistics are copied from the training env before each evaluation; returns unscaled
-                kwargs.update(training=False, norm_reward=False)
-            env = VecNormalize(env, **kwargs)
-        if settings.frame_stack:
-            env = VecFrameStack(env, settings.frame_stack)
-        return env
-
-    return build(settings.n_envs, seed, False), build(1, seed + EVAL_SEED_OFFSET, True)
 
 
 class EvalRecorder(BaseCallback):
@@ -229,11 +204,6 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def is_atari(env_id: str) -> bool:
-    """Whether ``env_id`` is an ALE game (the Zoo evaluates those stochastically)."""
-    return "AtariEnv" in str(gym.spec(env_id).entry_point)
-
-
 def train_and_evaluate(
     spec: RunSpec, out: Path, report: Reporter | None = None, hyperparams_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -243,7 +213,9 @@ def train_and_evaluate(
     """
     torch.set_num_threads(1)  # one core per run: runs are parallelised across processes instead
     settings = run_settings(spec, hyperparams_dir)
-    env, eval_env = make_envs(settings, spec.env_id, spec.seed)
+    env = make_env(spec.env_id, settings, seed=spec.seed)
+    # statistics are copied from the training env before each evaluation; returns unscaled
+    eval_env = make_env(spec.env_id, settings, 1, spec.seed + EVAL_SEED_OFFSET, evaluation=True)
     algo_class = presets.import_object(ALGOS[spec.algo])
     model = algo_class(settings.policy, env, seed=spec.seed, device=spec.device, verbose=0, **settings.model_kwargs)
     # the Zoo evaluates deterministically except on Atari (and MiniGrid)
@@ -277,5 +249,5 @@ def train_and_evaluate(
         "versions": _versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json_atomic(spec.result_path(out), result)
+    write_json(spec.result_path(out), result)
     return result

@@ -19,7 +19,8 @@ from rliable import library as rly
 from rliable import metrics
 
 from sb3_ppo_ext.benchmark.ablations import ABLATIONS
-from sb3_ppo_ext.benchmark.runs import ALGOS, load_result, write_json_atomic
+from sb3_ppo_ext.benchmark.runs import ALGOS, load_result, write_json
+from sb3_ppo_ext.checkpoints import atomic_write
 
 #: env id -> (uniform-random policy return, reference return). Random: measured with uniformly random
 #: actions (50 episodes classic control, 10 MuJoCo). Reference: Gymnasium's ``reward_threshold``, or
@@ -241,8 +242,7 @@ def write_summary(out: Path, rows: Sequence[Row], markdown: str) -> tuple[Path, 
     """Write ``summary.md`` and ``summary.json`` (the rows) atomically; return their paths."""
     out = Path(out)
     md_path, json_path = out / "summary.md", out / "summary.json"
-    write_json_atomic(json_path, [asdict(row) for row in rows])
-    tmp = md_path.with_suffix(".md.tmp")
-    tmp.write_text(markdown)
-    tmp.replace(md_path)
+    write_json(json_path, [asdict(row) for row in rows])
+    with atomic_write(md_path) as file:
+        file.write(markdown.encode())
     return md_path, json_path
