@@ -46,7 +46,8 @@ def is_atari(env_id: str) -> bool:
     installed, are judged by name (``ALE/...`` or ``...NoFrameskip...``), so that the ``atari`` settings
     are still chosen and making the env fails with Gymnasium's message on the missing package.
     """
-    register_atari()
+    if env_id not in gym.registry:
+        register_atari()
     try:
         spec = gym.spec(env_id)
     except (gym.error.Error, ImportError):  # not registered, or "module:Id" with the module missing
@@ -85,7 +86,8 @@ def make_env(
     :param env_kwargs: ``gym.make`` keyword arguments over the settings' ``env_kwargs``.
     :param monitor_dir: folder for the ``Monitor`` CSV files; ``None``: none written.
     """
-    register_atari()  # ALE's ids exist only once ale_py has registered them
+    if env_id not in gym.registry:
+        register_atari()  # ALE's ids exist only once ale_py has registered them (importing it costs memory)
     env = make_vec_env(
         env_id,
         n_envs=settings.n_envs if n_envs is None else n_envs,

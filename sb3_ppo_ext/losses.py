@@ -97,14 +97,12 @@ def clipped_surrogate_loss(ratio: th.Tensor, advantages: th.Tensor, clip_range: 
 def clipped_surrogate_grad(ratio: th.Tensor, advantages: th.Tensor, clip_range: float) -> th.Tensor:
     """``d clipped_surrogate_loss / d log pi(a|s)`` per sample.
 
-    ``d(r * A) / d log pi = r * A``; the clipped term is constant in ``log pi``. The gradient flows where
-    the unclipped term is the minimum, or where the two coincide (``r`` inside ``[1 - eps, 1 + eps]``).
+    ``d(r * A) / d log pi = r * A``; the clipped term is constant in ``log pi`` outside ``[1 - eps, 1 + eps]``.
+    The gradient flows where the unclipped term is the minimum or the two coincide: ``r <= 1 + eps`` for
+    ``A > 0``, ``r >= 1 - eps`` for ``A < 0`` (for ``A = 0`` it is ``r * A = 0`` either way).
     """
-    surrogate = ratio * advantages
-    clipped_surrogate = th.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    in_range = (ratio >= 1.0 - clip_range) & (ratio <= 1.0 + clip_range)
-    active = (surrogate < clipped_surrogate) | in_range
-    return th.where(active, surrogate, 0.0) * (-1.0 / ratio.shape[0])
+    active = th.where(advantages > 0, ratio <= 1.0 + clip_range, ratio >= 1.0 - clip_range)
+    return th.where(active, ratio * advantages, 0.0) * (-1.0 / ratio.shape[0])
 
 
 def clip_fraction(ratio: th.Tensor, clip_range: float) -> th.Tensor:
@@ -147,9 +145,10 @@ def value_loss_grad(
     returns: th.Tensor,
     clip_range_vf: float | None = None,
     mode: ValueClipMode = "max",
+    coef: float = 1.0,
 ) -> th.Tensor:
-    """``d value_loss / d V(s)`` per sample: ``2 (V - R) / n`` where the unclipped error is the one used."""
-    scale = 2.0 / values.shape[0]
+    """``d (coef * value_loss) / d V(s)`` per sample: ``2 coef (V - R) / n`` where the unclipped error is used."""
+    scale = 2.0 * coef / values.shape[0]
     error = values - returns
     if clip_range_vf is None:
         return error * scale
@@ -183,9 +182,9 @@ def entropy_loss(entropy: th.Tensor | None, log_prob: th.Tensor) -> th.Tensor:
     return -entropy.mean()
 
 
-def entropy_loss_grad(entropy: th.Tensor) -> th.Tensor:
-    """``d entropy_loss / d H`` per sample: ``-1 / n``."""
-    return th.full_like(entropy, -1.0 / entropy.shape[0])
+def entropy_loss_grad(entropy: th.Tensor, coef: float = 1.0) -> th.Tensor:
+    """``d (coef * entropy_loss) / d H`` per sample: ``-coef / n``."""
+    return th.full_like(entropy, -coef / entropy.shape[0])
 
 
 # -- diagnostics ------------------------------------------------------------------------------------
@@ -264,9 +263,8 @@ class PPOLoss:
 
     def _output_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch, ratio: th.Tensor) -> OutputGradients:
         grad_log_prob = clipped_surrogate_grad(ratio, batch.advantages, self.clip_range)
-        grad_values = (
-            value_loss_grad(evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode)
-            * self.vf_coef
+        grad_values = value_loss_grad(
+            evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode, self.vf_coef
         )
         grad_entropy = None
         if self.ent_coef != 0:
@@ -274,5 +272,5 @@ class PPOLoss:
                 # the Monte Carlo estimate mean(log pi) of entropy_loss
                 grad_log_prob = grad_log_prob + self.ent_coef / grad_log_prob.shape[0]
             else:
-                grad_entropy = entropy_loss_grad(evaluation.entropy) * self.ent_coef
+                grad_entropy = entropy_loss_grad(evaluation.entropy, self.ent_coef)
         return OutputGradients(grad_values, grad_log_prob, grad_entropy)
