@@ -348,14 +348,13 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                     batch.observations, actions, batch.old_log_prob, batch.old_values, advantages, batch.returns
                 )
                 terms = backend.loss_and_grad(loss, inputs)  # sets .grad of every policy parameter
+                history[-1].append(terms)
                 if self.target_kl is not None and terms.approx_kl.item() > 1.5 * self.target_kl:
                     # SB3 stops before this minibatch's step, and logs its losses and KL all the same
-                    history[-1].append(terms)
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {terms.approx_kl.item():.2f}")
                     self._n_updates += 1  # SB3 counts the interrupted epoch
                     return history
-                history[-1].append(terms)
                 grad_norm = clip_grad_norm(parameters, max_grad_norm)
                 if not th.isfinite(grad_norm):
                     # stop before the step: parameters and optimizer state stay those of the last good update
