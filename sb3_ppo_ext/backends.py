@@ -24,9 +24,13 @@ from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss
 
 
 class Backend(Protocol):
-    """Acting and differentiation for one policy."""
+    """Acting and differentiation for one policy.
 
-    act: Callable[[Any], tuple[th.Tensor, th.Tensor, th.Tensor]]
+    ``act(obs)``, or ``act(obs, action_masks=masks)`` where the env gives invalid-action masks, returns
+    ``(actions, values [B, 1], log_prob [B])``.
+    """
+
+    act: Callable[..., tuple[th.Tensor, th.Tensor, th.Tensor]]
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Compute the loss terms of ``batch`` and set ``.grad`` of every policy parameter."""
@@ -45,7 +49,12 @@ class AutogradBackend:
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Evaluate the policy, compute the loss and backpropagate it through autograd."""
-        values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
+        if batch.action_masks is None:
+            values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
+        else:
+            values, log_prob, entropy = self.policy.evaluate_actions(
+                batch.observations, batch.actions, action_masks=batch.action_masks
+            )
         terms = loss(PolicyEvaluation(values.flatten(), log_prob, entropy), batch)
         self.policy.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
@@ -68,7 +77,7 @@ class ClosedFormBackend:
         if not loss.has_closed_form:
             return self.autograd.loss_and_grad(loss, batch)
         with th.no_grad():
-            evaluation, activations = self.kernel.evaluate(batch.observations, batch.actions)
+            evaluation, activations = self.kernel.evaluate(batch.observations, batch.actions, batch.action_masks)
             terms, grads = loss.with_gradients(evaluation, batch)
             self.kernel.backward(activations, grads)
         return terms

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBufferSamples, MaskableRolloutBufferSamples
 from stable_baselines3.common.buffers import BaseBuffer, DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples, RolloutBufferSamples
@@ -74,6 +75,8 @@ class GAERolloutBuffer(RolloutBuffer):
         self.values = np.zeros(shape, dtype=np.float32)
         self.log_probs = np.zeros(shape, dtype=np.float32)
         self.advantages = np.zeros(shape, dtype=np.float32)
+        # invalid-action masks [n_steps, n_envs, mask_size], allocated by the first add() that has some
+        self.action_masks: np.ndarray | None = None
         self.generator_ready = False
         self._flat_obs: Any = None  # drop the last rollout's tensors before the next one fills up
         self._flat: dict[str, th.Tensor] = {}
@@ -91,8 +94,18 @@ class GAERolloutBuffer(RolloutBuffer):
         episode_start: np.ndarray,
         value: th.Tensor,
         log_prob: th.Tensor,
+        action_masks: np.ndarray | None = None,
     ) -> None:
-        """Store one step of all envs: ``(s_t, a_t, r_t, episode_start_t, V(s_t), log pi(a_t|s_t))``."""
+        """Store one step of all envs: ``(s_t, a_t, r_t, episode_start_t, V(s_t), log pi(a_t|s_t))``.
+
+        :param action_masks: the step's invalid-action masks ``[n_envs, mask_size]`` (sb3-contrib's
+            ``MaskableRolloutBuffer`` argument); minibatches then carry them as ``action_masks``.
+        """
+        if action_masks is not None:
+            masks = np.asarray(action_masks, dtype=bool).reshape(self.n_envs, -1)
+            if self.action_masks is None:
+                self.action_masks = np.ones((self.buffer_size, self.n_envs, masks.shape[1]), dtype=bool)
+            self.action_masks[self.pos] = masks
         self._store_observation(obs)
         self.actions[self.pos] = np.asarray(action).reshape((self.n_envs, self.action_dim))
         self.rewards[self.pos] = reward
@@ -126,7 +139,13 @@ class GAERolloutBuffer(RolloutBuffer):
         """The whole rollout as ``[n_steps * n_envs, ...]`` tensors (shared memory with numpy on CPU)."""
         fields = {name: th.as_tensor(getattr(self, name).reshape(-1)) for name in self._scalar_fields}
         fields["actions"] = th.as_tensor(self.actions.reshape(-1, self.action_dim))
-        return self._flat_observations(), {name: fields[name].to(self.device) for name in self._field_names}
+        if self.action_masks is not None:
+            fields["action_masks"] = th.as_tensor(self.action_masks.reshape(self.buffer_size * self.n_envs, -1))
+        return self._flat_observations(), {name: fields[name].to(self.device) for name in self._names()}
+
+    def _names(self) -> tuple[str, ...]:
+        """The per-sample fields of a minibatch after the observations, in the samples' order."""
+        return self._field_names + (("action_masks",) if self.action_masks is not None else ())
 
     @staticmethod
     def _take(obs: Any, index: th.Tensor) -> Any:
@@ -148,7 +167,7 @@ class GAERolloutBuffer(RolloutBuffer):
         batch_size = total if batch_size is None else batch_size
         if batch_size >= total:
             # one minibatch holding the whole rollout: its losses are means, so order is irrelevant
-            yield self._make_samples(self._flat_obs, *(self._flat[name] for name in self._field_names))
+            yield self._make_samples(self._flat_obs, *(self._flat[name] for name in self._names()))
             return
         permutation = th.randperm(total, device=self.device)
         fields = {name: tensor.index_select(0, permutation) for name, tensor in self._flat.items()}
@@ -156,22 +175,19 @@ class GAERolloutBuffer(RolloutBuffer):
             window = slice(start, start + batch_size)
             # observations are gathered per minibatch: no second copy of the whole rollout's frames
             yield self._make_samples(
-                self._take(self._flat_obs, permutation[window]),
-                fields["actions"][window],
-                fields["values"][window],
-                fields["log_probs"][window],
-                fields["advantages"][window],
-                fields["returns"][window],
+                self._take(self._flat_obs, permutation[window]), *(fields[name][window] for name in self._names())
             )
 
     def _make_samples(self, *tensors: Any) -> RolloutBufferSamples:
+        if self.action_masks is not None:
+            return MaskableRolloutBufferSamples(*tensors)  # type: ignore[return-value]
         return RolloutBufferSamples(*tensors)
 
     def _get_samples(self, batch_inds: np.ndarray, env: VecNormalize | None = None) -> RolloutBufferSamples:
         """Minibatch for explicit flat indices (SB3's ``BaseBuffer`` API)."""
         index = th.as_tensor(batch_inds, dtype=th.long)
         obs, fields = self._flat_fields()
-        return self._make_samples(self._take(obs, index), *(fields[name][index] for name in self._field_names))
+        return self._make_samples(self._take(obs, index), *(fields[name][index] for name in self._names()))
 
 
 class DictGAERolloutBuffer(GAERolloutBuffer, DictRolloutBuffer):
@@ -216,4 +232,6 @@ class DictGAERolloutBuffer(GAERolloutBuffer, DictRolloutBuffer):
         }
 
     def _make_samples(self, *tensors: Any) -> DictRolloutBufferSamples:  # type: ignore[override]
+        if self.action_masks is not None:
+            return MaskableDictRolloutBufferSamples(*tensors)  # type: ignore[return-value]
         return DictRolloutBufferSamples(*tensors)

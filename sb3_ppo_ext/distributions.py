@@ -24,6 +24,9 @@ from stable_baselines3.common.distributions import (
 from torch.nn import functional as F
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# the logit of a masked-out outcome (sb3-contrib's value): its probability exp(-1e8 - logsumexp) is exactly 0 in
+# float32 and 0 * log p stays 0, so entropies sum over the valid outcomes only, with no 0 * -inf NaN
+MASKED_LOGIT = -1e8
 
 
 def gumbel_max_sample(logits: th.Tensor) -> th.Tensor:
@@ -55,6 +58,16 @@ class ActionHead:
     n_outputs: int
     #: whether :meth:`param_grads` is implemented
     closed_form_grad: bool = False
+    #: length of an invalid-action mask for this head (sb3-contrib's layout); None: masks do not apply
+    mask_size: int | None = None
+
+    def mask(self, params: tuple[th.Tensor, ...], action_masks: th.Tensor) -> tuple[th.Tensor, ...]:
+        """The distribution's parameters restricted to the valid actions (``action_masks``: bool ``[B, mask_size]``).
+
+        Sampling, ``log_prob``, ``entropy`` and ``param_grads`` of the returned parameters are those of the
+        masked distribution.
+        """
+        raise ValueError(f"{type(self).__name__} does not support invalid-action masks.")
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
         """Draw actions (or the mode when ``deterministic``)."""
@@ -97,6 +110,11 @@ class CategoricalHead(ActionHead):
     def __init__(self, n: int) -> None:
         self.n = n
         self.n_outputs = n
+        self.mask_size = n
+
+    def mask(self, params: tuple[th.Tensor, ...], action_masks: th.Tensor) -> tuple[th.Tensor, ...]:
+        """Invalid actions' logits set to :data:`MASKED_LOGIT`."""
+        return (th.where(action_masks, params[0], MASKED_LOGIT),)
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
         """Sample an index per row, or the arg-max when ``deterministic``."""
@@ -156,6 +174,11 @@ class MultiCategoricalHead(ActionHead):
     def __init__(self, nvec: np.ndarray) -> None:
         self.nvec = [int(n) for n in np.asarray(nvec).ravel()]
         self.n_outputs = sum(self.nvec)
+        self.mask_size = self.n_outputs
+
+    def mask(self, params: tuple[th.Tensor, ...], action_masks: th.Tensor) -> tuple[th.Tensor, ...]:
+        """Invalid choices' logits set to :data:`MASKED_LOGIT` (the mask concatenates the components' masks)."""
+        return (th.where(action_masks, params[0], MASKED_LOGIT),)
 
     def _log_softmaxes(self, logits: th.Tensor) -> list[th.Tensor]:
         return [F.log_softmax(chunk, dim=-1) for chunk in th.split(logits, self.nvec, dim=-1)]
@@ -190,6 +213,17 @@ class BernoulliHead(ActionHead):
     def __init__(self, n: int) -> None:
         self.n = n
         self.n_outputs = n
+        self.mask_size = 2 * n
+
+    def mask(self, params: tuple[th.Tensor, ...], action_masks: th.Tensor) -> tuple[th.Tensor, ...]:
+        """A bit whose 0 (or 1) is invalid is forced to 1 (or 0): its logit becomes +/- ``-MASKED_LOGIT``.
+
+        The mask holds ``[0 valid, 1 valid]`` per bit (sb3-contrib's layout for ``MultiBinary(n)``: ``2 n``).
+        """
+        pairs = action_masks.reshape(action_masks.shape[0], self.n, 2)
+        zero_ok, one_ok = pairs[..., 0], pairs[..., 1]
+        forced = th.where(one_ok, -MASKED_LOGIT, MASKED_LOGIT)
+        return (th.where(zero_ok & one_ok, params[0], forced),)
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
         """Bits drawn with probability ``sigmoid(logit)``; the rounded probability when ``deterministic``."""

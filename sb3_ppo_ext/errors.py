@@ -44,6 +44,10 @@ class NonFiniteError(ClippedPPOError, FloatingPointError):
     """NaN or inf in environment data, a loss term or a gradient."""
 
 
+class ActionMaskError(ClippedPPOError):
+    """An invalid-action mask from the env that cannot be applied: wrong size, not boolean, no valid action."""
+
+
 class EnvWorkerError(ClippedPPOError, EOFError):
     """A ``SubprocVecEnv`` worker process died (SB3 would raise ``EOFError``/``BrokenPipeError`` or hang)."""
 
@@ -57,6 +61,7 @@ class ConfigurationWarning(UserWarning):
 
 
 __all__ = [
+    "ActionMaskError",
     "ClippedPPOError",
     "ConfigurationAssertionError",
     "ConfigurationError",

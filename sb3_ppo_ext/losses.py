@@ -28,7 +28,11 @@ VALUE_CLIP_MODES: tuple[str, ...] = ("max", "sb3")
 
 
 class PPOBatch(NamedTuple):
-    """One minibatch as the loss sees it: advantages already normalised, Discrete actions as indices."""
+    """One minibatch as the loss sees it: advantages already normalised, Discrete actions as indices.
+
+    ``action_masks`` (bool ``[B, mask_size]``) are the invalid-action masks the actions were sampled under,
+    or None; the policy evaluates the masked distribution with them.
+    """
 
     observations: Any
     actions: th.Tensor
@@ -36,6 +40,7 @@ class PPOBatch(NamedTuple):
     old_values: th.Tensor
     advantages: th.Tensor
     returns: th.Tensor
+    action_masks: th.Tensor | None = None
 
 
 class PolicyEvaluation(NamedTuple):

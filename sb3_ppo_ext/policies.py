@@ -31,6 +31,9 @@ from sb3_ppo_ext.checks import SUPPORTED_ACTION_SPACES
 from sb3_ppo_ext.distributions import ActionHead, DiagGaussianHead, make_action_head
 from sb3_ppo_ext.fast.matmul import use_fast_linears, wants_onednn_matmul
 
+# invalid-action masks, as numpy (from the env) or a tensor (from the rollout buffer)
+MaybeMasks = np.ndarray | th.Tensor | None
+
 # Orthogonal-init gains (seed section 6): sqrt(2) for hidden layers, a near-uniform initial policy
 # (0.01) and a unit-scale value head (1.0).
 HIDDEN_GAIN = float(np.sqrt(2))
@@ -329,9 +332,13 @@ class ActorCriticPolicy(BasePolicy):
         latent_vf = self.mlp_extractor.forward_critic(self.extract_features(obs, self.vf_features_extractor))
         return latent_pi, latent_vf
 
-    def _head_params(self, latent_pi: th.Tensor) -> tuple[th.Tensor, ...]:
-        """The action head's parameters for an actor latent."""
-        return self.split_head_output(self.action_net(latent_pi))
+    def _head_params(self, latent_pi: th.Tensor, action_masks: MaybeMasks = None) -> tuple[th.Tensor, ...]:
+        """The action head's parameters for an actor latent, restricted to the valid actions when masked."""
+        params = self.split_head_output(self.action_net(latent_pi))
+        if action_masks is None:
+            return params
+        assert self.action_head is not None
+        return self.action_head.mask(params, self.mask_tensor(action_masks))
 
     def split_head_output(self, out: th.Tensor) -> tuple[th.Tensor, ...]:
         """``action_net``'s output as the head's parameters: logits, or mean and log_std."""
@@ -342,37 +349,54 @@ class ActorCriticPolicy(BasePolicy):
             return out, self.log_std
         return (out,)
 
+    def mask_tensor(self, action_masks: np.ndarray | th.Tensor) -> th.Tensor:
+        """Invalid-action masks as a bool tensor ``[B, mask_size]`` on the policy's device."""
+        if self.action_head is None or self.action_head.mask_size is None:
+            raise ValueError(f"Invalid-action masks do not apply to {self.action_space} actions (or gSDE).")
+        masks = th.as_tensor(action_masks, device=self.device)
+        return masks.reshape(-1, self.action_head.mask_size).bool()
+
     def _sde_distribution(self, latent_pi: th.Tensor) -> StateDependentNoiseDistribution:
         assert self.sde_dist is not None
         return self.sde_dist.proba_distribution(self.action_net(latent_pi), self.log_std, latent_pi)
 
-    def _act(self, latent_pi: th.Tensor, deterministic: bool) -> tuple[th.Tensor, th.Tensor]:
+    def _act(
+        self, latent_pi: th.Tensor, deterministic: bool, action_masks: MaybeMasks = None
+    ) -> tuple[th.Tensor, th.Tensor]:
         """Actions and their log-probabilities from the actor latent."""
         if self.action_head is None:
+            if action_masks is not None:
+                self.mask_tensor(action_masks)  # raises: gSDE has nothing to mask
             dist = self._sde_distribution(latent_pi)
             actions = dist.get_actions(deterministic=deterministic)
             return actions, dist.log_prob(actions)
-        params = self._head_params(latent_pi)
+        params = self._head_params(latent_pi, action_masks)
         actions = self.action_head.sample(params, deterministic)
         return actions, self.action_head.log_prob(params, actions)
 
     # -- the policy API used by the algorithm and by SB3 ----------------------------------------
 
-    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """Act: return ``(actions, values [B, 1], log_prob [B])``."""
+    def forward(
+        self, obs: PyTorchObs, deterministic: bool = False, action_masks: MaybeMasks = None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Act: return ``(actions, values [B, 1], log_prob [B])``, only valid actions when masks are given."""
         latent_pi, latent_vf = self._latents(obs)
-        actions, log_prob = self._act(latent_pi, deterministic)
+        actions, log_prob = self._act(latent_pi, deterministic, action_masks)
         actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
         return actions, self.value_net(latent_vf), log_prob
 
-    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
-        """Return ``(values [B, 1], log pi(a|s) [B], entropy [B] or None)`` for stored actions."""
+    def evaluate_actions(
+        self, obs: PyTorchObs, actions: th.Tensor, action_masks: MaybeMasks = None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """Return ``(values [B, 1], log pi(a|s) [B], entropy [B] or None)`` for stored actions (and masks)."""
         latent_pi, latent_vf = self._latents(obs)
         values = self.value_net(latent_vf)
         if self.action_head is None:
+            if action_masks is not None:
+                self.mask_tensor(action_masks)  # raises: gSDE has nothing to mask
             dist = self._sde_distribution(latent_pi)
             return values, dist.log_prob(actions), dist.entropy()
-        log_prob, entropy, _ = self.action_head.evaluate(self._head_params(latent_pi), actions)
+        log_prob, entropy, _ = self.action_head.evaluate(self._head_params(latent_pi, action_masks), actions)
         return values, log_prob, entropy
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
@@ -383,16 +407,39 @@ class ActorCriticPolicy(BasePolicy):
     def _actor_latent(self, obs: PyTorchObs) -> th.Tensor:
         return self.mlp_extractor.forward_actor(self.extract_features(obs, self.pi_features_extractor))
 
-    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+    def _predict(
+        self, observation: PyTorchObs, deterministic: bool = False, action_masks: MaybeMasks = None
+    ) -> th.Tensor:
         """Actions for ``predict()``; the critic is not evaluated."""
-        return self._act(self._actor_latent(observation), deterministic)[0]
+        return self._act(self._actor_latent(observation), deterministic, action_masks)[0]
 
-    def get_distribution(self, obs: PyTorchObs) -> Distribution:
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned."""
+        if action_masks is None:
+            return super().predict(observation, state, episode_start, deterministic)
+        self.set_training_mode(False)
+        obs_tensor, vectorized_env = self.obs_to_tensor(observation)
+        with th.no_grad():
+            actions = self._predict(obs_tensor, deterministic=deterministic, action_masks=action_masks)
+        # masks apply to discrete actions only: no rescaling or clipping as for Box
+        actions = actions.cpu().numpy().reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        if not vectorized_env:
+            actions = actions.squeeze(axis=0)
+        return actions, state
+
+    def get_distribution(self, obs: PyTorchObs, action_masks: MaybeMasks = None) -> Distribution:
         """The action distribution as an SB3 ``Distribution`` object (for code written against SB3)."""
         latent_pi = self._actor_latent(obs)
         if self.action_head is None:
             return self._sde_distribution(latent_pi)
-        return self.action_head.to_sb3(self._head_params(latent_pi))
+        return self.action_head.to_sb3(self._head_params(latent_pi, action_masks))
 
     def reset_noise(self, n_envs: int = 1) -> None:
         """Sample a new gSDE exploration matrix (only with ``use_sde=True``)."""

@@ -30,8 +30,10 @@ from sb3_ppo_ext.checks import (
     validate_rollout_size,
     validate_spaces,
 )
+from sb3_ppo_ext.errors import ConfigurationError
 from sb3_ppo_ext.finite import check_env_data, non_finite_update_error
 from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss
+from sb3_ppo_ext.masking import check_action_masks, env_provides_masks, policy_applies_masks, read_action_masks
 from sb3_ppo_ext.optim import clip_grad_norm
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
 from sb3_ppo_ext.reliability import ReliabilityMixin
@@ -91,6 +93,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         "MultiInputPolicy": MultiInputActorCriticPolicy,
     }
     policy: ActorCriticPolicy
+    # learn(use_masking=...) sets it; collect_rollouts called directly applies the env's masks too
+    _use_masking: bool = True
     rollout_buffer: RolloutBuffer
 
     def __init__(
@@ -178,6 +182,13 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         if self.rollout_buffer_class is None:
             is_dict = isinstance(self.observation_space, spaces.Dict)
             self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer
+        if env_provides_masks(self.env) and not policy_applies_masks(self.policy_class):
+            # sampling without the masks would take invalid actions (sb3-contrib raises here too)
+            raise ConfigurationError(
+                f"policy={self.policy_class.__name__} cannot apply the invalid-action masks this env provides (its "
+                "forward() has no action_masks argument). Use 'MlpPolicy'/'CnnPolicy'/'MultiInputPolicy' (or a "
+                "subclass of sb3_ppo_ext.ActorCriticPolicy), or remove the env's action_masks() method."
+            )
         super()._setup_model()
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
@@ -231,27 +242,21 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         if self.use_sde:
             self.policy.reset_noise(env.num_envs)
         callback.on_rollout_start()
-        is_box = isinstance(self.action_space, spaces.Box)
         is_discrete = isinstance(self.action_space, spaces.Discrete)
         act = self._backend().act
+        use_masks = self._masks_in_use(env, rollout_buffer)
+        masks = None
 
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
+            if use_masks:
+                masks = read_action_masks(env, self.action_space, step=n_steps)
             with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                actions, values, log_probs = act(obs_tensor)
+                actions, values, log_probs = act(obs_tensor) if masks is None else act(obs_tensor, action_masks=masks)
             actions = actions.cpu().numpy()
-            clipped_actions = actions
-            if is_box:
-                if self.policy.squash_output:
-                    clipped_actions = self.policy.unscale_action(clipped_actions)
-                else:
-                    # an unbounded Gaussian sample must be clipped to the env's bounds; the buffer keeps the
-                    # unclipped action so that its log-probability stays consistent
-                    clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
-
-            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            new_obs, rewards, dones, infos = env.step(self._env_actions(actions))
             self.num_timesteps += env.num_envs
             if self.check_finite:
                 self._check_env_data(new_obs, rewards, n_steps)
@@ -271,6 +276,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 self._last_episode_starts,  # type: ignore[arg-type]
                 values,
                 log_probs,
+                **({} if masks is None else {"action_masks": masks}),
             )
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
@@ -280,6 +286,27 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
         callback.update_locals(locals())
         callback.on_rollout_end()
+        return True
+
+    def _env_actions(self, actions: np.ndarray) -> np.ndarray:
+        """The actions the env receives: Box actions unscaled (squashed gSDE) or clipped to the bounds."""
+        if not isinstance(self.action_space, spaces.Box):
+            return actions
+        if self.policy.squash_output:
+            return self.policy.unscale_action(actions)
+        # an unbounded Gaussian sample must be clipped to the env's bounds; the buffer keeps the unclipped
+        # action so that its log-probability stays consistent
+        return np.clip(actions, self.action_space.low, self.action_space.high)
+
+    def _masks_in_use(self, env: VecEnv, rollout_buffer: RolloutBuffer) -> bool:
+        """Whether this rollout applies the env's invalid-action masks (``learn(use_masking=True)``, the default)."""
+        if not (self._use_masking and env_provides_masks(env)):
+            return False
+        if "action_masks" not in inspect.signature(rollout_buffer.add).parameters:
+            raise ConfigurationError(
+                f"rollout_buffer_class={type(rollout_buffer).__name__} cannot store the env's action masks (its add() "
+                "has no action_masks argument). Use ClippedPPO's default buffer, or pass use_masking=False to learn()."
+            )
         return True
 
     # -- optimisation ----------------------------------------------------------------------------
@@ -345,7 +372,13 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 if per_minibatch_normalization:
                     advantages = losses.normalize_advantages(advantages)
                 inputs = PPOBatch(
-                    batch.observations, actions, batch.old_log_prob, batch.old_values, advantages, batch.returns
+                    batch.observations,
+                    actions,
+                    batch.old_log_prob,
+                    batch.old_values,
+                    advantages,
+                    batch.returns,
+                    getattr(batch, "action_masks", None),
                 )
                 terms = backend.loss_and_grad(loss, inputs)  # sets .grad of every policy parameter
                 history[-1].append(terms)
@@ -376,6 +409,20 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         """Closed-form gradients for plain MLP policies when ``fast_update`` is on, else autograd (one call each)."""
         return select_backend(self.policy, self.fast_update)
 
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned."""
+        if action_masks is None:
+            return super().predict(observation, state, episode_start, deterministic)
+        masks = check_action_masks(action_masks, self.action_space, None, step=-1)
+        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=masks)
+
     def learn(
         self: SelfClippedPPO,
         total_timesteps: int,
@@ -384,8 +431,14 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         tb_log_name: str = "ClippedPPO",
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
+        use_masking: bool = True,
     ) -> SelfClippedPPO:
-        """Train for ``total_timesteps`` env steps (SB3's ``learn`` signature)."""
+        """Train for ``total_timesteps`` env steps (SB3's ``learn`` signature, plus sb3-contrib's ``use_masking``).
+
+        :param use_masking: apply the env's invalid-action masks when it has an ``action_masks()`` method (an
+            env without one trains as SB3's PPO); ``False`` ignores them.
+        """
+        self._use_masking = use_masking
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,

@@ -85,3 +85,11 @@ def test_swapped_script_runs_with_either_ppo(tmp_path, implementation):
     assert "mean_reward=" in out
     assert "num_timesteps=2048" in out  # 1024, then 1024 // 5 rounded up to one 1024-step rollout
     assert (tmp_path / "ppo_cartpole.zip").exists()
+
+
+def test_action_masking(tmp_path):
+    out = run_script(EXAMPLES / "action_masking.py", tmp_path, 512).stdout
+    assert "evaluation: mean return" in out
+    chosen = out.strip().splitlines()[-1]
+    valid = chosen.split("valid actions now: ")[1].split("]")[0] + "]"
+    assert int(chosen.rsplit("chosen: ", 1)[1]) in eval(valid)  # noqa: S307 - a list literal printed by the script

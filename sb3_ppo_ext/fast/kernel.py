@@ -46,6 +46,7 @@ _REPLACED_METHODS = (
     "_actor_latent",
     "_head_params",
     "split_head_output",
+    "mask_tensor",
 )
 
 
@@ -220,26 +221,35 @@ class MLPActorCriticKernel:
             return features, features
         return features, policy.extract_features(obs, policy.vf_features_extractor)
 
-    def _forward(self, obs: Any) -> tuple[list[th.Tensor], list[th.Tensor], tuple[th.Tensor, ...], th.Tensor]:
-        """Layer activations of both stacks, the head's parameters and ``V(s)`` as ``[B, 1]``."""
+    def _forward(
+        self, obs: Any, action_masks: Any = None
+    ) -> tuple[list[th.Tensor], list[th.Tensor], tuple[th.Tensor, ...], th.Tensor]:
+        """Layer activations of both stacks, the head's (masked) parameters and ``V(s)`` as ``[B, 1]``.
+
+        A masked Categorical is the same head on logits with the invalid ones at ``MASKED_LOGIT``: its
+        probabilities there are exactly 0, so ``param_grads`` needs no change and gives them no gradient.
+        """
         policy = self.policy
         features, vf_features = self._features(obs)
         pi_outs = _forward(features, self.pi_layers, self.onednn)
         vf_outs = _forward(vf_features, self.vf_layers, self.onednn)
         head_out = th.addmm(policy.action_net.bias, pi_outs[-1], policy.action_net.weight.t())
         values = th.addmm(policy.value_net.bias, vf_outs[-1], policy.value_net.weight.t())
-        return pi_outs, vf_outs, policy.split_head_output(head_out), values
+        params = policy.split_head_output(head_out)
+        if action_masks is not None:
+            params = self.head.mask(params, policy.mask_tensor(action_masks))
+        return pi_outs, vf_outs, params, values
 
-    def act(self, obs: Any) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    def act(self, obs: Any, action_masks: Any = None) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """``policy.forward(obs)`` without per-module call overhead: ``(actions, values [B, 1], log_prob)``."""
-        _, _, params, values = self._forward(obs)
+        _, _, params, values = self._forward(obs, action_masks)
         actions = self.head.sample(params, deterministic=False)
         log_prob = self.head.log_prob(params, actions)
         return actions.reshape((-1, *self.policy.action_space.shape)), values, log_prob
 
-    def evaluate(self, obs: Any, actions: th.Tensor) -> tuple[PolicyEvaluation, Activations]:
+    def evaluate(self, obs: Any, actions: th.Tensor, action_masks: Any = None) -> tuple[PolicyEvaluation, Activations]:
         """``policy.evaluate_actions`` (values flattened) and the activations :meth:`backward` needs."""
-        pi_outs, vf_outs, params, values = self._forward(obs)
+        pi_outs, vf_outs, params, values = self._forward(obs, action_masks)
         head_evaluation = self.head.evaluate(params, actions)
         evaluation = PolicyEvaluation(values.squeeze(1), head_evaluation.log_prob, head_evaluation.entropy)
         return evaluation, Activations(pi_outs, vf_outs, params, head_evaluation)

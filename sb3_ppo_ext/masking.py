@@ -1,0 +1,104 @@
+"""Invalid-action masks, sb3-contrib's protocol: read from the env, checked, sized per action space.
+
+An env (or a wrapper such as ``sb3_contrib.common.wrappers.ActionMasker``) that has an ``action_masks()``
+method gives, per step, one boolean per outcome: ``n`` for ``Discrete(n)``, ``sum(nvec)`` for
+``MultiDiscrete(nvec)`` (the components' masks concatenated) and ``2 n`` for ``MultiBinary(n)`` (``[0 valid,
+1 valid]`` per bit). ``ClippedPPO`` reads them with sb3-contrib's ``get_action_masks`` before each action,
+checks them here, keeps them in the rollout buffer, and its heads (:meth:`ActionHead.mask
+<sb3_ppo_ext.distributions.ActionHead.mask>`) restrict sampling, log-probabilities and entropies to the
+valid actions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+
+from sb3_ppo_ext.errors import ActionMaskError
+
+__all__ = ["check_action_masks", "env_provides_masks", "mask_groups", "policy_applies_masks", "read_action_masks"]
+
+
+def mask_groups(action_space: spaces.Space) -> list[int] | None:
+    """Sizes of the mask's sub-spaces (each needs a valid action), or None where masks do not apply."""
+    if isinstance(action_space, spaces.Discrete):
+        return [int(action_space.n)]
+    if isinstance(action_space, spaces.MultiDiscrete):
+        return [int(n) for n in np.asarray(action_space.nvec).ravel()]
+    if isinstance(action_space, spaces.MultiBinary):
+        return [2] * int(np.prod(action_space.shape))
+    return None
+
+
+def env_provides_masks(env: Any) -> bool:
+    """Whether the env (a VecEnv or a Gymnasium env) has an ``action_masks()`` method."""
+    return env is not None and is_masking_supported(env)
+
+
+def policy_applies_masks(policy_class: Any) -> bool:
+    """Whether ``policy_class.forward`` takes ``action_masks`` (ours and sb3-contrib's maskable policies do)."""
+    forward = getattr(policy_class, "forward", None)
+    try:
+        return forward is not None and "action_masks" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return False
+
+
+def check_action_masks(masks: Any, action_space: spaces.Space, n_envs: int | None, *, step: int) -> np.ndarray:
+    """Return the masks as a bool array ``[n_envs, mask_size]``, or raise :class:`ActionMaskError` naming the problem.
+
+    :param masks: what the envs' ``action_masks()`` returned, stacked over envs.
+    :param action_space: the model's action space.
+    :param n_envs: number of envs (None: as many as the masks hold, e.g. a ``predict`` batch).
+    :param step: rollout step, for the message (``-1``: outside a rollout, e.g. ``predict``).
+    """
+    where = "in predict()" if step < 0 else f"at rollout step {step}"
+    groups = mask_groups(action_space)
+    if groups is None:
+        raise ActionMaskError(
+            f"The env provides action masks, but the action space {action_space} has no discrete outcomes to mask "
+            "(masks apply to Discrete, MultiDiscrete and MultiBinary). Pass use_masking=False to learn()."
+        )
+    array = np.asarray(masks)
+    size = sum(groups)
+    if n_envs is None:
+        n_envs = max(1, array.size // size)
+    if array.dtype == object or array.size != n_envs * size:
+        raise ActionMaskError(
+            f"Action masks {where} have shape {array.shape}, but {n_envs} env(s) with action space {action_space} "
+            f"need {size} booleans each ({n_envs} x {size}). Return one flat mask per env from action_masks()."
+        )
+    array = array.reshape(n_envs, size)
+    if array.dtype != np.bool_:
+        if array.dtype.kind not in "biuf" or not np.isin(array, (0, 1)).all():
+            bad = np.flatnonzero(~np.isin(array, (0, 1)).all(axis=1)) if array.dtype.kind in "biuf" else [0]
+            raise ActionMaskError(
+                f"Action masks {where} must be booleans (or 0/1); env {int(bad[0])} returned "
+                f"{array[int(bad[0])].tolist()} (dtype {array.dtype})."
+            )
+        array = array.astype(bool)
+    _check_some_action_valid(array, groups, action_space, where)
+    return array
+
+
+def _check_some_action_valid(array: np.ndarray, groups: list[int], action_space: spaces.Space, where: str) -> None:
+    start = 0
+    for index, size in enumerate(groups):
+        none_valid = ~array[:, start : start + size].any(axis=1)
+        if none_valid.any():
+            env = int(np.flatnonzero(none_valid)[0])
+            part = "" if len(groups) == 1 else f" in sub-space {index} (mask entries {start}..{start + size - 1})"
+            raise ActionMaskError(
+                f"Env {env} returned an action mask {where} with no valid action{part} for {action_space}: "
+                f"{array[env].tolist()}. Every (sub-)space needs at least one valid action."
+            )
+        start += size
+
+
+def read_action_masks(env: Any, action_space: spaces.Space, *, step: int) -> np.ndarray:
+    """``get_action_masks(env)``, checked (:func:`check_action_masks`)."""
+    return check_action_masks(get_action_masks(env), action_space, env.num_envs, step=step)

@@ -1,0 +1,227 @@
+"""Invalid-action masking: heads against sb3-contrib's masked distributions, rollouts, training, errors."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.envs import InvalidActionEnvDiscrete, InvalidActionEnvMultiBinary, InvalidActionEnvMultiDiscrete
+from sb3_contrib.common.maskable.distributions import (
+    MaskableBernoulliDistribution,
+    MaskableCategoricalDistribution,
+    MaskableMultiCategoricalDistribution,
+)
+from sb3_contrib.common.maskable.evaluation import evaluate_policy
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.policies import ActorCriticPolicy as SB3ActorCriticPolicy
+
+from sb3_ppo_ext import ClippedPPO
+from sb3_ppo_ext.backends import AutogradBackend, ClosedFormBackend
+from sb3_ppo_ext.distributions import BernoulliHead, CategoricalHead, MultiCategoricalHead
+from sb3_ppo_ext.errors import ActionMaskError, ConfigurationError
+from sb3_ppo_ext.masking import check_action_masks, mask_groups
+
+TINY = dict(n_steps=32, batch_size=16, n_epochs=2, device="cpu")
+
+
+def _random_masks(rng: np.random.Generator, batch: int, groups: list[int]) -> np.ndarray:
+    """Random masks with at least one valid outcome per group."""
+    parts = []
+    for size in groups:
+        part = rng.random((batch, size)) < 0.5
+        part[np.arange(batch), rng.integers(0, size, batch)] = True
+        parts.append(part)
+    return np.concatenate(parts, axis=1)
+
+
+# -- heads against sb3-contrib ---------------------------------------------------------------------------
+
+
+def test_masked_categorical_matches_sb3_contrib() -> None:
+    rng = np.random.default_rng(0)
+    logits = th.tensor(rng.normal(size=(64, 7)), dtype=th.float32)
+    masks = th.as_tensor(_random_masks(rng, 64, [7]))
+    head = CategoricalHead(7)
+    params = head.mask((logits,), masks)
+    actions = head.sample(params, deterministic=False)
+    assert masks[th.arange(64), actions].all()
+    theirs = MaskableCategoricalDistribution(7).proba_distribution(logits)
+    theirs.apply_masking(masks)
+    th.testing.assert_close(head.log_prob(params, actions), theirs.log_prob(actions))
+    th.testing.assert_close(head.entropy(params), theirs.entropy())
+    assert th.isfinite(head.entropy(params)).all()
+
+
+def test_masked_multicategorical_matches_sb3_contrib() -> None:
+    rng = np.random.default_rng(1)
+    nvec = [3, 5, 2]
+    logits = th.tensor(rng.normal(size=(64, sum(nvec))), dtype=th.float32)
+    masks = th.as_tensor(_random_masks(rng, 64, nvec))
+    head = MultiCategoricalHead(np.array(nvec))
+    params = head.mask((logits,), masks)
+    actions = head.sample(params, deterministic=False)
+    theirs = MaskableMultiCategoricalDistribution(nvec).proba_distribution(logits)
+    theirs.apply_masking(masks)
+    th.testing.assert_close(head.log_prob(params, actions), theirs.log_prob(actions))
+    th.testing.assert_close(head.entropy(params), theirs.entropy())
+
+
+def test_masked_bernoulli_matches_sb3_contrib_on_the_equivalent_two_class_logits() -> None:
+    """Our Bernoulli logit l is sb3-contrib's pair of class logits [0, l]."""
+    rng = np.random.default_rng(2)
+    n = 6
+    logits = th.tensor(rng.normal(size=(64, n)), dtype=th.float32)
+    masks = th.as_tensor(_random_masks(rng, 64, [2] * n))
+    head = BernoulliHead(n)
+    params = head.mask((logits,), masks)
+    actions = head.sample(params, deterministic=False)
+    pairs = th.stack([th.zeros_like(logits), logits], dim=-1).reshape(64, 2 * n)
+    theirs = MaskableBernoulliDistribution(n).proba_distribution(pairs)
+    theirs.apply_masking(masks)
+    th.testing.assert_close(head.log_prob(params, actions), theirs.log_prob(actions), atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(head.entropy(params), theirs.entropy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("head", "groups"),
+    [(CategoricalHead(5), [5]), (MultiCategoricalHead(np.array([2, 4, 3])), [2, 4, 3]), (BernoulliHead(4), [2] * 4)],
+    ids=["discrete", "multidiscrete", "multibinary"],
+)
+def test_sampled_and_deterministic_actions_are_never_masked_out(head, groups) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        masks = th.as_tensor(_random_masks(rng, 128, groups))
+        params = head.mask((th.tensor(rng.normal(scale=5.0, size=(128, head.n_outputs)), dtype=th.float32),), masks)
+        for deterministic in (False, True):
+            actions = head.sample(params, deterministic).long().reshape(128, -1)
+            offsets = np.cumsum([0, *groups[:-1]])
+            for component, offset in enumerate(offsets):
+                assert masks[th.arange(128), offset + actions[:, component]].all()
+
+
+# -- ClippedPPO with masked envs --------------------------------------------------------------------------
+
+
+def _masked_envs() -> list[gym.Env]:
+    return [
+        InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4),
+        InvalidActionEnvMultiDiscrete(dims=[4, 3], n_invalid_actions=3),
+        InvalidActionEnvMultiBinary(dims=4, n_invalid_actions=2),
+    ]
+
+
+@pytest.mark.parametrize("env", _masked_envs(), ids=["discrete", "multidiscrete", "multibinary"])
+def test_rollout_stores_masks_and_only_takes_valid_actions(env) -> None:
+    model = ClippedPPO("MlpPolicy", env, seed=0, **TINY)
+    model.learn(64)
+    buffer = model.rollout_buffer
+    assert buffer.action_masks is not None and buffer.action_masks.shape[:2] == (32, 1)
+    groups = mask_groups(env.action_space)
+    offsets = np.cumsum([0, *groups[:-1]])
+    actions = buffer.actions.reshape(32, -1).astype(int)
+    masks = buffer.action_masks.reshape(32, -1)
+    for component, offset in enumerate(offsets):
+        assert masks[np.arange(32), offset + actions[:, component]].all()
+    batch = next(buffer.get(8))
+    assert batch.action_masks.dtype == th.bool and batch.action_masks.shape == (8, masks.shape[1])
+
+
+def test_use_masking_false_ignores_the_masks() -> None:
+    model = ClippedPPO("MlpPolicy", InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4), seed=0, **TINY)
+    model.learn(64, use_masking=False)
+    assert model.rollout_buffer.action_masks is None
+
+
+def test_closed_form_and_autograd_agree_with_masks() -> None:
+    """The masked Categorical needs no new gradient: both backends give the same update."""
+    params = {}
+    for fast in (True, False):
+        model = ClippedPPO(
+            "MlpPolicy", InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4), seed=0, fast_update=fast, **TINY
+        )
+        assert isinstance(model._backend(), ClosedFormBackend if fast else AutogradBackend)
+        model.learn(96)
+        params[fast] = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
+    for name, value in params[True].items():
+        th.testing.assert_close(value, params[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_saved_masked_model_predicts_the_same(tmp_path) -> None:
+    env = InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4)
+    model = ClippedPPO("MlpPolicy", env, seed=0, **TINY)
+    model.learn(64)
+    model.save(tmp_path / "masked")
+    loaded = ClippedPPO.load(tmp_path / "masked", device="cpu")
+    rng = np.random.default_rng(0)
+    obs = np.stack([env.observation_space.sample() for _ in range(16)])
+    masks = _random_masks(rng, 16, [8])
+    ours, _ = model.predict(obs, action_masks=masks, deterministic=True)
+    theirs, _ = loaded.predict(obs, action_masks=masks, deterministic=True)
+    np.testing.assert_array_equal(ours, theirs)
+    assert masks[np.arange(16), ours].all()
+
+
+def test_sb3_contrib_evaluate_policy_works_with_clippedppo() -> None:
+    model = ClippedPPO("MlpPolicy", InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4), seed=0, **TINY)
+    model.learn(64)
+    mean, _ = evaluate_policy(model, InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4), n_eval_episodes=2)
+    assert np.isfinite(mean)
+
+
+@pytest.mark.slow
+def test_learns_the_invalid_action_env_as_maskableppo_does() -> None:
+    kwargs = dict(n_steps=128, batch_size=64, seed=0, device="cpu", learning_rate=3e-3)
+    scores = {}
+    for algo in (ClippedPPO, MaskablePPO):
+        env = make_vec_env(InvalidActionEnvDiscrete, n_envs=4, seed=0, env_kwargs=dict(dim=12, n_invalid_actions=8))
+        model = algo("MlpPolicy", env, **kwargs)
+        model.learn(6_000)
+        eval_env = InvalidActionEnvDiscrete(dim=12, n_invalid_actions=8)
+        scores[algo.__name__], _ = evaluate_policy(model, eval_env, n_eval_episodes=5, deterministic=True)
+    # an episode is 100 steps with reward 1 per correct action; chance with the masks is 1 in 4
+    assert scores["ClippedPPO"] >= 90
+    assert scores["ClippedPPO"] >= scores["MaskablePPO"] - 5
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+
+def test_policy_without_masks_is_refused_at_construction() -> None:
+    with pytest.raises(ConfigurationError, match="cannot apply the invalid-action masks"):
+        ClippedPPO(SB3ActorCriticPolicy, InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4), **TINY)
+
+
+@pytest.mark.parametrize(
+    ("masks", "match"),
+    [
+        (np.ones((2, 7), dtype=bool), "shape"),
+        (np.zeros((2, 8), dtype=bool), "no valid action"),
+        (np.full((2, 8), np.nan), "booleans"),
+        (np.full((2, 8), 0.5), "booleans"),
+    ],
+    ids=["wrong-length", "none-valid", "nan", "not-binary"],
+)
+def test_bad_masks_get_clear_errors(masks: np.ndarray, match: str) -> None:
+    with pytest.raises(ActionMaskError, match=match):
+        check_action_masks(masks, spaces.Discrete(8), 2, step=3)
+
+
+def test_multidiscrete_subspace_without_valid_action_is_named() -> None:
+    masks = np.array([[True, False, False, False, False]])
+    with pytest.raises(ActionMaskError, match="sub-space 1"):
+        check_action_masks(masks, spaces.MultiDiscrete([2, 3]), 1, step=0)
+
+
+class _BadMaskEnv(gym.Wrapper):
+    def action_masks(self) -> np.ndarray:
+        return np.zeros(self.action_space.n, dtype=bool)
+
+
+def test_an_env_returning_an_all_false_mask_stops_the_rollout_with_env_and_step() -> None:
+    env = make_vec_env("CartPole-v1", n_envs=2, wrapper_class=_BadMaskEnv)
+    model = ClippedPPO("MlpPolicy", env, **TINY)
+    with pytest.raises(ActionMaskError, match=r"Env 0 .* at rollout step 0 .* no valid action"):
+        model.learn(64)
