@@ -24,18 +24,42 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # RL Zoo hyperparameters (the shipped mirror of the Zoo's ppo.yml; Pong gets its "atari" block),
-# identical for both algorithms
+# identical for both algorithms; "counterpart" is the library a user would otherwise pick (default SB3's PPO)
 WORKLOADS: dict[str, dict[str, Any]] = {
     "cartpole": dict(env_id="CartPole-v1", timesteps=100_000, eval_episodes=10),
     "halfcheetah": dict(env_id="HalfCheetah-v5", timesteps=20_480, eval_episodes=3),
     "pong": dict(env_id="ALE/Pong-v5", timesteps=16_384, eval_episodes=1),
+    # invalid-action masking against sb3-contrib's MaskablePPO: 64 actions, 48 of them invalid at each step
+    "masked": dict(
+        env_id="InvalidActionEnvDiscrete-v0",
+        timesteps=50_000,
+        eval_episodes=5,
+        counterpart="maskable_ppo",
+        block=dict(policy="MlpPolicy", n_envs=8, n_steps=128, batch_size=256, n_epochs=10, learning_rate=3e-4),
+    ),
 }
+COUNTERPARTS = ("ppo", "maskable_ppo")
+
+
+def _register_masked_env() -> None:
+    import gymnasium as gym
+
+    if "InvalidActionEnvDiscrete-v0" not in gym.registry:
+        gym.register(
+            "InvalidActionEnvDiscrete-v0",
+            entry_point="sb3_contrib.common.envs:InvalidActionEnvDiscrete",
+            kwargs=dict(dim=64, n_invalid_actions=48),
+        )
 
 
 def _settings(workload: str) -> Any:
-    from sb3_ppo_ext.presets import zoo_settings
+    from sb3_ppo_ext.presets import parse_zoo_block, zoo_settings
 
-    return zoo_settings("clipped_ppo", WORKLOADS[workload]["env_id"])
+    spec = WORKLOADS[workload]
+    if "block" in spec:
+        _register_masked_env()
+        return parse_zoo_block(spec["block"])
+    return zoo_settings("clipped_ppo", spec["env_id"])
 
 
 def _make_env(workload: str, seed: int, n_envs: int | None = None, evaluation: bool = False) -> Any:
@@ -56,6 +80,8 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     """Train one model in this process and return its measurements."""
     import numpy as np
     import torch as th
+    from sb3_contrib import MaskablePPO
+    from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_masked
     from stable_baselines3 import PPO
     from stable_baselines3.common.evaluation import evaluate_policy
     from stable_baselines3.common.vec_env import sync_envs_normalization
@@ -64,7 +90,9 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
 
     th.set_num_threads(threads)
     spec, settings = WORKLOADS[workload], _settings(workload)
-    cls = ClippedPPO if algo == "clipped_ppo" else PPO
+    cls = {"clipped_ppo": ClippedPPO, "ppo": PPO, "maskable_ppo": MaskablePPO}[algo]
+    if spec.get("counterpart") == "maskable_ppo":
+        evaluate_policy = evaluate_masked  # noqa: N806 - both apply the env's masks when it has them
     env = _make_env(workload, seed)
     model = cls(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
 
@@ -164,7 +192,7 @@ def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], th
     ratios = []
     for workload in dict.fromkeys(r["workload"] for r in runs):
         fps, cpu_fps = {}, {}
-        for algo in ("ppo", "clipped_ppo"):
+        for algo in (*COUNTERPARTS, "clipped_ppo"):
             rs = [r for r in runs if r["workload"] == workload and r["algo"] == algo]
             if not rs:
                 continue
@@ -177,11 +205,12 @@ def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], th
                 + ", ".join(f"{r['eval_return']:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
                 + " |"
             )
-        if len(fps) == 2:
-            ratios.append((workload, fps["clipped_ppo"] / fps["ppo"], cpu_fps["clipped_ppo"] / cpu_fps["ppo"]))
+        other = next((algo for algo in COUNTERPARTS if algo in fps), None)
+        if other is not None and "clipped_ppo" in fps:
+            ratios.append((workload, fps["clipped_ppo"] / fps[other], cpu_fps["clipped_ppo"] / cpu_fps[other]))
     lines += [
         "",
-        "| workload | ClippedPPO / SB3 PPO env-steps/s (wall) | same, per CPU-second | env-only steps/s "
+        "| workload | ClippedPPO / counterpart env-steps/s (wall) | same, per CPU-second | env-only steps/s "
         "| env + policy forward steps/s |",
         "|---|---|---|---|---|",
     ]
@@ -219,7 +248,7 @@ def main() -> None:
         timesteps = args.timesteps or WORKLOADS[workload]["timesteps"]
         floor[workload] = _child([workload, "floors", "0", "0", str(args.threads)])
         for seed in args.seeds:
-            for algo in ("ppo", "clipped_ppo"):  # A B A B ...
+            for algo in (WORKLOADS[workload].get("counterpart", "ppo"), "clipped_ppo"):  # A B A B ...
                 run = _child([workload, algo, str(seed), str(timesteps), str(args.threads)])
                 runs.append(run)
                 print(

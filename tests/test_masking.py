@@ -225,3 +225,68 @@ def test_an_env_returning_an_all_false_mask_stops_the_rollout_with_env_and_step(
     model = ClippedPPO("MlpPolicy", env, **TINY)
     with pytest.raises(ActionMaskError, match=r"Env 0 .* at rollout step 0 .* no valid action"):
         model.learn(64)
+
+
+# -- interoperability ----------------------------------------------------------------------------------------
+
+
+class _DictObsMaskedEnv(gym.ObservationWrapper):
+    """InvalidActionEnvDiscrete with a Dict observation (the state and a constant), masks passed through."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.observation_space = spaces.Dict(
+            {"state": env.observation_space, "bias": spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)}
+        )
+
+    def observation(self, observation):
+        return {"state": observation, "bias": np.ones(1, dtype=np.float32)}
+
+    def action_masks(self):
+        return self.env.unwrapped.action_masks()
+
+
+def _masked_env_fn() -> gym.Env:
+    return InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4)
+
+
+def test_masks_through_subproc_and_vecnormalize() -> None:
+    from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
+
+    env = VecNormalize(make_vec_env(_masked_env_fn, n_envs=2, vec_env_cls=SubprocVecEnv), norm_obs=False)
+    try:
+        model = ClippedPPO("MlpPolicy", env, seed=0, **TINY)
+        model.learn(64)
+        masks = model.rollout_buffer.action_masks
+        assert masks is not None and masks.shape == (32, 2, 8)
+        actions = model.rollout_buffer.actions.reshape(64).astype(int)
+        assert masks.reshape(64, 8)[np.arange(64), actions].all()
+    finally:
+        env.close()
+
+
+def test_masks_with_dict_observations() -> None:
+    model = ClippedPPO("MultiInputPolicy", _DictObsMaskedEnv(_masked_env_fn()), seed=0, **TINY)
+    model.learn(64)
+    masks = model.rollout_buffer.action_masks.reshape(32, 8)
+    assert masks[np.arange(32), model.rollout_buffer.actions.reshape(32).astype(int)].all()
+
+
+def test_maskable_eval_callback_runs_with_clippedppo() -> None:
+    from sb3_contrib.common.maskable.callbacks import MaskableEvalCallback
+
+    callback = MaskableEvalCallback(_masked_env_fn(), eval_freq=32, n_eval_episodes=1, warn=False)
+    model = ClippedPPO("MlpPolicy", _masked_env_fn(), seed=0, **TINY)
+    model.learn(64, callback=callback)
+    assert callback.last_mean_reward > -np.inf
+
+
+def test_box_actions_with_masks_get_a_clear_error() -> None:
+    class BoxMasks(gym.Wrapper):
+        def action_masks(self):
+            return np.ones(2, dtype=bool)
+
+    model = ClippedPPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1, wrapper_class=BoxMasks), **TINY)
+    with pytest.raises(ActionMaskError, match="use_masking=False"):
+        model.learn(64)
+    model.learn(64, use_masking=False)
