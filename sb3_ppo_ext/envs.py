@@ -38,6 +38,31 @@ def register_atari() -> bool:
     return True
 
 
+# sb3-contrib's invalid-action test envs under Gymnasium ids, for the harness (ClippedPPO vs MaskablePPO)
+MASKED_TEST_ENVS = {
+    "InvalidActionEnvDiscrete-v0": "sb3_contrib.common.envs:InvalidActionEnvDiscrete",
+    "InvalidActionEnvMultiDiscrete-v0": "sb3_contrib.common.envs:InvalidActionEnvMultiDiscrete",
+    "InvalidActionEnvMultiBinary-v0": "sb3_contrib.common.envs:InvalidActionEnvMultiBinary",
+}
+
+
+def register_masked_test_envs() -> None:
+    """Register :data:`MASKED_TEST_ENVS` with Gymnasium (entry points only: nothing is imported now)."""
+    for env_id, entry_point in MASKED_TEST_ENVS.items():
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point=entry_point)
+
+
+def _register(env_id: str) -> None:
+    """Register the id's family when Gymnasium does not know it yet (ALE's games, the masked test envs)."""
+    if env_id in gym.registry:
+        return
+    if env_id in MASKED_TEST_ENVS:
+        register_masked_test_envs()
+    else:
+        register_atari()  # importing ale_py costs memory: only for ids not registered otherwise
+
+
 def is_atari(env_id: str) -> bool:
     """Whether ``env_id`` is an Atari game.
 
@@ -46,8 +71,7 @@ def is_atari(env_id: str) -> bool:
     installed, are judged by name (``ALE/...`` or ``...NoFrameskip...``), so that the ``atari`` settings
     are still chosen and making the env fails with Gymnasium's message on the missing package.
     """
-    if env_id not in gym.registry:
-        register_atari()
+    _register(env_id)
     try:
         spec = gym.spec(env_id)
     except (gym.error.Error, ImportError):  # not registered, or "module:Id" with the module missing
@@ -86,8 +110,7 @@ def make_env(
     :param env_kwargs: ``gym.make`` keyword arguments over the settings' ``env_kwargs``.
     :param monitor_dir: folder for the ``Monitor`` CSV files; ``None``: none written.
     """
-    if env_id not in gym.registry:
-        register_atari()  # ALE's ids exist only once ale_py has registered them (importing it costs memory)
+    _register(env_id)  # ALE's ids exist only once ale_py has registered them
     env = make_vec_env(
         env_id,
         n_envs=settings.n_envs if n_envs is None else n_envs,

@@ -41,6 +41,7 @@ HYPERPARAMS_FILES: dict[str, str] = {
     "ppo": "clipped_ppo.yml",
     "a2c": "a2c.yml",
     "trpo": "trpo.yml",
+    "maskable_ppo": "clipped_ppo.yml",
 }
 
 # Keys of a Zoo block that describe the environment or the run, not the model constructor.

@@ -330,3 +330,22 @@ def test_result_spec_round_trips(tmp_path):
     spec = RunSpec("CartPole-v1", "ppo", 0, 10, 5)
     write_json(spec.result_path(tmp_path), {"spec": dataclasses.asdict(spec)})
     assert is_finished(spec, tmp_path)
+
+
+def test_masked_task_runs_and_is_evaluated_with_its_masks(tmp_path, monkeypatch):
+    """ClippedPPO and MaskablePPO on a masked test env; evaluation goes through sb3-contrib's masked evaluate_policy."""
+    from sb3_ppo_ext.benchmark import runs
+
+    calls = []
+    original = runs.evaluate_masked
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "evaluate_masked", spy)
+    for algo in ("clipped_ppo", "maskable_ppo"):
+        spec = RunSpec("InvalidActionEnvDiscrete-v0", algo, 0, 1024, 1024, eval_episodes=1)
+        result = runs.train_and_evaluate(spec, tmp_path)
+        assert result["total_timesteps"] >= 1024 and np.isfinite(result["final_return"])
+    assert len(calls) >= 4  # at 0 and at the end, for each algorithm

@@ -15,6 +15,8 @@ import numpy as np
 import sb3_contrib
 import stable_baselines3
 import torch
+from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_masked
+from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import sync_envs_normalization
@@ -31,6 +33,7 @@ ALGOS: dict[str, str] = {
     "ppo": "stable_baselines3.PPO",
     "a2c": "stable_baselines3.A2C",
     "trpo": "sb3_contrib.TRPO",
+    "maskable_ppo": "sb3_contrib.MaskablePPO",
 }
 
 # Evaluation envs are seeded apart from the training envs (make_vec_env seeds env i with seed + i).
@@ -162,7 +165,9 @@ class EvalRecorder(BaseCallback):
     def _evaluate(self) -> None:
         began = time.perf_counter()
         sync_envs_normalization(self.training_env, self.eval_env)
-        returns, _ = evaluate_policy(
+        # envs with action_masks() are evaluated with their masks (sb3-contrib's evaluate_policy)
+        evaluate = evaluate_masked if is_masking_supported(self.eval_env) else evaluate_policy
+        returns, _ = evaluate(
             self.model,
             self.eval_env,
             n_eval_episodes=self.spec.eval_episodes,
