@@ -353,6 +353,9 @@ class ActorCriticPolicy(BasePolicy):
         """Invalid-action masks as a bool tensor ``[B, mask_size]`` on the policy's device."""
         if self.action_head is None or self.action_head.mask_size is None:
             raise ValueError(f"Invalid-action masks do not apply to {self.action_space} actions (or gSDE).")
+        if isinstance(action_masks, th.Tensor) and action_masks.dtype == th.bool:
+            # rollouts and minibatches hand them over as bool tensors on the model's device already
+            return action_masks.reshape(-1, self.action_head.mask_size)
         masks = th.as_tensor(action_masks, device=self.device)
         return masks.reshape(-1, self.action_head.mask_size).bool()
 

@@ -254,7 +254,10 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 masks = read_action_masks(env, self.action_space, step=n_steps)
             with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                actions, values, log_probs = act(obs_tensor) if masks is None else act(obs_tensor, action_masks=masks)
+                if masks is None:
+                    actions, values, log_probs = act(obs_tensor)
+                else:
+                    actions, values, log_probs = act(obs_tensor, action_masks=th.as_tensor(masks, device=self.device))
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(self._env_actions(actions))
             self.num_timesteps += env.num_envs
