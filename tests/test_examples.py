@@ -93,3 +93,8 @@ def test_action_masking(tmp_path):
     chosen = out.strip().splitlines()[-1]
     valid = chosen.split("valid actions now: ")[1].split("]")[0] + "]"
     assert int(chosen.rsplit("chosen: ", 1)[1]) in eval(valid)  # noqa: S307 - a list literal printed by the script
+
+
+def test_tictactoe_masked(tmp_path):
+    out = run_script(EXAMPLES / "tictactoe_masked.py", tmp_path, 512).stdout
+    assert "100 games (wins, draws, losses)" in out  # the env raises on an illegal move, so none was played
