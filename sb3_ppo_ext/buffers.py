@@ -171,11 +171,12 @@ class GAERolloutBuffer(RolloutBuffer):
             return
         permutation = th.randperm(total, device=self.device)
         fields = {name: tensor.index_select(0, permutation) for name, tensor in self._flat.items()}
+        names = self._names()
         for start in range(0, total, batch_size):
             window = slice(start, start + batch_size)
             # observations are gathered per minibatch: no second copy of the whole rollout's frames
             yield self._make_samples(
-                self._take(self._flat_obs, permutation[window]), *(fields[name][window] for name in self._names())
+                self._take(self._flat_obs, permutation[window]), *(fields[name][window] for name in names)
             )
 
     def _make_samples(self, *tensors: Any) -> RolloutBufferSamples:

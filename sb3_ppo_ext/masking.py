@@ -74,8 +74,9 @@ def check_action_masks(masks: Any, action_space: spaces.Space, n_envs: int | Non
         )
     array = array.reshape(n_envs, size)
     if array.dtype != np.bool_:
-        if array.dtype.kind not in "biuf" or not np.isin(array, (0, 1)).all():
-            bad = np.flatnonzero(~np.isin(array, (0, 1)).all(axis=1)) if array.dtype.kind in "biuf" else [0]
+        binary_rows = np.isin(array, (0, 1)).all(axis=1) if array.dtype.kind in "biuf" else np.zeros(n_envs, bool)
+        if not binary_rows.all():
+            bad = np.flatnonzero(~binary_rows)
             raise ActionMaskError(
                 f"Action masks {where} must be booleans (or 0/1); env {int(bad[0])} returned "
                 f"{array[int(bad[0])].tolist()} (dtype {array.dtype})."

@@ -359,8 +359,12 @@ class ActorCriticPolicy(BasePolicy):
         masks = th.as_tensor(action_masks, device=self.device)
         return masks.reshape(-1, self.action_head.mask_size).bool()
 
-    def _sde_distribution(self, latent_pi: th.Tensor) -> StateDependentNoiseDistribution:
+    def _sde_distribution(
+        self, latent_pi: th.Tensor, action_masks: MaybeMasks = None
+    ) -> StateDependentNoiseDistribution:
         assert self.sde_dist is not None
+        if action_masks is not None:
+            self.mask_tensor(action_masks)  # raises: gSDE's Box actions have nothing to mask
         return self.sde_dist.proba_distribution(self.action_net(latent_pi), self.log_std, latent_pi)
 
     def _act(
@@ -368,9 +372,7 @@ class ActorCriticPolicy(BasePolicy):
     ) -> tuple[th.Tensor, th.Tensor]:
         """Actions and their log-probabilities from the actor latent."""
         if self.action_head is None:
-            if action_masks is not None:
-                self.mask_tensor(action_masks)  # raises: gSDE has nothing to mask
-            dist = self._sde_distribution(latent_pi)
+            dist = self._sde_distribution(latent_pi, action_masks)
             actions = dist.get_actions(deterministic=deterministic)
             return actions, dist.log_prob(actions)
         params = self._head_params(latent_pi, action_masks)
@@ -395,9 +397,7 @@ class ActorCriticPolicy(BasePolicy):
         latent_pi, latent_vf = self._latents(obs)
         values = self.value_net(latent_vf)
         if self.action_head is None:
-            if action_masks is not None:
-                self.mask_tensor(action_masks)  # raises: gSDE has nothing to mask
-            dist = self._sde_distribution(latent_pi)
+            dist = self._sde_distribution(latent_pi, action_masks)
             return values, dist.log_prob(actions), dist.entropy()
         log_prob, entropy, _ = self.action_head.evaluate(self._head_params(latent_pi, action_masks), actions)
         return values, log_prob, entropy
@@ -441,7 +441,7 @@ class ActorCriticPolicy(BasePolicy):
         """The action distribution as an SB3 ``Distribution`` object (for code written against SB3)."""
         latent_pi = self._actor_latent(obs)
         if self.action_head is None:
-            return self._sde_distribution(latent_pi)
+            return self._sde_distribution(latent_pi, action_masks)
         return self.action_head.to_sb3(self._head_params(latent_pi, action_masks))
 
     def reset_noise(self, n_envs: int = 1) -> None:
