@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 pytest.importorskip("rliable", reason="the benchmark extra (requirements-benchmark.txt) is not installed")
 pytest.importorskip("matplotlib", reason="the benchmark extra (requirements-benchmark.txt) is not installed")
 
+from sb3_ppo_ext import presets  # noqa: E402
 from sb3_ppo_ext.benchmark import ablations, cli  # noqa: E402
 from sb3_ppo_ext.benchmark.runner import Outcome, execute, plan  # noqa: E402
 from sb3_ppo_ext.benchmark.runs import RunSpec, is_finished, load_result, write_json  # noqa: E402
@@ -349,3 +351,65 @@ def test_masked_task_runs_and_is_evaluated_with_its_masks(tmp_path, monkeypatch)
         result = runs.train_and_evaluate(spec, tmp_path)
         assert result["total_timesteps"] >= 1024 and np.isfinite(result["final_return"])
     assert len(calls) >= 4  # at 0 and at the end, for each algorithm
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("algo", ["clipped_ppo", "ppo"])
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, algo):
+    """A run stopped mid-way continues from its checkpoint: curve, statistics and step count carry over."""
+    from sb3_ppo_ext.benchmark import runs
+
+    # MountainCar's Zoo settings normalize observations: the statistics must survive the restart
+    spec = RunSpec("MountainCar-v0", algo, 0, 2048, 512, eval_episodes=1)
+    done_steps = []
+
+    def stop_after_1024(_key, steps):
+        done_steps.append(steps)
+        if sum(done_steps) >= 1280:  # past the checkpoints at 512 and 1024
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        runs.train_and_evaluate(spec, tmp_path, report=stop_after_1024)
+    state = runs.load_checkpoint(spec, tmp_path)
+    assert state is not None and state["num_timesteps"] == 1024
+    assert state["history"]["timesteps"] == [0, 512, 1024]
+    assert not spec.result_path(tmp_path).exists()
+    saved_stats = pickle.loads((spec.partial_dir(tmp_path) / state["vecnormalize"]).read_bytes()).obs_rms
+
+    resumed_report = []
+    seen = {}
+    original_learn = presets.import_object(runs.ALGOS[algo]).learn
+
+    def spy_learn(self, total_timesteps, *args, **kwargs):
+        seen["start"] = self.num_timesteps
+        seen["obs_mean"] = self.get_vec_normalize_env().obs_rms.mean.copy()
+        seen["learn_steps"] = total_timesteps
+        return original_learn(self, total_timesteps, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(presets.import_object(runs.ALGOS[algo]), "learn", spy_learn)
+        result = runs.train_and_evaluate(spec, tmp_path, report=lambda _key, steps: resumed_report.append(steps))
+    assert seen["start"] == 1024 and seen["learn_steps"] == 1024
+    np.testing.assert_array_equal(seen["obs_mean"], saved_stats.mean)
+    assert result["segments"] == 2
+    assert result["evaluations"]["timesteps"] == [0, 512, 1024, 1536, 2048]
+    assert result["total_timesteps"] == 2048 and sum(resumed_report) == 2048
+    walls = result["evaluations"]["wall_s"]
+    assert walls == sorted(walls) and result["wall_s"] >= walls[-1] > state["wall_s"]
+    assert not spec.partial_dir(tmp_path).exists()
+    assert is_finished(spec, tmp_path)
+
+
+def test_a_checkpoint_of_another_spec_is_ignored(tmp_path):
+    from sb3_ppo_ext.benchmark import runs
+
+    spec = RunSpec("CartPole-v1", "ppo", 0, 10, 5)
+    folder = spec.partial_dir(tmp_path)
+    other = dataclasses.replace(spec, timesteps=20)
+    write_json(folder / "state.json", {"spec": dataclasses.asdict(other), "model": "model_5.zip"})
+    (folder / "model_5.zip").write_bytes(b"")
+    assert runs.load_checkpoint(spec, tmp_path) is None
+    assert runs.load_checkpoint(other, tmp_path) is not None

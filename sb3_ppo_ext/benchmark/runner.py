@@ -114,8 +114,10 @@ def execute(
 ) -> Outcome:
     """Run every spec whose result is not already in ``out``; ``n_jobs`` runs at a time.
 
-    Each run writes its result file as soon as it finishes, so an interrupted call loses only the runs
-    in flight. A failed run is reported and left without a result, so the next call retries it.
+    Each run writes its result file as soon as it finishes and saves a checkpoint after each
+    evaluation, so an interrupted call loses only the steps each run in flight made since its last
+    evaluation; the next call continues those runs. A failed run is reported and left without a
+    result, so the next call retries it.
     """
     out = Path(out)
     console = console or Console()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_m
 from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import sync_envs_normalization
+from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
 
 import sb3_ppo_ext
 from sb3_ppo_ext import presets
@@ -82,6 +84,10 @@ class RunSpec:
         """Where this run's JSON result is written under the output folder ``out``."""
         return Path(out) / "raw" / self.env_id / self.label / f"seed{self.seed}.json"
 
+    def partial_dir(self, out: Path) -> Path:
+        """Where an unfinished run keeps its last checkpoint (deleted once the result is written)."""
+        return Path(out) / "partial" / self.env_id / self.label / f"seed{self.seed}"
+
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON through :func:`sb3_ppo_ext.checkpoints.atomic_write`, creating the folder.
@@ -124,12 +130,21 @@ class EvalRecorder(BaseCallback):
     that env-steps/s measures training alone.
     """
 
-    def __init__(self, eval_env: Any, spec: RunSpec, deterministic: bool, report: Reporter | None) -> None:
+    def __init__(
+        self,
+        eval_env: Any,
+        spec: RunSpec,
+        deterministic: bool,
+        report: Reporter | None,
+        checkpoint: Callable[[EvalRecorder], None] | None = None,
+        resumed: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.eval_env = eval_env
         self.spec = spec
         self.deterministic = deterministic
         self.report = report
+        self.checkpoint = checkpoint
         self.history: dict[str, list[float]] = {
             "timesteps": [],
             "mean_return": [],
@@ -138,13 +153,38 @@ class EvalRecorder(BaseCallback):
             "train_s": [],
         }
         self.eval_s = 0.0
+        #: wall-clock of the earlier segments of a resumed run
+        self.prior_wall_s = 0.0
+        if resumed is not None:
+            self.history = resumed["history"]
+            self.eval_s = resumed["eval_s"]
+            self.prior_wall_s = resumed["wall_s"]
         self._next_eval = 0
+        self._checkpointed_evals = len(self.history["timesteps"])
         self._last_reported = 0
         self._start = 0.0
 
+    def elapsed(self) -> float:
+        """Wall-clock of the whole run so far, earlier segments included."""
+        return self.prior_wall_s + time.perf_counter() - self._start
+
     def _on_training_start(self) -> None:
         self._start = time.perf_counter()
-        self._evaluate()
+        if self.history["timesteps"]:  # resumed: the earlier segments' steps count as done
+            if self.report is not None:
+                self.report(self.spec.key, min(self.num_timesteps, self.spec.timesteps))
+            self._last_reported = min(self.num_timesteps, self.spec.timesteps)
+            self._schedule_next_eval()
+        else:
+            self._evaluate()
+
+    def _on_rollout_start(self) -> None:
+        # after an update, before new env steps: a checkpoint here resumes at a rollout boundary
+        evaluated = len(self.history["timesteps"])
+        if self.checkpoint is not None and evaluated > self._checkpointed_evals:
+            if 0 < self.num_timesteps < self.spec.timesteps:
+                self.checkpoint(self)
+            self._checkpointed_evals = evaluated
 
     def _on_step(self) -> bool:
         if self.num_timesteps >= self._next_eval:
@@ -174,14 +214,17 @@ class EvalRecorder(BaseCallback):
             deterministic=self.deterministic,
             return_episode_rewards=True,
         )
-        ended = time.perf_counter()
-        self.eval_s += ended - began
+        self.eval_s += time.perf_counter() - began
+        wall_s = self.elapsed()
         history = self.history
         history["timesteps"].append(int(self.num_timesteps))
         history["mean_return"].append(float(np.mean(returns)))
         history["std_return"].append(float(np.std(returns)))
-        history["wall_s"].append(ended - self._start)
-        history["train_s"].append(ended - self._start - self.eval_s)
+        history["wall_s"].append(wall_s)
+        history["train_s"].append(wall_s - self.eval_s)
+        self._schedule_next_eval()
+
+    def _schedule_next_eval(self) -> None:
         self._next_eval = (self.num_timesteps // self.spec.eval_freq + 1) * self.spec.eval_freq
 
 
@@ -209,25 +252,122 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+# Files of a run's checkpoint in its partial folder; state.json is written last and names the others.
+_STATE_FILE = "state.json"
+
+
+def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: int) -> None:
+    """Save the model, its VecNormalize statistics and the recorder's history so the run can resume.
+
+    Files carry the step count in their names and ``state.json`` is replaced last, atomically: a
+    machine that stops mid-save leaves the previous checkpoint intact.
+    """
+    model = recorder.model
+    folder = spec.partial_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = int(model.num_timesteps)
+    model_file = f"model_{steps}.zip"
+    model.save(folder / model_file)
+    vec_normalize = model.get_vec_normalize_env()
+    stats_file = None
+    if vec_normalize is not None:
+        stats_file = f"vecnormalize_{steps}.pkl"
+        vec_normalize.save(str(folder / stats_file))
+    state = {
+        "spec": dataclasses.asdict(spec),
+        "num_timesteps": steps,
+        "model": model_file,
+        "vecnormalize": stats_file,
+        "history": recorder.history,
+        "eval_s": recorder.eval_s,
+        "wall_s": recorder.elapsed(),
+        "segments": segments,
+    }
+    write_json(folder / _STATE_FILE, state)
+    for path in folder.iterdir():
+        if path.name not in (_STATE_FILE, model_file, stats_file):
+            path.unlink()
+
+
+def load_checkpoint(spec: RunSpec, out: Path) -> dict[str, Any] | None:
+    """The checkpoint of an unfinished run of exactly this spec, or ``None``."""
+    folder = spec.partial_dir(out)
+    try:
+        with open(folder / _STATE_FILE) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if state.get("spec") != dataclasses.asdict(spec) or not (folder / state["model"]).exists():
+        return None
+    return state
+
+
+def _restore_normalization(env: Any, path: Path) -> None:
+    # the statistics only: the env's own wrapper stack (and its venv) stays as make_env built it
+    target = next((e for e in _wrapper_chain(env) if isinstance(e, VecNormalize)), None)
+    if target is None:
+        raise ValueError(f"checkpoint has VecNormalize statistics ({path}) but the run's env does not normalize")
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    target.obs_rms, target.ret_rms = saved.obs_rms, saved.ret_rms
+
+
+def _wrapper_chain(env: Any) -> list[Any]:
+    chain = [env]
+    while hasattr(chain[-1], "venv"):
+        chain.append(chain[-1].venv)
+    return chain
+
+
 def train_and_evaluate(
-    spec: RunSpec, out: Path, report: Reporter | None = None, hyperparams_dir: Path | None = None
+    spec: RunSpec,
+    out: Path,
+    report: Reporter | None = None,
+    hyperparams_dir: Path | None = None,
+    *,
+    checkpoints: bool = True,
 ) -> dict[str, Any]:
     """Train one run, evaluating along the way, and write its result file atomically.
+
+    With ``checkpoints``, the run saves itself after each evaluation under ``spec.partial_dir(out)``
+    and a later call continues from there (fresh env episodes, the same model, optimizer, schedules,
+    normalization statistics and learning curve) instead of starting over.
 
     :return: the result written to ``spec.result_path(out)``.
     """
     torch.set_num_threads(1)  # one core per run: runs are parallelised across processes instead
     settings = run_settings(spec, hyperparams_dir)
-    env = make_env(spec.env_id, settings, seed=spec.seed)
+    state = load_checkpoint(spec, out) if checkpoints else None
+    segments = 1 if state is None else state["segments"] + 1
+    # a resumed segment's envs get fresh seeds: replaying the first segment's episodes would be a bias
+    env_seed = spec.seed + (segments - 1) * 1_000_000
+    env = make_env(spec.env_id, settings, seed=env_seed)
     # statistics are copied from the training env before each evaluation; returns unscaled
-    eval_env = make_env(spec.env_id, settings, 1, spec.seed + EVAL_SEED_OFFSET, evaluation=True)
+    eval_env = make_env(spec.env_id, settings, 1, env_seed + EVAL_SEED_OFFSET, evaluation=True)
     algo_class = presets.import_object(ALGOS[spec.algo])
-    model = algo_class(settings.policy, env, seed=spec.seed, device=spec.device, verbose=0, **settings.model_kwargs)
+    if state is None:
+        model = algo_class(settings.policy, env, seed=spec.seed, device=spec.device, verbose=0, **settings.model_kwargs)
+    else:
+        folder = spec.partial_dir(out)
+        if state["vecnormalize"] is not None:
+            _restore_normalization(env, folder / state["vecnormalize"])
+        model = algo_class.load(folder / state["model"], env=env, device=spec.device)
+        model.set_random_seed(env_seed)
+
+    def checkpoint(recorder: EvalRecorder) -> None:
+        save_checkpoint(spec, out, recorder, segments)
+
     # the Zoo evaluates deterministically except on Atari (and MiniGrid)
-    recorder = EvalRecorder(eval_env, spec, deterministic=not is_atari(spec.env_id), report=report)
-    started = time.perf_counter()
-    model.learn(spec.timesteps, callback=recorder)
-    wall_s = time.perf_counter() - started
+    recorder = EvalRecorder(
+        eval_env,
+        spec,
+        deterministic=not is_atari(spec.env_id),
+        report=report,
+        checkpoint=checkpoint if checkpoints else None,
+        resumed=state,
+    )
+    model.learn(spec.timesteps - model.num_timesteps, callback=recorder, reset_num_timesteps=state is None)
+    wall_s = recorder.elapsed()
     env.close()
     eval_env.close()
 
@@ -251,8 +391,11 @@ def train_and_evaluate(
         "wall_s": wall_s,
         "train_s": train_s,
         "steps_per_s": model.num_timesteps / train_s if train_s > 0 else float("nan"),
+        # >1: resumed from a checkpoint this many times minus one (each segment restarts its episodes)
+        "segments": segments,
         "versions": _versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(spec.result_path(out), result)
+    shutil.rmtree(spec.partial_dir(out), ignore_errors=True)
     return result
