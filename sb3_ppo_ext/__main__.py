@@ -5,6 +5,7 @@
     python -m sb3_ppo_ext train                       # CartPole-v1, RL Zoo settings, 100k steps
     python -m sb3_ppo_ext train --env Pendulum-v1 --timesteps 50000 --hyperparams learning_rate=lin_1e-3
     python -m sb3_ppo_ext enjoy --load clipped_ppo_CartPole-v1.zip --env CartPole-v1
+    python -m sb3_ppo_ext export --load clipped_ppo_CartPole-v1.zip --out policy.onnx   # or --torchscript
     python -m sb3_ppo_ext benchmark ...               # delegates to sb3_ppo_ext.benchmark
 
 Hyperparameters come from the RL Baselines3 Zoo's tuned settings for the env (``sb3_ppo_ext.presets``),
@@ -31,6 +32,7 @@ from torch import nn
 
 from sb3_ppo_ext import ClippedPPO, presets
 from sb3_ppo_ext.envs import make_env
+from sb3_ppo_ext.errors import ExportError
 from sb3_ppo_ext.presets import Settings
 
 DEFAULT_ENV = "CartPole-v1"
@@ -208,6 +210,47 @@ def enjoy(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_policy(args: argparse.Namespace) -> int:
+    """Write a saved model's deterministic policy as ONNX (or TorchScript); print what was written."""
+    from sb3_ppo_ext.export import export, read_metadata
+
+    load = Path(args.load)
+    export_format = "torchscript" if args.torchscript else None
+    out = Path(args.out) if args.out else load.with_suffix(".pt" if args.torchscript else ".onnx")
+    if export_format is None and out.suffix.lower() not in {".onnx", ".pt", ".pth", ".ts"}:
+        export_format = "onnx"
+    # the statistics `train` saves next to the model, unless told otherwise (as `enjoy` does)
+    stats: Path | None = None
+    if args.vecnormalize:
+        stats = Path(args.vecnormalize)
+    elif not args.no_vecnormalize and vecnormalize_path(load).exists():
+        stats = vecnormalize_path(load)
+    try:
+        model = ClippedPPO.load(load, device="cpu")
+        written = export(
+            model,
+            out,
+            export_format,  # type: ignore[arg-type]
+            vecnormalize=stats,
+            with_value=args.with_value,
+            action_masks=args.action_masks,
+        )
+    except (ExportError, ImportError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    metadata = read_metadata(written)
+
+    def describe(specs: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{s['name']}{list(s['shape'])} {s['dtype']}" for s in specs)
+
+    print(
+        f"exported {load} -> {written} ({metadata['format']}) | inputs: {describe(metadata['inputs'])} | "
+        f"outputs: {describe(metadata['outputs'])} | VecNormalize: {stats if stats is not None else 'none'}",
+        flush=True,
+    )
+    return 0
+
+
 def benchmark(argv: Sequence[str]) -> int:
     """Run ``python -m sb3_ppo_ext.benchmark argv`` in this process; return its exit status."""
     try:
@@ -265,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and save ClippedPPO agents.",
         epilog="benchmark ARGS...: run the multi-seed benchmark (python -m sb3_ppo_ext benchmark --help)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,enjoy,benchmark}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,enjoy,export,benchmark}", required=True)
 
     p_train = sub.add_parser("train", help="train, evaluate and save an agent (default: CartPole-v1)")
     _add_env_arguments(p_train)
@@ -287,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_enjoy.add_argument("--render", action="store_true", help="render_mode='human' (needs pygame)")
     p_enjoy.add_argument("--stochastic", action="store_true", help="sample actions instead of the mode")
     p_enjoy.set_defaults(handler=enjoy)
+
+    p_export = sub.add_parser("export", help="write a saved agent's deterministic policy as ONNX or TorchScript")
+    p_export.add_argument("--load", required=True, help="path of a saved model (.zip)")
+    p_export.add_argument("--out", default=None, help="file to write (default: the model's path with .onnx or .pt)")
+    p_export.add_argument(
+        "--vecnormalize",
+        default=None,
+        metavar="PATH",
+        help="VecNormalize statistics to bake in, so the graph takes raw observations "
+        "(default: <model>_vecnormalize.pkl when it exists)",
+    )
+    p_export.add_argument("--no-vecnormalize", action="store_true", help="do not bake in VecNormalize statistics")
+    p_export.add_argument("--with-value", action="store_true", help="add the critic's value as a second output")
+    p_export.add_argument("--action-masks", action="store_true", help="add an action_masks input (masked policies)")
+    p_export.add_argument("--torchscript", action="store_true", help="write TorchScript instead of ONNX")
+    p_export.set_defaults(handler=export_policy)
 
     sub.add_parser("benchmark", help="multi-seed benchmark (delegates to sb3_ppo_ext.benchmark)", add_help=False)
     return parser

@@ -48,6 +48,14 @@ class ActionMaskError(ClippedPPOError):
     """An invalid-action mask from the env that cannot be applied: wrong size, not boolean, no valid action."""
 
 
+class ExportError(ClippedPPOError):
+    """A policy or option that :mod:`sb3_ppo_ext.export` cannot turn into an ONNX/TorchScript graph; says what to do."""
+
+
+class UnsupportedExportError(ExportError, NotImplementedError):
+    """A kind of policy the exporter does not handle yet (recurrent policies): also a ``NotImplementedError``."""
+
+
 class EnvWorkerError(ClippedPPOError, EOFError):
     """A ``SubprocVecEnv`` worker process died (SB3 would raise ``EOFError``/``BrokenPipeError`` or hang)."""
 
@@ -67,9 +75,11 @@ __all__ = [
     "ConfigurationError",
     "ConfigurationWarning",
     "EnvWorkerError",
+    "ExportError",
     "ModelFileError",
     "NonFiniteError",
     "NotAModelFileError",
     "SpaceMismatchError",
+    "UnsupportedExportError",
     "UnsupportedSpaceError",
 ]

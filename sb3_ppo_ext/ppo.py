@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -425,6 +426,12 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             return super().predict(observation, state, episode_start, deterministic)
         masks = check_action_masks(action_masks, self.action_space, None, step=-1)
         return self.policy.predict(observation, state, episode_start, deterministic, action_masks=masks)
+
+    def export(self, path: str | Path, export_format: str | None = None, **options: Any) -> Path:
+        """The deterministic policy as ONNX (``.onnx``) or TorchScript (``.pt``): :func:`sb3_ppo_ext.export.export`."""
+        from sb3_ppo_ext.export import export  # deferred: onnx is an optional dependency
+
+        return export(self, path, export_format, **options)  # type: ignore[arg-type]
 
     def learn(
         self: SelfClippedPPO,

@@ -1,0 +1,572 @@
+"""One-call export of a trained policy to ONNX or TorchScript: the deterministic action, optionally the value.
+
+::
+
+    model.export("policy.onnx")                                   # or "policy.pt" for TorchScript
+    to_onnx(model, "policy.onnx", vecnormalize="stats.pkl", with_value=True, action_masks=True)
+
+The exported graph is :class:`PolicyExportModule`: the observations exactly as ``predict`` receives them
+(raw, when VecNormalize statistics are baked in), then the policy's own ``_predict(obs, deterministic=True)``
+(so the preprocessing ``predict`` applies, image scaling, one-hot encoding and Dict observations, is
+traced from the same code), then ``predict``'s post-processing: Box actions clipped to the bounds, or
+unscaled when the policy squashes them. Inputs and outputs have a dynamic batch axis:
+
+* inputs: ``obs`` (or one input per key of a Dict observation space, named after the key), then
+  ``action_masks`` (bool, ``[batch, mask_size]``) when exported with ``action_masks=True``;
+* outputs: ``action`` (``predict``'s shape and dtype), then ``value`` (``[batch, 1]``, ``predict_values``)
+  with ``with_value=True``.
+
+Spaces, versions and export options travel with the file (ONNX ``metadata_props``, a TorchScript extra
+file); :func:`read_metadata` reads either. ONNX export uses torch's TorchScript-based exporter
+(``dynamo=False``): it needs only the ``onnx`` package, where the ``torch.export``-based one also needs
+``onnxscript`` and takes seconds per model.
+
+Recurrent policies are refused for now (:class:`~sb3_ppo_ext.errors.UnsupportedExportError`); their
+export is a subclass of :class:`PolicyExportModule` that adds the LSTM state to :meth:`input_specs`,
+:meth:`output_specs` and ``forward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import pickle
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.vec_env import VecNormalize
+from torch import nn
+
+from sb3_ppo_ext.errors import ExportError, UnsupportedExportError
+from sb3_ppo_ext.masking import mask_groups, policy_applies_masks
+
+__all__ = [
+    "METADATA_FILE",
+    "PolicyExportModule",
+    "TensorSpec",
+    "build_module",
+    "export",
+    "read_metadata",
+    "to_onnx",
+    "to_torchscript",
+]
+
+ExportFormat = Literal["onnx", "torchscript"]
+# ONNX opset 17: every op the policies need, and run by onnxruntime releases of the last few years
+DEFAULT_OPSET = 17
+# name of the metadata JSON stored inside a TorchScript archive (its ``_extra_files``)
+METADATA_FILE = "sb3_ppo_ext_metadata.json"
+BATCH = "batch"
+# trace with one batch size, check with another: a batch size baked into the graph shows up as a mismatch
+_TRACE_BATCH, _CHECK_BATCH = 2, 3
+_SUFFIXES: dict[str, ExportFormat] = {
+    ".onnx": "onnx",
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+    ".ts": "torchscript",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the exported graph: its name, shape (``"batch"`` first) and dtype name."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+
+def _obs_input_dtype(space: spaces.Space) -> th.dtype:
+    """The dtype an observation is fed as: uint8 images stay uint8, discrete indices int64, the rest float32."""
+    if isinstance(space, spaces.Box) and space.dtype == np.uint8:
+        return th.uint8
+    if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete)):
+        return th.int64
+    return th.float32
+
+
+def _obs_shape(space: spaces.Space) -> tuple[int, ...]:
+    # predict() reshapes observations to (-1, *space.shape): Discrete is one index per row
+    return tuple(int(n) for n in space.shape) if space.shape is not None else ()
+
+
+def is_recurrent(policy: nn.Module) -> bool:
+    """Whether ``policy`` carries an LSTM state between steps (sb3-contrib's RecurrentPPO layout)."""
+    return any(hasattr(policy, name) for name in ("lstm_actor", "lstm_hidden_state_shape"))
+
+
+def _normalization_stats(
+    vecnormalize: VecNormalize | str | Path | None, observation_space: spaces.Space
+) -> tuple[dict[str | None, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """VecNormalize's observation statistics per input (key None: a non-Dict space) and the options recorded.
+
+    :return: ``{key: (mean, std)}`` with ``std = sqrt(var + epsilon)``, and ``clip_obs``/``epsilon``.
+    """
+    if vecnormalize is None:
+        return {}, {}
+    if isinstance(vecnormalize, (str, Path)):
+        # VecNormalize.load() wants a VecEnv to wrap; the pickle alone holds the statistics
+        with open(vecnormalize, "rb") as file:
+            vecnormalize = pickle.load(file)  # noqa: S301 - the user's own statistics file, as VecNormalize.load
+    if not isinstance(vecnormalize, VecNormalize):
+        raise ExportError(
+            f"vecnormalize must be a VecNormalize, the path of its saved statistics or None; got {type(vecnormalize)}."
+        )
+    options = {"clip_obs": float(vecnormalize.clip_obs), "epsilon": float(vecnormalize.epsilon)}
+    if not vecnormalize.norm_obs:
+        return {}, options
+    if isinstance(observation_space, spaces.Dict):
+        keys = list(vecnormalize.norm_obs_keys or [])
+        stats = {key: vecnormalize.obs_rms[key] for key in keys}  # type: ignore[index]
+    else:
+        stats = {None: vecnormalize.obs_rms}  # type: ignore[dict-item]
+    result = {}
+    for key, rms in stats.items():
+        space = observation_space[key] if key is not None else observation_space
+        if tuple(np.shape(rms.mean)) != _obs_shape(space):
+            raise ExportError(
+                f"The VecNormalize statistics{'' if key is None else f' of {key!r}'} have shape {np.shape(rms.mean)}, "
+                f"but the policy's observations have shape {_obs_shape(space)}: they belong to another env."
+            )
+        # float64 in numpy, as VecNormalize computes them; the graph then works in float32
+        std = np.sqrt(np.asarray(rms.var, np.float64) + vecnormalize.epsilon)
+        result[key] = (np.asarray(rms.mean, np.float64), std)
+    return result, options
+
+
+class PolicyExportModule(nn.Module):
+    """Inference-only module: observations (and masks) in, ``predict(..., deterministic=True)``'s actions out.
+
+    :param policy: the policy (in eval mode; this module does not copy it).
+    :param with_value: add a ``value`` output, ``policy.predict_values(obs)`` (``[batch, 1]``).
+    :param action_masks: add an ``action_masks`` input (bool, or 0/1 numbers in TorchScript), as
+        ``predict(..., action_masks=...)``; masks are not checked (a row with no valid action gives action 0).
+    :param obs_stats: VecNormalize statistics ``{key: (mean, std)}`` (key None for a non-Dict space), applied
+        to raw observations before the policy, as ``VecNormalize.normalize_obs``.
+    :param clip_obs: VecNormalize's ``clip_obs``.
+    """
+
+    def __init__(
+        self,
+        policy: BasePolicy,
+        with_value: bool = False,
+        action_masks: bool = False,
+        obs_stats: dict[str | None, tuple[np.ndarray, np.ndarray]] | None = None,
+        clip_obs: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.with_value = with_value
+        self.action_masks = action_masks
+        self.clip_obs = float(clip_obs)
+        observation_space = policy.observation_space
+        if isinstance(observation_space, spaces.Dict):
+            self.obs_keys: list[str] | None = list(observation_space.spaces)
+            self.obs_spaces = [observation_space[key] for key in self.obs_keys]
+        else:
+            self.obs_keys = None
+            self.obs_spaces = [observation_space]
+        names = self.obs_keys or ["obs"]
+        if action_masks and "action_masks" in names:
+            raise ExportError("An observation key named 'action_masks' clashes with the mask input; rename the key.")
+        # normalised inputs, by position, with their statistics as float32 buffers (constants of the graph)
+        self.normalized: list[bool] = []
+        for index, key in enumerate(self.obs_keys or [None]):
+            stats = (obs_stats or {}).get(key)
+            self.normalized.append(stats is not None)
+            if stats is not None:
+                self.register_buffer(f"obs_mean_{index}", th.as_tensor(stats[0], dtype=th.float32))
+                self.register_buffer(f"obs_std_{index}", th.as_tensor(stats[1], dtype=th.float32))
+        action_space = policy.action_space
+        # length of one invalid-action mask (sb3-contrib's layout, sb3_ppo_ext.masking); None: masks do not apply
+        groups = mask_groups(action_space)
+        self.mask_size: int | None = None if groups is None else sum(groups)
+        if action_masks and self.mask_size is None:
+            raise ExportError(f"Invalid-action masks do not apply to {action_space} actions.")
+        self.clip_actions = isinstance(action_space, spaces.Box)
+        if self.clip_actions:
+            assert isinstance(action_space, spaces.Box)
+            self.register_buffer("action_low", th.as_tensor(action_space.low, dtype=th.float32))
+            self.register_buffer("action_high", th.as_tensor(action_space.high, dtype=th.float32))
+        self.input_names = [spec.name for spec in self.input_specs()]
+        self.output_names = [spec.name for spec in self.output_specs()]
+
+    def input_specs(self) -> list[TensorSpec]:
+        """The graph's inputs, in order."""
+        specs = [
+            TensorSpec(name, (BATCH, *_obs_shape(space)), str(_obs_input_dtype(space)).removeprefix("torch."))
+            for name, space in zip(self.obs_keys or ["obs"], self.obs_spaces, strict=True)
+        ]
+        if self.action_masks:
+            specs.append(TensorSpec("action_masks", (BATCH, self.mask_size), "bool"))
+        return specs
+
+    def output_specs(self) -> list[TensorSpec]:
+        """The graph's outputs, in order."""
+        action_space = self.policy.action_space
+        if isinstance(action_space, (spaces.Discrete, spaces.MultiDiscrete)):
+            dtype = "int64"
+        else:
+            dtype = "float32"
+        specs = [TensorSpec("action", (BATCH, *(int(n) for n in action_space.shape or ())), dtype)]
+        if self.with_value:
+            specs.append(TensorSpec("value", (BATCH, 1), "float32"))
+        return specs
+
+    def example_inputs(self, batch_size: int, seed: int = 0) -> tuple[th.Tensor, ...]:
+        """Random inputs of the right shapes and dtypes (for tracing and for checking an exported file)."""
+        generator = th.Generator().manual_seed(seed)
+        inputs = []
+        for space in self.obs_spaces:
+            shape = (batch_size, *_obs_shape(space))
+            if isinstance(space, spaces.Discrete):
+                inputs.append(th.randint(int(space.n), shape, generator=generator))
+            elif isinstance(space, spaces.MultiDiscrete):
+                highs = th.as_tensor(np.asarray(space.nvec, np.int64))
+                inputs.append((th.rand(shape, generator=generator) * highs).long())
+            elif isinstance(space, spaces.MultiBinary):
+                inputs.append(th.randint(2, shape, generator=generator).float())
+            elif _obs_input_dtype(space) == th.uint8:
+                inputs.append(th.randint(256, shape, generator=generator, dtype=th.uint8))
+            else:
+                inputs.append(th.randn(shape, generator=generator))
+        if self.action_masks:
+            inputs.append(th.rand((batch_size, self.mask_size), generator=generator) < 0.7)
+        return tuple(inputs)
+
+    def _observations(self, inputs: Sequence[th.Tensor]) -> th.Tensor | dict[str, th.Tensor]:
+        """Raw inputs -> what ``predict`` hands the policy (VecNormalize applied where baked in)."""
+        observations = []
+        for index, obs in enumerate(inputs):
+            if self.normalized[index]:
+                mean, std = getattr(self, f"obs_mean_{index}"), getattr(self, f"obs_std_{index}")
+                obs = th.clamp((obs.float() - mean) / std, -self.clip_obs, self.clip_obs)
+            observations.append(obs)
+        if self.obs_keys is None:
+            return observations[0]
+        return dict(zip(self.obs_keys, observations, strict=True))
+
+    def _postprocess(self, actions: th.Tensor) -> th.Tensor:
+        """``BasePolicy.predict``'s last steps: reshape, then clip (or unscale squashed) Box actions."""
+        actions = actions.reshape((-1, *self.policy.action_space.shape))  # type: ignore[misc]
+        if not self.clip_actions:
+            return actions
+        if self.policy.squash_output:
+            return self.action_low + 0.5 * (actions + 1.0) * (self.action_high - self.action_low)
+        # np.clip(a, low, high) is min(max(a, low), high)
+        return th.minimum(th.maximum(actions, self.action_low), self.action_high)
+
+    def forward(self, *inputs: th.Tensor) -> th.Tensor | tuple[th.Tensor, th.Tensor]:
+        """``action`` (and ``value``) for the inputs listed by :meth:`input_specs`."""
+        n_obs = len(self.obs_spaces)
+        obs = self._observations(inputs[:n_obs])
+        if self.action_masks:
+            masks = inputs[n_obs].to(th.bool)  # 0/1 numbers work too (TorchScript; ONNX fixes the input type)
+            actions = self.policy._predict(obs, deterministic=True, action_masks=masks)  # type: ignore[call-arg]
+        else:
+            actions = self.policy._predict(obs, deterministic=True)
+        actions = self._postprocess(actions)
+        if self.with_value:
+            return actions, self.policy.predict_values(obs)  # type: ignore[attr-defined]
+        return actions
+
+
+# -- building the module -----------------------------------------------------------------------------
+
+
+def _policy_of(model: BaseAlgorithm | BasePolicy) -> BasePolicy:
+    if isinstance(model, BaseAlgorithm):
+        return model.policy
+    if isinstance(model, BasePolicy):
+        return model
+    raise ExportError(f"Expected a ClippedPPO model (or another SB3 algorithm) or its policy, got {type(model)}.")
+
+
+def _check_exportable(policy: BasePolicy, action_masks: bool, with_value: bool) -> None:
+    """Refuse what the exported graph cannot reproduce, saying what to do instead."""
+    if is_recurrent(policy):
+        raise UnsupportedExportError(
+            f"{type(policy).__name__} is recurrent: exporting the LSTM state (inputs and outputs) is not supported "
+            "yet. Export a feed-forward policy, or run the recurrent one with model.predict(obs, state, "
+            "episode_start)."
+        )
+    if action_masks:
+        if mask_groups(policy.action_space) is None or getattr(policy, "use_sde", False):
+            raise ExportError(
+                f"action_masks=True needs Discrete, MultiDiscrete or MultiBinary actions without gSDE; the policy has "
+                f"{policy.action_space}{' with gSDE' if getattr(policy, 'use_sde', False) else ''}. "
+                "Export with action_masks=False."
+            )
+        if not policy_applies_masks(type(policy)):
+            raise ExportError(
+                f"{type(policy).__name__} takes no action masks (its forward() has no action_masks argument). "
+                "Export with action_masks=False, or use a ClippedPPO policy."
+            )
+    if with_value and not hasattr(policy, "predict_values"):
+        raise ExportError(f"{type(policy).__name__} has no critic (predict_values); export with with_value=False.")
+
+
+def build_module(
+    model: BaseAlgorithm | BasePolicy,
+    *,
+    vecnormalize: VecNormalize | str | Path | None = None,
+    with_value: bool = False,
+    action_masks: bool = False,
+) -> tuple[PolicyExportModule, dict[str, Any]]:
+    """The module to export (on CPU, in eval mode) and the export options recorded in the metadata.
+
+    The policy is shared with ``model`` when it lives on the CPU, and copied otherwise; it is left in eval
+    mode (:func:`to_onnx` and :func:`to_torchscript` restore the mode it had).
+    """
+    policy = _policy_of(model)
+    _check_exportable(policy, action_masks, with_value)
+    if isinstance(model, BaseAlgorithm) and vecnormalize is None and model.get_vec_normalize_env() is not None:
+        warnings.warn(
+            "The model's env normalises observations (VecNormalize) but no statistics were given: the exported "
+            "policy expects normalised observations. Pass vecnormalize=model.get_vec_normalize_env() (or the saved "
+            "statistics file) to feed raw observations.",
+            stacklevel=3,
+        )
+    obs_stats, norm_options = _normalization_stats(vecnormalize, policy.observation_space)
+    if policy.device.type != "cpu":
+        policy = copy.deepcopy(policy).to("cpu")
+    policy.set_training_mode(False)
+    module = PolicyExportModule(policy, with_value, action_masks, obs_stats, norm_options.get("clip_obs", 10.0))
+    options = {
+        "with_value": with_value,
+        "action_masks": action_masks,
+        "deterministic": True,
+        "vecnormalize": bool(obs_stats),
+        "vecnormalize_keys": [key for key in obs_stats if key is not None],
+        **norm_options,
+    }
+    return module.eval(), options
+
+
+def _metadata(module: PolicyExportModule, options: dict[str, Any], export_format: str) -> dict[str, str]:
+    """String key/value pairs describing the exported graph (ONNX ``metadata_props`` take strings only)."""
+    import stable_baselines3
+
+    import sb3_ppo_ext
+
+    policy = module.policy
+    return {
+        "producer": "sb3_ppo_ext.export",
+        "format": export_format,
+        "policy_class": type(policy).__name__,
+        "observation_space": repr(policy.observation_space),
+        "action_space": repr(policy.action_space),
+        "inputs": json.dumps([asdict(spec) for spec in module.input_specs()]),
+        "outputs": json.dumps([asdict(spec) for spec in module.output_specs()]),
+        "export_options": json.dumps(options),
+        "torch_version": th.__version__,
+        "stable_baselines3_version": stable_baselines3.__version__,
+        "sb3_ppo_ext_version": sb3_ppo_ext.__version__,
+    }
+
+
+def _outputs(result: Any) -> list[np.ndarray]:
+    items = result if isinstance(result, (tuple, list)) else [result]
+    return [item.detach().cpu().numpy() if isinstance(item, th.Tensor) else np.asarray(item) for item in items]
+
+
+def _check_outputs(expected: list[np.ndarray], got: list[np.ndarray], what: str) -> None:
+    """Raise :class:`ExportError` when an exported file disagrees with the module it came from."""
+    for spec_index, (want, have) in enumerate(zip(expected, got, strict=True)):
+        if want.shape != have.shape or not np.allclose(want, have, rtol=1e-4, atol=1e-5):
+            raise ExportError(
+                f"The exported {what} disagrees with the policy on output {spec_index} (shapes {want.shape} vs "
+                f"{have.shape}); a custom features extractor may use Python control flow or shapes that tracing "
+                "cannot capture. Please report this with the policy's architecture."
+            )
+
+
+@contextlib.contextmanager
+def _training_mode_kept(model: BaseAlgorithm | BasePolicy) -> Iterator[None]:
+    """Give the policy back in the mode it had (export puts it in eval mode), e.g. when exporting from a callback."""
+    policy = _policy_of(model)
+    training = policy.training
+    try:
+        yield
+    finally:
+        policy.set_training_mode(training)
+
+
+def _ensure_path(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _traced(module: PolicyExportModule, example: tuple[th.Tensor, ...]) -> Any:
+    """``torch.jit.trace`` of the module, quietly: the tracer's warnings concern code paths not taken here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # frozen: the weights become constants, so outputs need no .detach() and the file holds nothing unused
+        return th.jit.freeze(th.jit.trace(module, example, check_trace=False).eval())
+
+
+# -- public API --------------------------------------------------------------------------------------
+
+
+def to_onnx(
+    model: BaseAlgorithm | BasePolicy,
+    path: str | Path,
+    *,
+    vecnormalize: VecNormalize | str | Path | None = None,
+    with_value: bool = False,
+    action_masks: bool = False,
+    opset_version: int = DEFAULT_OPSET,
+    check: bool = True,
+) -> Path:
+    """Write the policy's deterministic action (and value) as an ONNX model; return the path.
+
+    :param model: a ClippedPPO model (SB3's PPO works too) or its policy.
+    :param path: the ``.onnx`` file to write.
+    :param vecnormalize: a ``VecNormalize`` (or the path of its saved statistics) whose observation
+        normalisation is baked in, so the graph takes raw observations.
+    :param with_value: add the ``value`` output.
+    :param action_masks: add the ``action_masks`` input (bool ``[batch, mask_size]``).
+    :param opset_version: ONNX opset.
+    :param check: run the file once with onnxruntime (when installed) and compare with the policy.
+    """
+    try:
+        import onnx  # noqa: F401 - checked here, used by _write_onnx
+    except ImportError as exc:
+        raise ImportError("ONNX export needs the onnx package: pip install 'sb3_ppo_ext[export]'") from exc
+    with _training_mode_kept(model):
+        module, options = build_module(
+            model, vecnormalize=vecnormalize, with_value=with_value, action_masks=action_masks
+        )
+        return _write_onnx(module, options, _ensure_path(path), opset_version, check)
+
+
+def _write_onnx(
+    module: PolicyExportModule, options: dict[str, Any], path: Path, opset_version: int, check: bool
+) -> Path:
+    import onnx
+
+    example = module.example_inputs(_TRACE_BATCH)
+    dynamic_axes = {name: {0: BATCH} for name in module.input_names + module.output_names}
+    with warnings.catch_warnings(), th.no_grad():
+        # the TorchScript-based exporter is deprecated in favour of dynamo=True, which needs onnxscript
+        warnings.simplefilter("ignore")
+        th.onnx.export(
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=module.input_names,
+            output_names=module.output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset_version,
+        )
+    proto = onnx.load(str(path))
+    options["opset_version"] = opset_version
+    for key, value in _metadata(module, options, "onnx").items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "sb3_ppo_ext"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    if check:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return path
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        check_inputs = module.example_inputs(_CHECK_BATCH, seed=1)
+        with th.no_grad():
+            expected = _outputs(module(*check_inputs))
+        feed = {name: tensor.numpy() for name, tensor in zip(module.input_names, check_inputs, strict=True)}
+        _check_outputs(expected, session.run(None, feed), "ONNX model")
+    return path
+
+
+def to_torchscript(
+    model: BaseAlgorithm | BasePolicy,
+    path: str | Path,
+    *,
+    vecnormalize: VecNormalize | str | Path | None = None,
+    with_value: bool = False,
+    action_masks: bool = False,
+    check: bool = True,
+) -> Path:
+    """Write the policy's deterministic action (and value) as a traced TorchScript module; return the path.
+
+    Same inputs, outputs and options as :func:`to_onnx`; load it with ``torch.jit.load(path)`` and call it
+    with tensors (``module(obs)``, ``module(obs, masks)``, one tensor per Dict key in the space's order).
+    The metadata is the archive's extra file :data:`METADATA_FILE`.
+    """
+    with _training_mode_kept(model):
+        module, options = build_module(
+            model, vecnormalize=vecnormalize, with_value=with_value, action_masks=action_masks
+        )
+        return _write_torchscript(module, options, _ensure_path(path), check)
+
+
+def _write_torchscript(module: PolicyExportModule, options: dict[str, Any], path: Path, check: bool) -> Path:
+    with th.no_grad():
+        traced = _traced(module, module.example_inputs(_TRACE_BATCH))
+    metadata = _metadata(module, options, "torchscript")
+    th.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    if check:
+        check_inputs = module.example_inputs(_CHECK_BATCH, seed=1)
+        with th.no_grad():
+            expected = _outputs(module(*check_inputs))
+            got = _outputs(th.jit.load(str(path))(*check_inputs))
+        _check_outputs(expected, got, "TorchScript module")
+    return path
+
+
+def export(
+    model: BaseAlgorithm | BasePolicy, path: str | Path, export_format: ExportFormat | None = None, **options: Any
+) -> Path:
+    """:func:`to_onnx` or :func:`to_torchscript`, by ``export_format`` or else by the file suffix.
+
+    ``.onnx`` is ONNX; ``.pt``, ``.pth`` and ``.ts`` are TorchScript. ``options`` go to the chosen function.
+    """
+    if export_format is None:
+        suffix = Path(path).suffix.lower()
+        if suffix not in _SUFFIXES:
+            raise ExportError(
+                f"Cannot tell the export format from {str(path)!r}: use a .onnx, .pt or .ts file name, or pass "
+                "export_format='onnx' or 'torchscript'."
+            )
+        export_format = _SUFFIXES[suffix]
+    if export_format == "onnx":
+        return to_onnx(model, path, **options)
+    if export_format == "torchscript":
+        return to_torchscript(model, path, **options)
+    raise ExportError(f"export_format must be 'onnx' or 'torchscript', got {export_format!r}.")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of an exported file (ONNX or TorchScript); JSON values (inputs, options...) decoded."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        is_zip = file.read(4) == b"PK\x03\x04"  # TorchScript archives are zip files, ONNX models are protobuf
+    if is_zip:
+        extra = {METADATA_FILE: ""}
+        th.jit.load(str(path), _extra_files=extra)
+        raw: dict[str, str] = json.loads(extra[METADATA_FILE] or "{}")
+    else:
+        import onnx
+
+        raw = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+    decoded: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in {"inputs", "outputs", "export_options"}:
+            decoded[key] = json.loads(value)
+        else:
+            decoded[key] = value
+    return decoded
