@@ -49,12 +49,9 @@ class AutogradBackend:
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Evaluate the policy, compute the loss and backpropagate it through autograd."""
-        if batch.action_masks is None:
-            values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
-        else:
-            values, log_prob, entropy = self.policy.evaluate_actions(
-                batch.observations, batch.actions, action_masks=batch.action_masks
-            )
+        values, log_prob, entropy = self.policy.evaluate_actions(
+            batch.observations, batch.actions, **batch.policy_inputs()
+        )
         terms = loss(PolicyEvaluation(values.flatten(), log_prob, entropy), batch)
         self.policy.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
@@ -74,7 +71,7 @@ class ClosedFormBackend:
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Closed-form gradients when every active loss term has one, else this step goes through autograd."""
-        if not loss.has_closed_form:
+        if not loss.has_closed_form or batch.sequences is not None:
             return self.autograd.loss_and_grad(loss, batch)
         with th.no_grad():
             evaluation, activations = self.kernel.evaluate(batch.observations, batch.actions, batch.action_masks)

@@ -31,7 +31,8 @@ class PPOBatch(NamedTuple):
     """One minibatch as the loss sees it: advantages already normalised, Discrete actions as indices.
 
     ``action_masks`` (bool ``[B, mask_size]``) are the invalid-action masks the actions were sampled under,
-    or None; the policy evaluates the masked distribution with them.
+    or None; the policy evaluates the masked distribution with them. ``sequences``
+    (:class:`~sb3_ppo_ext.sequences.Sequences`) tells a recurrent policy which rows form which sequence.
     """
 
     observations: Any
@@ -41,6 +42,12 @@ class PPOBatch(NamedTuple):
     advantages: th.Tensor
     returns: th.Tensor
     action_masks: th.Tensor | None = None
+    sequences: Any = None
+
+    def policy_inputs(self) -> dict[str, Any]:
+        """What ``evaluate_actions`` gets besides observations and actions: the masks and sequences there are."""
+        inputs = {"action_masks": self.action_masks, "sequences": self.sequences}
+        return {name: value for name, value in inputs.items() if value is not None}
 
 
 class PolicyEvaluation(NamedTuple):

@@ -221,7 +221,7 @@ class ActorCriticPolicy(BasePolicy):
         self.vf_features_extractor = (
             self.features_extractor if share_features_extractor else self.make_features_extractor()
         )
-        self.mlp_extractor = ActorCriticMLP(self.features_dim, net_arch, activation_fn)
+        self._build_mlp_extractor()
         self._build_action_net(self.mlp_extractor.latent_dim_pi)
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         if ortho_init:
@@ -232,6 +232,10 @@ class ActorCriticPolicy(BasePolicy):
         self.optimizer = self.optimizer_class(
             self.parameters(), lr=lr_schedule(1), **fast_optimizer_kwargs(self.optimizer_class, self.optimizer_kwargs)
         )
+
+    def _build_mlp_extractor(self) -> None:
+        """The actor and critic hidden stacks on the features (recurrent subclasses put their LSTMs first)."""
+        self.mlp_extractor = ActorCriticMLP(self.features_dim, self.net_arch, self.activation_fn)
 
     def _build_action_net(self, latent_pi: int) -> None:
         """The action head and its linear layer (plus the state-independent ``log_std`` for Box actions)."""

@@ -20,7 +20,12 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_ppo_ext import losses
 from sb3_ppo_ext.backends import Backend, select_backend
-from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
+from sb3_ppo_ext.buffers import (
+    DictGAERolloutBuffer,
+    GAERolloutBuffer,
+    RecurrentDictGAERolloutBuffer,
+    RecurrentGAERolloutBuffer,
+)
 from sb3_ppo_ext.checks import (
     SUPPORTED_ACTION_SPACES,
     check_clip_range_vf,
@@ -37,7 +42,13 @@ from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss
 from sb3_ppo_ext.masking import check_action_masks, env_provides_masks, policy_applies_masks, read_action_masks
 from sb3_ppo_ext.optim import clip_grad_norm
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
+from sb3_ppo_ext.recurrent_policies import (
+    RecurrentActorCriticCnnPolicy,
+    RecurrentActorCriticPolicy,
+    RecurrentMultiInputActorCriticPolicy,
+)
 from sb3_ppo_ext.reliability import ReliabilityMixin
+from sb3_ppo_ext.sequences import LSTMStates
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
 # the constructor arguments that validate_hyperparameters checks, passed by name
@@ -50,7 +61,9 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     Every argument of SB3 2.9's ``PPO`` is accepted with the same name, default and meaning. The
     additions are keyword-only.
 
-    :param policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a policy class.
+    :param policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"``, their recurrent versions
+        ``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``, ``"MultiInputLstmPolicy"`` (sb3-contrib's ``RecurrentPPO``
+        policies and keywords), or a policy class.
     :param env: the environment, or its registered id.
     :param learning_rate: a float or a schedule of progress remaining (1 -> 0), e.g.
         :func:`sb3_ppo_ext.schedules.linear`.
@@ -92,11 +105,16 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         "MlpPolicy": ActorCriticPolicy,
         "CnnPolicy": ActorCriticCnnPolicy,
         "MultiInputPolicy": MultiInputActorCriticPolicy,
+        "MlpLstmPolicy": RecurrentActorCriticPolicy,
+        "CnnLstmPolicy": RecurrentActorCriticCnnPolicy,
+        "MultiInputLstmPolicy": RecurrentMultiInputActorCriticPolicy,
     }
     policy: ActorCriticPolicy
     # learn(use_masking=...) sets it; collect_rollouts called directly applies the env's masks too
     _use_masking: bool = True
     rollout_buffer: RolloutBuffer
+    # recurrent policies: each env's LSTM states after its last step (sb3-contrib's name)
+    _last_lstm_states: LSTMStates | None = None
 
     def __init__(
         self,
@@ -180,9 +198,19 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             self._setup_model()
 
     def _setup_model(self) -> None:
+        recurrent = self._is_recurrent()
         if self.rollout_buffer_class is None:
             is_dict = isinstance(self.observation_space, spaces.Dict)
-            self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer
+            if recurrent:
+                self.rollout_buffer_class = RecurrentDictGAERolloutBuffer if is_dict else RecurrentGAERolloutBuffer
+            else:
+                self.rollout_buffer_class = DictGAERolloutBuffer if is_dict else GAERolloutBuffer
+        elif recurrent and "lstm_states" not in inspect.signature(self.rollout_buffer_class.add).parameters:
+            raise ConfigurationError(
+                f"rollout_buffer_class={self.rollout_buffer_class.__name__} cannot store the LSTM states a recurrent "
+                "policy needs (its add() has no lstm_states argument). Use ClippedPPO's default buffer "
+                "(sb3_ppo_ext.buffers.RecurrentGAERolloutBuffer)."
+            )
         if env_provides_masks(self.env) and not policy_applies_masks(self.policy_class):
             # sampling without the masks would take invalid actions (sb3-contrib raises here too)
             raise ConfigurationError(
@@ -198,12 +226,27 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             check_clip_range_vf(self.clip_range_vf)
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
+    def _is_recurrent(self) -> bool:
+        """Whether the policy has memory (``MlpLstmPolicy`` and the like): rollouts then carry LSTM states."""
+        return isinstance(self.policy_class, type) and issubclass(self.policy_class, RecurrentActorCriticPolicy)
+
+    def _excluded_save_params(self) -> list[str]:
+        # the states belong to the episodes in flight, not to the model (a loaded model starts from zeros)
+        return [*super()._excluded_save_params(), "_last_lstm_states"]
+
     # -- rollout collection ----------------------------------------------------------------------
 
-    def _bootstrap_truncations(self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
+    def _bootstrap_truncations(
+        self,
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+        lstm_states: LSTMStates | None = None,
+    ) -> None:
         """Add ``gamma * V(terminal_obs)`` to the reward of every time-limit truncation, in one forward pass.
 
-        A true termination is never bootstrapped: its future value is zero by definition.
+        A true termination is never bootstrapped: its future value is zero by definition. A recurrent
+        critic continues from its states after the episode's last step (``lstm_states``).
         """
         if not dones.any():
             return
@@ -220,9 +263,20 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         else:
             batch = np.stack(terminal)
         obs_tensor, _ = self.policy.obs_to_tensor(batch)
+        rows = None
+        if lstm_states is not None:
+            index = th.as_tensor(truncated, dtype=th.long, device=self.device)
+            rows = LSTMStates(*(tuple(s.index_select(1, index) for s in pair) for pair in lstm_states))
         with th.inference_mode():
-            terminal_values = self.policy.predict_values(obs_tensor).flatten().cpu().numpy()
-        rewards[truncated] += self.gamma * terminal_values
+            terminal_values = self._predict_values(obs_tensor, rows, np.zeros(len(truncated), dtype=bool))
+        rewards[truncated] += self.gamma * terminal_values.flatten().cpu().numpy()
+
+    def _predict_values(self, obs: Any, lstm_states: LSTMStates | None, episode_starts: np.ndarray) -> th.Tensor:
+        """``V(s)``; a recurrent critic reads its ``lstm_states`` (reset where ``episode_starts``)."""
+        if lstm_states is None:
+            return self.policy.predict_values(obs)
+        starts = th.as_tensor(episode_starts, dtype=th.float32, device=self.device)
+        return self.policy.predict_values(obs, lstm_states.vf, starts)  # type: ignore[call-arg]
 
     def _check_env_data(self, new_obs: Any, rewards: np.ndarray | None, step: int) -> None:
         """NaN/inf check of what the env returned (``step=-1``, ``rewards=None``: the reset observations)."""
@@ -247,6 +301,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         act = self._backend().act
         use_masks = self._masks_in_use(env, rollout_buffer)
         masks = None
+        inputs: dict[str, Any] = {}  # the policy's inputs besides the observations (masks)
+        lstm_states = self._rollout_lstm_states(env.num_envs)
 
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
@@ -255,10 +311,13 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 masks = read_action_masks(env, self.action_space, step=n_steps)
             with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                if masks is None:
-                    actions, values, log_probs = act(obs_tensor)
+                if masks is not None:
+                    inputs["action_masks"] = th.as_tensor(masks, device=self.device)
+                if lstm_states is None:
+                    actions, values, log_probs = act(obs_tensor, **inputs)
                 else:
-                    actions, values, log_probs = act(obs_tensor, action_masks=th.as_tensor(masks, device=self.device))
+                    starts = th.as_tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
+                    actions, values, log_probs, next_states = act(obs_tensor, lstm_states, starts, **inputs)
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(self._env_actions(actions))
             self.num_timesteps += env.num_envs
@@ -272,7 +331,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             n_steps += 1
             if is_discrete:
                 actions = actions.reshape(-1, 1)
-            self._bootstrap_truncations(rewards, dones, infos)
+            self._bootstrap_truncations(rewards, dones, infos, None if lstm_states is None else next_states)
             rollout_buffer.add(
                 self._last_obs,  # type: ignore[arg-type]
                 actions,
@@ -281,16 +340,29 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 values,
                 log_probs,
                 **({} if masks is None else {"action_masks": masks}),
+                **({} if lstm_states is None else {"lstm_states": lstm_states}),
             )
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
+            if lstm_states is not None:
+                lstm_states = self._last_lstm_states = next_states
 
         with th.inference_mode():
-            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
+            obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
+            values = self._predict_values(obs_tensor, lstm_states, dones)
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _rollout_lstm_states(self, n_envs: int) -> LSTMStates | None:
+        """A recurrent policy's states to continue from (zeros for a new or resized set of envs); else None."""
+        if not isinstance(self.policy, RecurrentActorCriticPolicy):
+            return None
+        states = self._last_lstm_states
+        if states is None or states.pi[0].shape[1] != n_envs or states.pi[0].device != self.device:
+            states = self._last_lstm_states = self.policy.initial_state(n_envs)
+        return states
 
     def _env_actions(self, actions: np.ndarray) -> np.ndarray:
         """The actions the env receives: Box actions unscaled (squashed gSDE) or clipped to the bounds."""
@@ -383,6 +455,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                     advantages,
                     batch.returns,
                     getattr(batch, "action_masks", None),
+                    getattr(batch, "sequences", None),
                 )
                 terms = backend.loss_and_grad(loss, inputs)  # sets .grad of every policy parameter
                 history[-1].append(terms)

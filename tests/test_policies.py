@@ -14,7 +14,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import NatureCNN
 from torch import nn
 
-from sb3_ppo_ext import ClippedPPO, policies
+from sb3_ppo_ext import ClippedPPO, policies, recurrent_policies
 from sb3_ppo_ext.policies import (
     HIDDEN_GAIN,
     POLICY_HEAD_GAIN,
@@ -169,6 +169,9 @@ def test_aliases_are_our_classes_and_base_policies() -> None:
         "MlpPolicy": ActorCriticPolicy,
         "CnnPolicy": ActorCriticCnnPolicy,
         "MultiInputPolicy": MultiInputActorCriticPolicy,
+        "MlpLstmPolicy": recurrent_policies.RecurrentActorCriticPolicy,
+        "CnnLstmPolicy": recurrent_policies.RecurrentActorCriticCnnPolicy,
+        "MultiInputLstmPolicy": recurrent_policies.RecurrentMultiInputActorCriticPolicy,
     }
     for cls in ClippedPPO.policy_aliases.values():
         assert issubclass(cls, BasePolicy)

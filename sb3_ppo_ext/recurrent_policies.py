@@ -1,0 +1,347 @@
+"""Recurrent (LSTM) actor-critic policies: ``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``.
+
+The layout and keywords are sb3-contrib's ``RecurrentActorCriticPolicy`` (features -> LSTM -> MLP -> heads;
+``lstm_hidden_size``, ``n_lstm_layers``, ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``), so
+``policy_kwargs`` written for ``RecurrentPPO`` mean the same here, and so do ``predict``'s states. What
+differs is inside: masks apply to the action head as in the feed-forward policies, and training runs
+each LSTM once over a padded grid of sequences (:mod:`sb3_ppo_ext.sequences`) instead of step by step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, NatureCNN
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+from sb3_ppo_ext.errors import ConfigurationAssertionError
+from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy, MaybeMasks
+from sb3_ppo_ext.sequences import LSTMStates, Sequences, Step
+
+# How a recurrent policy is told where it is in time: one step of each env, or minibatch sequences.
+Memory = Step | Sequences
+
+
+class RecurrentActorCriticPolicy(ActorCriticPolicy):
+    """Our actor-critic policy with an LSTM between the features and the MLP (``MlpLstmPolicy``).
+
+    Takes every argument of :class:`~sb3_ppo_ext.policies.ActorCriticPolicy`, plus sb3-contrib's:
+
+    :param lstm_hidden_size: hidden units per LSTM layer.
+    :param n_lstm_layers: stacked LSTM layers.
+    :param shared_lstm: the critic reads the actor's LSTM output (detached: only the actor's loss trains it).
+    :param enable_critic_lstm: the critic has its own LSTM (the default). With neither, the critic is a
+        linear layer on the features, without memory.
+    :param lstm_kwargs: extra ``nn.LSTM`` keyword arguments.
+
+    The LSTMs keep PyTorch's initialisation, as in sb3-contrib; the layers around them get the orthogonal one.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        lstm_hidden_size: int = 256,
+        n_lstm_layers: int = 1,
+        shared_lstm: bool = False,
+        enable_critic_lstm: bool = True,
+        lstm_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if shared_lstm and enable_critic_lstm:
+            raise ConfigurationAssertionError(
+                "You must choose between shared LSTM, seperate or no LSTM for the critic: shared_lstm=True needs "
+                "enable_critic_lstm=False."
+            )
+        if lstm_hidden_size < 1 or n_lstm_layers < 1:
+            raise ConfigurationAssertionError(
+                f"lstm_hidden_size and n_lstm_layers must be >= 1, got {lstm_hidden_size} and {n_lstm_layers}."
+            )
+        # read by _build_mlp_extractor, which the parent's __init__ calls before the optimizer is built
+        self.lstm_hidden_size = lstm_hidden_size
+        self.n_lstm_layers = n_lstm_layers
+        self.shared_lstm = shared_lstm
+        self.enable_critic_lstm = enable_critic_lstm
+        self.lstm_kwargs = dict(lstm_kwargs or {})
+        super().__init__(observation_space, action_space, lr_schedule, *args, **kwargs)
+        # sb3-contrib's attribute: the states of one env, for predict()
+        self.lstm_hidden_state_shape = (n_lstm_layers, 1, lstm_hidden_size)
+
+    def _build_mlp_extractor(self) -> None:
+        """The LSTMs (actor, then critic's or a linear critic input), then the MLP on their outputs."""
+        if self.shared_lstm and not self.share_features_extractor:
+            raise ConfigurationAssertionError(
+                "If the features extractor is not shared, the LSTM cannot be shared: pass "
+                "share_features_extractor=True or shared_lstm=False."
+            )
+        self.lstm_actor = nn.LSTM(
+            self.features_dim, self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
+        )
+        self.lstm_critic: nn.LSTM | None = None
+        self.critic: nn.Linear | None = None
+        if self.enable_critic_lstm:
+            self.lstm_critic = nn.LSTM(
+                self.features_dim, self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
+            )
+        elif not self.shared_lstm:
+            # no memory for the critic: a linear map to the LSTM's output width, as in sb3-contrib
+            self.critic = nn.Linear(self.features_dim, self.lstm_hidden_size)
+        self.mlp_extractor = ActorCriticMLP(self.lstm_hidden_size, self.net_arch, self.activation_fn)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            lstm_hidden_size=self.lstm_hidden_size,
+            n_lstm_layers=self.n_lstm_layers,
+            shared_lstm=self.shared_lstm,
+            enable_critic_lstm=self.enable_critic_lstm,
+            lstm_kwargs=self.lstm_kwargs,
+        )
+        return data
+
+    # -- states ---------------------------------------------------------------------------------
+
+    def initial_state(self, n_envs: int) -> LSTMStates:
+        """Zero states for ``n_envs`` envs, on the policy's device."""
+
+        def zeros() -> tuple[th.Tensor, th.Tensor]:
+            shape = (self.n_lstm_layers, n_envs, self.lstm_hidden_size)
+            return th.zeros(shape, device=self.device), th.zeros(shape, device=self.device)
+
+        return LSTMStates(zeros(), zeros())
+
+    @staticmethod
+    def _memory(lstm_states: LSTMStates, episode_starts: th.Tensor, n_rows: int) -> Memory:
+        """One step of each env when there is one row per state, else sb3-contrib's equal-length sequences."""
+        if n_rows == lstm_states.pi[0].shape[1]:
+            return Step.after(lstm_states, episode_starts)
+        return Sequences.from_equal_length(lstm_states, episode_starts)
+
+    # -- network pieces -------------------------------------------------------------------------
+
+    def _recurrent_latents(
+        self, obs: PyTorchObs, memory: Memory, critic: bool = True
+    ) -> tuple[th.Tensor, th.Tensor | None, LSTMStates | None]:
+        """Actor and critic latents (after LSTM and MLP) and, for a :class:`Step`, the states after it."""
+        pi_features = self.extract_features(obs, self.pi_features_extractor)
+        latent_pi, states_pi = memory.run(self.lstm_actor, pi_features, memory.initial_pi)
+        latent_vf, states_vf = None, states_pi
+        if critic:
+            if self.lstm_critic is not None:
+                vf_features = (
+                    pi_features
+                    if self.share_features_extractor
+                    else self.extract_features(obs, self.vf_features_extractor)
+                )
+                latent_vf, states_vf = memory.run(self.lstm_critic, vf_features, memory.initial_vf)
+            elif self.shared_lstm:
+                latent_vf = latent_pi.detach()
+            else:
+                vf_features = (
+                    pi_features
+                    if self.share_features_extractor
+                    else self.extract_features(obs, self.vf_features_extractor)
+                )
+                latent_vf = self.critic(vf_features)  # type: ignore[misc]
+            latent_vf = self.mlp_extractor.forward_critic(latent_vf)
+        if self.shared_lstm and states_pi is not None:
+            states_vf = (states_pi[0].detach(), states_pi[1].detach())
+        states = None if states_pi is None else LSTMStates(states_pi, states_vf)  # type: ignore[arg-type]
+        return self.mlp_extractor.forward_actor(latent_pi), latent_vf, states
+
+    def _critic_value(self, obs: PyTorchObs, memory: Memory) -> th.Tensor:
+        """``V(s)`` through the critic's memory alone (the actor's LSTM too when it is shared)."""
+        if self.shared_lstm:
+            features = self.extract_features(obs, self.pi_features_extractor)
+            latent_vf = memory.run(self.lstm_actor, features, memory.initial_vf)[0].detach()
+        else:
+            features = self.extract_features(obs, self.vf_features_extractor)
+            if self.lstm_critic is not None:
+                latent_vf = memory.run(self.lstm_critic, features, memory.initial_vf)[0]
+            else:
+                latent_vf = self.critic(features)  # type: ignore[misc]
+        return self.value_net(self.mlp_extractor.forward_critic(latent_vf))
+
+    # -- the policy API (sb3-contrib's RecurrentActorCriticPolicy, plus action_masks) -------------
+
+    def forward(  # type: ignore[override]
+        self,
+        obs: PyTorchObs,
+        lstm_states: LSTMStates,
+        episode_starts: th.Tensor,
+        deterministic: bool = False,
+        action_masks: MaybeMasks = None,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, LSTMStates]:
+        """Act for one step of each env: ``(actions, values [B, 1], log_prob [B], states after the step)``."""
+        latent_pi, latent_vf, states = self._recurrent_latents(obs, Step.after(lstm_states, episode_starts))
+        actions, log_prob = self._act(latent_pi, deterministic, action_masks)
+        actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        return actions, self.value_net(latent_vf), log_prob, states  # type: ignore[arg-type,return-value]
+
+    def evaluate_actions(  # type: ignore[override]
+        self,
+        obs: PyTorchObs,
+        actions: th.Tensor,
+        lstm_states: LSTMStates | None = None,
+        episode_starts: th.Tensor | None = None,
+        action_masks: MaybeMasks = None,
+        sequences: Sequences | None = None,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """``(values [N, 1], log pi(a|s) [N], entropy [N] or None)`` for stored actions, through the LSTMs.
+
+        Give either ``sequences`` (ClippedPPO's minibatches) or sb3-contrib's ``lstm_states`` and
+        ``episode_starts`` (``K`` sequences of equal length, one after the other).
+        """
+        if sequences is None:
+            if lstm_states is None or episode_starts is None:
+                raise ValueError("evaluate_actions needs sequences, or lstm_states and episode_starts.")
+            sequences = Sequences.from_equal_length(lstm_states, episode_starts)
+        latent_pi, latent_vf, _ = self._recurrent_latents(obs, sequences)
+        values = self.value_net(latent_vf)
+        if self.action_head is None:
+            dist = self._sde_distribution(latent_pi, action_masks)
+            return values, dist.log_prob(actions), dist.entropy()
+        log_prob, entropy, _ = self.action_head.evaluate(self._head_params(latent_pi, action_masks), actions)
+        return values, log_prob, entropy
+
+    def predict_values(  # type: ignore[override]
+        self, obs: PyTorchObs, lstm_states: tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor
+    ) -> th.Tensor:
+        """``V(s)`` ``[B, 1]`` given the critic's states (sb3-contrib passes ``lstm_states.vf``)."""
+        states = LSTMStates(lstm_states, lstm_states)
+        n_rows = _n_rows(obs)
+        return self._critic_value(obs, self._memory(states, episode_starts, n_rows))
+
+    def get_distribution(  # type: ignore[override]
+        self,
+        obs: PyTorchObs,
+        lstm_states: tuple[th.Tensor, th.Tensor],
+        episode_starts: th.Tensor,
+        action_masks: MaybeMasks = None,
+    ) -> tuple[Distribution, tuple[th.Tensor, th.Tensor]]:
+        """The action distribution (an SB3 ``Distribution``) and the actor's states after this step."""
+        latent_pi, _, states = self._recurrent_latents(
+            obs, Step.after(LSTMStates(lstm_states, lstm_states), episode_starts), critic=False
+        )
+        assert states is not None
+        if self.action_head is None:
+            return self._sde_distribution(latent_pi, action_masks), states.pi
+        return self.action_head.to_sb3(self._head_params(latent_pi, action_masks)), states.pi
+
+    def _predict(  # type: ignore[override]
+        self,
+        observation: PyTorchObs,
+        lstm_states: tuple[th.Tensor, th.Tensor],
+        episode_starts: th.Tensor,
+        deterministic: bool = False,
+        action_masks: MaybeMasks = None,
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        """Actions and the actor's new states; the critic is not evaluated."""
+        latent_pi, _, states = self._recurrent_latents(
+            observation, Step.after(LSTMStates(lstm_states, lstm_states), episode_starts), critic=False
+        )
+        assert states is not None
+        return self._act(latent_pi, deterministic, action_masks)[0], states.pi
+
+    def predict(  # type: ignore[override]
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """sb3-contrib's recurrent ``predict``: returns ``(actions, (h, c))``; pass the states back next step.
+
+        ``state=None`` starts every env from zero states; ``episode_start[i]`` resets env ``i``'s states.
+        """
+        self.set_training_mode(False)
+        obs_tensor, vectorized_env = self.obs_to_tensor(observation)
+        n_envs = _n_rows(obs_tensor)
+        if state is None:
+            zeros = np.zeros((self.n_lstm_layers, n_envs, self.lstm_hidden_size), dtype=np.float32)
+            state = (zeros, zeros)
+        if episode_start is None:
+            episode_start = np.zeros(n_envs, dtype=bool)
+        with th.no_grad():
+            states = (
+                th.as_tensor(np.asarray(state[0]), dtype=th.float32, device=self.device),
+                th.as_tensor(np.asarray(state[1]), dtype=th.float32, device=self.device),
+            )
+            if states[0].shape[1] != n_envs:
+                raise ValueError(
+                    f"predict() got LSTM states for {states[0].shape[1]} env(s) and observations for {n_envs}: pass "
+                    "the states predict() returned for the same envs (or state=None to start from zero states)."
+                )
+            starts = th.as_tensor(np.asarray(episode_start, dtype=np.float32).reshape(-1), device=self.device)
+            actions, new_states = self._predict(obs_tensor, states, starts, deterministic, action_masks)
+        numpy_states = (new_states[0].cpu().numpy(), new_states[1].cpu().numpy())
+        actions_np = actions.cpu().numpy().reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        if isinstance(self.action_space, spaces.Box):
+            if self.squash_output:
+                actions_np = self.unscale_action(actions_np)
+            else:
+                actions_np = np.clip(actions_np, self.action_space.low, self.action_space.high)
+        if not vectorized_env:
+            actions_np = actions_np.squeeze(axis=0)
+        return actions_np, numpy_states
+
+
+def _n_rows(obs: PyTorchObs) -> int:
+    return next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]
+
+
+class RecurrentActorCriticCnnPolicy(RecurrentActorCriticPolicy):
+    """:class:`RecurrentActorCriticPolicy` with SB3's NatureCNN features extractor (``CnnLstmPolicy``)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] = NatureCNN,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
+        )
+
+
+class RecurrentMultiInputActorCriticPolicy(RecurrentActorCriticPolicy):
+    """:class:`RecurrentActorCriticPolicy` for Dict observations, SB3's CombinedExtractor (``MultiInputLstmPolicy``)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        features_extractor_class: type[BaseFeaturesExtractor] = CombinedExtractor,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            *args,
+            features_extractor_class=features_extractor_class,
+            **kwargs,
+        )
+
+
+MlpLstmPolicy = RecurrentActorCriticPolicy
+CnnLstmPolicy = RecurrentActorCriticCnnPolicy
+MultiInputLstmPolicy = RecurrentMultiInputActorCriticPolicy
