@@ -357,10 +357,13 @@ def test_masks_for_box_actions_are_refused_with_what_to_do(tmp_path):
         to_onnx(model, tmp_path / "policy.onnx", action_masks=True)
 
 
-def test_recurrent_policies_are_refused_as_not_implemented(tmp_path):
+@pytest.mark.parametrize("algorithm", ["ClippedPPO", "RecurrentPPO"])
+def test_recurrent_policies_are_refused_as_not_implemented(tmp_path, algorithm):
     from sb3_contrib import RecurrentPPO
 
-    model = RecurrentPPO("MlpLstmPolicy", SpacesEnv(OBS_SPACES["Box"], spaces.Discrete(2)), n_steps=8, device="cpu")
+    algo = ClippedPPO if algorithm == "ClippedPPO" else RecurrentPPO
+    env = SpacesEnv(OBS_SPACES["Box"], spaces.Discrete(2))
+    model = algo("MlpLstmPolicy", env, n_steps=8, batch_size=8, device="cpu")
     with pytest.raises(UnsupportedExportError, match="recurrent.*model.predict\\(obs, state, episode_start\\)"):
         to_torchscript(model, tmp_path / "policy.pt")
     with pytest.raises(NotImplementedError):
