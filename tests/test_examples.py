@@ -98,3 +98,14 @@ def test_action_masking(tmp_path):
 def test_tictactoe_masked(tmp_path):
     out = run_script(EXAMPLES / "tictactoe_masked.py", tmp_path, 512).stdout
     assert "100 games (wins, draws, losses)" in out  # the env raises on an illegal move, so none was played
+
+
+def test_onnx_deploy(tmp_path):
+    pytest.importorskip("onnxruntime")
+    # n_steps=1024 x 4 envs: the smallest budget is one rollout
+    out = run_script(EXAMPLES / "onnx_deploy.py", tmp_path, 256, "--episodes", "1").stdout
+    assert (tmp_path / "pendulum_policy.onnx").exists()
+    difference = float(out.split("max |difference| ")[1].split()[0])
+    assert difference < 1e-5
+    assert "deployed episode 1: return -" in out
+    assert "loaded no torch/SB3" in out  # the deployment process ran on onnxruntime and numpy alone
