@@ -288,7 +288,17 @@ class RecurrentGAERolloutBuffer(GAERolloutBuffer):
         self.lstm_states: np.ndarray | None = None
         self._flat_states: th.Tensor | None = None
 
-    def add(self, *args: Any, lstm_states: LSTMStates | None = None, **kwargs: Any) -> None:
+    def add(  # type: ignore[override]
+        self,
+        obs: Any,
+        action: np.ndarray,
+        reward: np.ndarray,
+        episode_start: np.ndarray,
+        value: th.Tensor,
+        log_prob: th.Tensor,
+        action_masks: np.ndarray | None = None,
+        lstm_states: LSTMStates | None = None,
+    ) -> None:
         """Store one step (see :meth:`GAERolloutBuffer.add`) and ``lstm_states``, the states the step was taken from."""
         if lstm_states is None:
             raise ValueError(f"{type(self).__name__}.add() needs lstm_states: the states the step's actions came from.")
@@ -297,7 +307,7 @@ class RecurrentGAERolloutBuffer(GAERolloutBuffer):
         if self.lstm_states is None:
             self.lstm_states = np.zeros((self.buffer_size, *stacked.shape), dtype=np.float32)
         self.lstm_states[self.pos] = stacked
-        super().add(*args, **kwargs)
+        super().add(obs, action, reward, episode_start, value, log_prob, action_masks)
 
     def get(self, batch_size: int | None = None) -> Generator[SequenceSamples, None, None]:  # type: ignore[override]
         """Yield minibatches of about ``batch_size`` steps, as whole or split segments, covering the rollout once."""

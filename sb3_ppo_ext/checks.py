@@ -75,6 +75,8 @@ _SB3_TRUNCATED_MINIBATCH = (
 )
 _SB3_CLIP_RANGE_VF = "`clip_range_vf` must be positive, pass `None` to deactivate vf clipping"
 _SB3_UNKNOWN_POLICY = "Policy {policy} unknown"
+#: the policy names that read Dict observations
+_MULTI_INPUT_POLICIES = ("MultiInputPolicy", "MultiInputLstmPolicy")
 _SB3_DICT_NEEDS_MULTI_INPUT = "You must use `MultiInputPolicy` when working with dict observation space, not {policy}"
 _SB3_OBSERVATION_SPACE = "{space} observation space is not supported"
 _SB3_NESTED_SPACE = "Nested observation spaces are not supported (Tuple/Dict space inside Tuple/Dict space)."
@@ -387,9 +389,11 @@ def _check_observation_space(observation_space: spaces.Space[Any], policy: Any) 
                     "Flatten it with gymnasium.wrappers.FlattenObservation or an observation wrapper of your own.",
                     error=UnsupportedSpaceError,
                 )
-        if isinstance(policy, str) and policy != "MultiInputPolicy":
+        if isinstance(policy, str) and policy not in _MULTI_INPUT_POLICIES:
             sb3 = _SB3_DICT_NEEDS_MULTI_INPUT.format(policy=policy)
-            _fail("policy", policy, f"{sb3}: Dict observations need policy='MultiInputPolicy'")
+            _fail(
+                "policy", policy, f"{sb3}: Dict observations need policy='MultiInputPolicy' (or 'MultiInputLstmPolicy')"
+            )
         return
     if not isinstance(observation_space, SUPPORTED_OBSERVATION_SPACES):
         hint = (
@@ -399,12 +403,12 @@ def _check_observation_space(observation_space: spaces.Space[Any], policy: Any) 
         )
         sb3 = _SB3_OBSERVATION_SPACE.format(space=observation_space)
         _fail("observation_space", observation_space, f"{sb3}; {valid}", hint, error=UnsupportedSpaceError)
-    if policy == "MultiInputPolicy":
+    if policy in _MULTI_INPUT_POLICIES:
         _fail(
             "policy",
             policy,
-            f"MultiInputPolicy needs a Dict observation space, got {observation_space}",
-            "Use 'MlpPolicy' (or 'CnnPolicy' for images).",
+            f"{policy} needs a Dict observation space, got {observation_space}",
+            "Use 'MlpPolicy' (or 'CnnPolicy' for images; 'MlpLstmPolicy' / 'CnnLstmPolicy' with memory).",
         )
 
 
