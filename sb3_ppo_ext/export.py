@@ -55,6 +55,7 @@ __all__ = [
     "TensorSpec",
     "build_module",
     "export",
+    "is_recurrent",
     "read_metadata",
     "to_onnx",
     "to_torchscript",
@@ -116,7 +117,7 @@ def _normalization_stats(
     if isinstance(vecnormalize, (str, Path)):
         # VecNormalize.load() wants a VecEnv to wrap; the pickle alone holds the statistics
         with open(vecnormalize, "rb") as file:
-            vecnormalize = pickle.load(file)  # noqa: S301 - the user's own statistics file, as VecNormalize.load
+            vecnormalize = pickle.load(file)  # the user's own statistics file, as VecNormalize.load reads it
     if not isinstance(vecnormalize, VecNormalize):
         raise ExportError(
             f"vecnormalize must be a VecNormalize, the path of its saved statistics or None; got {type(vecnormalize)}."
@@ -124,8 +125,16 @@ def _normalization_stats(
     options = {"clip_obs": float(vecnormalize.clip_obs), "epsilon": float(vecnormalize.epsilon)}
     if not vecnormalize.norm_obs:
         return {}, options
-    if isinstance(observation_space, spaces.Dict):
-        keys = list(vecnormalize.norm_obs_keys or [])
+    is_dict = isinstance(observation_space, spaces.Dict)
+    per_key = isinstance(vecnormalize.obs_rms, dict)
+    keys = list(vecnormalize.norm_obs_keys or []) if per_key else []
+    if per_key != is_dict or not set(keys) <= set(getattr(observation_space, "spaces", {})):
+        raise ExportError(
+            f"The VecNormalize statistics ({'per key' if per_key else 'one array'}"
+            f"{f', keys {keys}' if keys else ''}) do not fit the policy's observation space {observation_space}: "
+            "they belong to another env."
+        )
+    if is_dict:
         stats = {key: vecnormalize.obs_rms[key] for key in keys}  # type: ignore[index]
     else:
         stats = {None: vecnormalize.obs_rms}  # type: ignore[dict-item]

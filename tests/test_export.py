@@ -297,6 +297,9 @@ def test_statistics_of_another_env_are_refused(tmp_path):
     other = VecNormalize(DummyVecEnv([lambda: SpacesEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(2))]))
     with pytest.raises(ExportError, match=r"shape \(3,\).*another env"):
         to_onnx(model, tmp_path / "policy.onnx", vecnormalize=other)
+    dict_stats = VecNormalize(DummyVecEnv([DictObsEnv]), norm_obs_keys=["vec"])
+    with pytest.raises(ExportError, match=r"per key, keys \['vec'\]\) do not fit.*another env"):
+        to_onnx(model, tmp_path / "policy.onnx", vecnormalize=dict_stats)
 
 
 # -- file format, metadata, API ------------------------------------------------------------------------
