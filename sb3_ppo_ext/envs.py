@@ -5,6 +5,11 @@ per env) with the settings' ``env_wrapper`` and ``env_kwargs``, then ``VecNormal
 from saved statistics), then ``VecFrameStack``, then ``VecTransposeImage`` for channel-last images.
 :func:`is_atari` is rl_zoo3's test of an ALE game, which decides the ``atari`` hyperparameter block and
 stochastic evaluation.
+
+It also registers, on first use of their ids, the tasks the benchmark needs beyond Gymnasium's: ALE's
+games, sb3-contrib's invalid-action test envs, the RL Zoo's velocity-free ("NoVel") classic-control
+tasks (:data:`NO_VELOCITY_ENVS`) and :class:`MaskedMemoryEnv` (``MaskedMemory-v0``), a short task that
+needs both memory and invalid-action masks.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
@@ -22,7 +28,19 @@ from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 if TYPE_CHECKING:
     from sb3_ppo_ext.presets import Settings
 
-__all__ = ["is_atari", "make_env", "register_atari"]
+__all__ = [
+    "MASKED_MEMORY_ID",
+    "MaskVelocity",
+    "MaskedMemoryEnv",
+    "NO_VELOCITY_ENVS",
+    "is_atari",
+    "make_env",
+    "make_no_velocity_env",
+    "register_atari",
+    "register_masked_memory_env",
+    "register_masked_test_envs",
+    "register_no_velocity_envs",
+]
 
 
 def register_atari() -> bool:
@@ -53,12 +71,189 @@ def register_masked_test_envs() -> None:
             gym.register(env_id, entry_point=entry_point)
 
 
+# The RL Zoo's velocity-free tasks (rl_zoo3.wrappers.MaskVelocityWrapper's table): the base id's
+# observation entries that are velocities, zeroed so that only a policy with memory can infer them.
+_VELOCITY_INDICES: dict[str, tuple[int, ...]] = {
+    "CartPole-v1": (1, 3),
+    "MountainCar-v0": (1,),
+    "MountainCarContinuous-v0": (1,),
+    "Pendulum-v1": (2,),
+    "LunarLander-v3": (2, 3, 5),
+    "LunarLanderContinuous-v3": (2, 3, 5),
+}
+
+
+def _no_velocity_id(env_id: str) -> str:
+    # rl_zoo3's naming: CartPole-v1 -> CartPoleNoVel-v1
+    name, version = env_id.split("-v")
+    return f"{name}NoVel-v{version}"
+
+
+#: ``"CartPoleNoVel-v1"`` and the like -> the Gymnasium id they hide the velocities of (the Zoo's ids).
+NO_VELOCITY_ENVS: dict[str, str] = {_no_velocity_id(env_id): env_id for env_id in _VELOCITY_INDICES}
+
+
+class MaskVelocity(gym.ObservationWrapper):
+    """Zero the velocity entries of a classic-control observation (as rl_zoo3's ``MaskVelocityWrapper``).
+
+    The observation space is unchanged, so the task becomes partially observable without a new shape.
+
+    :param env: a Gymnasium env whose observation is a flat ``Box``.
+    :param indices: the entries to zero; default: rl_zoo3's table for the env's id.
+    """
+
+    def __init__(self, env: gym.Env, indices: tuple[int, ...] | None = None) -> None:
+        super().__init__(env)
+        if indices is None:
+            spec_id = env.unwrapped.spec.id if env.unwrapped.spec is not None else None
+            if spec_id not in _VELOCITY_INDICES:
+                raise NotImplementedError(f"velocity masking is not defined for {spec_id!r}; pass indices")
+            indices = _VELOCITY_INDICES[spec_id]
+        self.indices = np.asarray(indices, dtype=np.intp)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        """The observation with the velocity entries set to zero (a copy: the env's array is left alone)."""
+        observation = np.array(observation, copy=True)
+        observation[self.indices] = 0
+        return observation
+
+
+def make_no_velocity_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gym.make(env_id, **kwargs)`` with its velocities hidden: the entry point of the ``NoVel`` ids.
+
+    A module-level function (unlike rl_zoo3's closure), so the ids also work in ``SubprocVecEnv`` workers
+    started with ``spawn``.
+    """
+    return MaskVelocity(gym.make(env_id, **kwargs), _VELOCITY_INDICES[env_id])
+
+
+def register_no_velocity_envs() -> None:
+    """Register :data:`NO_VELOCITY_ENVS` with Gymnasium, except ids already registered (e.g. by rl_zoo3).
+
+    Importing ``rl_zoo3.import_envs`` later registers the same ids again with its own wrapper, which
+    hides the same entries; Gymnasium then warns that it overrides them.
+    """
+    for env_id, base_id in NO_VELOCITY_ENVS.items():
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point=f"{__name__}:make_no_velocity_env", kwargs={"env_id": base_id})
+
+
+#: Gymnasium id of :class:`MaskedMemoryEnv` with its default settings.
+MASKED_MEMORY_ID = "MaskedMemory-v0"
+
+
+class MaskedMemoryEnv(gym.Env):
+    """A short partially observable task that needs memory *and* invalid-action masks.
+
+    Each episode has ``episode_length`` steps. The first observation shows a cue ``c`` (one of
+    ``n_cues``); later observations show only the step number. At every step but the last ("walk"
+    steps) just ``n_valid`` of the ``n_actions`` actions are valid: a fixed random table, drawn from
+    ``layout_seed``, gives the valid set for each (cue, step), so the valid actions change every step and
+    depend on the hidden cue. A valid walk action gives 0; at the last step the first ``n_cues`` actions
+    are valid and action ``c`` gives +1, the others 0. Any invalid action ends the episode with
+    ``-invalid_penalty``.
+
+    * Optimal return: 1 (masks keep the walk valid, memory recalls the cue).
+    * Without memory, the last observation is the same whatever the cue: a policy reading the
+      observation alone (and the masks) answers right with probability ``1 / n_cues`` (0.25 by default).
+    * Without masks, a policy must learn the ``n_cues x (episode_length - 1)`` valid sets from the
+      penalty alone; acting at random it survives a walk step with probability ``n_valid / n_actions``.
+
+    ``action_masks()`` follows sb3-contrib's protocol (``MaskablePPO``, ``ClippedPPO``). The final
+    ``info`` has ``is_success`` (the cue was recalled), as ``EvalCallback`` reads it.
+    """
+
+    # rgb_array because SB3's make_vec_env asks every env for it
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(
+        self,
+        n_cues: int = 4,
+        n_actions: int = 32,
+        n_valid: int = 4,
+        episode_length: int = 8,
+        invalid_penalty: float = 1.0,
+        layout_seed: int = 0,
+        render_mode: str | None = None,
+    ) -> None:
+        if not 2 <= n_cues <= n_actions:
+            raise ValueError(f"need 2 <= n_cues <= n_actions, got n_cues={n_cues}, n_actions={n_actions}")
+        if not 1 <= n_valid <= n_actions:
+            raise ValueError(f"need 1 <= n_valid <= n_actions, got n_valid={n_valid}")
+        if episode_length < 2:
+            raise ValueError(f"need episode_length >= 2 (a cue step and an answer step), got {episode_length}")
+        self.n_cues, self.n_actions, self.n_valid = n_cues, n_actions, n_valid
+        self.episode_length = episode_length
+        self.invalid_penalty = float(invalid_penalty)
+        # the task's rules, not its randomness: the same table for every env instance and seed
+        rng = np.random.default_rng(layout_seed)
+        self.walk_masks = np.zeros((n_cues, episode_length - 1, n_actions), dtype=bool)
+        for cue in range(n_cues):
+            for step in range(episode_length - 1):
+                self.walk_masks[cue, step, rng.choice(n_actions, n_valid, replace=False)] = True
+        self.answer_mask = np.arange(n_actions) < n_cues
+        self.observation_space = spaces.Box(0.0, 1.0, (n_cues + episode_length,), dtype=np.float32)
+        self.action_space = spaces.Discrete(n_actions)
+        self.render_mode = render_mode
+        self.cue = 0
+        self.t = 0
+
+    def render(self) -> np.ndarray:
+        """An RGB picture of the state, 8 pixels per cell: the cue, the step, the valid actions (rows)."""
+        rows = np.zeros((3, max(self.n_actions, self.episode_length)), dtype=bool)
+        rows[0, self.cue] = rows[1, self.t] = True
+        rows[2, : self.n_actions] = self.action_masks()
+        image = np.repeat(np.repeat(rows, 8, axis=0), 8, axis=1)
+        return np.repeat(image[:, :, None] * np.uint8(255), 3, axis=2)
+
+    def _observation(self) -> np.ndarray:
+        obs = np.zeros(self.observation_space.shape, dtype=np.float32)
+        if self.t == 0:
+            obs[self.cue] = 1.0
+        obs[self.n_cues + self.t] = 1.0
+        return obs
+
+    def action_masks(self) -> np.ndarray:
+        """The valid actions of the current step, one bool per action."""
+        if self.t < self.episode_length - 1:
+            return self.walk_masks[self.cue, self.t].copy()
+        return self.answer_mask.copy()
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Start an episode with a new random cue."""
+        super().reset(seed=seed)
+        self.cue = int(self.np_random.integers(self.n_cues))
+        self.t = 0
+        return self._observation(), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Apply one action: an invalid one ends the episode with the penalty, the last step scores the recall."""
+        action = int(action)
+        if not self.action_masks()[action]:
+            return self._observation(), -self.invalid_penalty, True, False, {"is_success": False, "invalid": True}
+        if self.t == self.episode_length - 1:
+            recalled = action == self.cue
+            return self._observation(), float(recalled), True, False, {"is_success": recalled}
+        self.t += 1
+        return self._observation(), 0.0, False, False, {}
+
+
+def register_masked_memory_env() -> None:
+    """Register ``MaskedMemory-v0`` (:class:`MaskedMemoryEnv`, default settings) unless it is registered."""
+    if MASKED_MEMORY_ID not in gym.registry:
+        gym.register(MASKED_MEMORY_ID, entry_point=f"{__name__}:MaskedMemoryEnv")
+
+
 def _register(env_id: str) -> None:
-    """Register the id's family when Gymnasium does not know it yet (ALE's games, the masked test envs)."""
+    """Register the id's family when Gymnasium does not know it yet (ALE's games, the extra tasks above)."""
     if env_id in gym.registry:
         return
     if env_id in MASKED_TEST_ENVS:
         register_masked_test_envs()
+    elif env_id in NO_VELOCITY_ENVS:
+        register_no_velocity_envs()
+    elif env_id == MASKED_MEMORY_ID:
+        register_masked_memory_env()
     else:
         register_atari()  # importing ale_py costs memory: only for ids not registered otherwise
 

@@ -31,17 +31,22 @@ from torch import nn
 from sb3_ppo_ext.envs import is_atari
 from sb3_ppo_ext.schedules import parse_schedule
 
-#: Folder of the shipped per-algorithm YAML files (``clipped_ppo.yml``, ``a2c.yml``, ``trpo.yml``).
+#: Folder of the shipped per-algorithm YAML files (``clipped_ppo.yml``, ``clipped_ppo_lstm.yml``, ``a2c.yml``,
+#: ``trpo.yml``).
 HYPERPARAMS_DIR = Path(__file__).parent / "hyperparams"
 
 #: Which shipped file holds each algorithm's settings. SB3's PPO reads the same file as ClippedPPO:
-#: ``clipped_ppo.yml`` mirrors the Zoo's ``ppo.yml``, so both PPOs are compared at identical settings.
+#: ``clipped_ppo.yml`` mirrors the Zoo's ``ppo.yml``, so both PPOs are compared at identical settings;
+#: ``clipped_ppo_lstm.yml`` mirrors ``ppo_lstm.yml`` for ClippedPPO's LSTM policies and ``RecurrentPPO``.
 HYPERPARAMS_FILES: dict[str, str] = {
     "clipped_ppo": "clipped_ppo.yml",
     "ppo": "clipped_ppo.yml",
     "a2c": "a2c.yml",
     "trpo": "trpo.yml",
     "maskable_ppo": "clipped_ppo.yml",
+    # LSTM policies: ClippedPPO's and sb3-contrib's RecurrentPPO read the mirror of the Zoo's ppo_lstm.yml
+    "clipped_ppo_lstm": "clipped_ppo_lstm.yml",
+    "recurrent_ppo": "clipped_ppo_lstm.yml",
 }
 
 # Keys of a Zoo block that describe the environment or the run, not the model constructor.
@@ -203,7 +208,7 @@ def zoo_block(algo: str, env_id: str, path: str | Path | None = None) -> tuple[s
     rl_zoo3's rule: the env's own block, else the ``atari`` block for Atari games
     (:func:`sb3_ppo_ext.envs.is_atari`), else the ``default`` block.
 
-    :param algo: ``"clipped_ppo"``, ``"ppo"``, ``"a2c"`` or ``"trpo"`` (names the shipped file), or any
+    :param algo: a key of :data:`HYPERPARAMS_FILES` (``"clipped_ppo"``, ``"clipped_ppo_lstm"``, ...), or any
         name when ``path`` is given.
     :param env_id: a Gymnasium id.
     :param path: a Zoo-format YAML file to read instead of the shipped one.
@@ -223,7 +228,7 @@ def zoo_block(algo: str, env_id: str, path: str | Path | None = None) -> tuple[s
 def zoo_settings(algo: str, env_id: str, path: str | Path | None = None) -> Settings:
     """The RL Zoo settings of ``algo`` on ``env_id``, chosen as rl_zoo3 does (see :func:`zoo_block`).
 
-    :param algo: ``"clipped_ppo"``, ``"ppo"``, ``"a2c"`` or ``"trpo"`` (names the shipped file), or any
+    :param algo: a key of :data:`HYPERPARAMS_FILES` (``"clipped_ppo"``, ``"clipped_ppo_lstm"``, ...), or any
         name when ``path`` is given.
     :param env_id: a Gymnasium id.
     :param path: a Zoo-format YAML file to read instead of the shipped one.

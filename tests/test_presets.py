@@ -158,7 +158,13 @@ def test_mujoco_v5_blocks_equal_the_zoo_v4_blocks(algo):
 
 @pytest.mark.skipif(importlib.util.find_spec("rl_zoo3") is None, reason="rl_zoo3 not installed")
 @pytest.mark.parametrize(
-    ("ours", "zoo"), [("clipped_ppo.yml", "ppo.yml"), ("a2c.yml", "a2c.yml"), ("trpo.yml", "trpo.yml")]
+    ("ours", "zoo"),
+    [
+        ("clipped_ppo.yml", "ppo.yml"),
+        ("clipped_ppo_lstm.yml", "ppo_lstm.yml"),
+        ("a2c.yml", "a2c.yml"),
+        ("trpo.yml", "trpo.yml"),
+    ],
 )
 def test_shipped_files_mirror_the_installed_zoo(ours, zoo):
     import rl_zoo3

@@ -13,7 +13,7 @@ from rich.console import Console
 from sb3_ppo_ext.benchmark import plots, statistics
 from sb3_ppo_ext.benchmark.ablations import ABLATIONS
 from sb3_ppo_ext.benchmark.runner import execute, plan, zoo_budget
-from sb3_ppo_ext.benchmark.runs import ALGOS
+from sb3_ppo_ext.benchmark.runs import ALGOS, RECURRENT_ALGOS
 
 EPILOG = """examples:
   python -m sb3_ppo_ext.benchmark --envs CartPole-v1,Pendulum-v1 --algos clipped_ppo,ppo,a2c,trpo \\
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--algos",
         type=_csv,
         default=None,
-        help=f"comma-separated, from {','.join(ALGOS)} (default: all; with --ablation: clipped_ppo)",
+        help=f"comma-separated, from {','.join(ALGOS)} (default: all but the LSTM ones "
+        f"{','.join(RECURRENT_ALGOS)}; with --ablation: clipped_ppo)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
@@ -110,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m sb3_ppo_ext.benchmark " + shlex.join(argv)
     title = args.title or (f"Ablation: {args.ablation}" if args.ablation else "Benchmark")
     if not args.report_only:
-        algos = args.algos or (["clipped_ppo"] if args.ablation else list(ALGOS))
+        default = [algo for algo in ALGOS if algo not in RECURRENT_ALGOS]
+        algos = args.algos or (["clipped_ppo"] if args.ablation else default)
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         try:
             specs = plan(

@@ -24,9 +24,17 @@ DEFAULT_EVALUATIONS = 20
 
 
 def zoo_budget(env_id: str, hyperparams_dir: Path | None = None) -> int:
-    """The Zoo's PPO budget for ``env_id``; every algorithm gets it, so curves share one x-axis."""
-    path = None if hyperparams_dir is None else Path(hyperparams_dir) / presets.HYPERPARAMS_FILES["clipped_ppo"]
-    budget = presets.zoo_settings("clipped_ppo", env_id, path).n_timesteps
+    """The Zoo's PPO budget for ``env_id``; every algorithm gets it, so curves share one x-axis.
+
+    An env that the PPO file lists only under its ``default``/``atari`` block but the recurrent file
+    (``ppo_lstm.yml``'s mirror) lists by name, as the NoVel tasks, takes the recurrent file's budget.
+    """
+    folder = presets.HYPERPARAMS_DIR if hyperparams_dir is None else Path(hyperparams_dir)
+    key, block = presets.zoo_block("clipped_ppo", env_id, folder / presets.HYPERPARAMS_FILES["clipped_ppo"])
+    recurrent = folder / presets.HYPERPARAMS_FILES["clipped_ppo_lstm"]
+    if key != env_id and recurrent.exists():
+        block = presets.load_zoo_file(recurrent).get(env_id, block)
+    budget = presets.parse_zoo_block(block).n_timesteps
     if budget is None:
         raise ValueError(f"no n_timesteps for {env_id!r} in the Zoo settings: pass --timesteps or --budget")
     return budget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import pickle
 import platform
@@ -18,16 +19,18 @@ import sb3_contrib
 import stable_baselines3
 import torch
 from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_masked
-from sb3_contrib.common.maskable.utils import is_masking_supported
+from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.vec_env import VecNormalize, sync_envs_normalization
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import sb3_ppo_ext
 from sb3_ppo_ext import presets
 from sb3_ppo_ext.benchmark import ablations
 from sb3_ppo_ext.checkpoints import atomic_write
 from sb3_ppo_ext.envs import is_atari, make_env
+from sb3_ppo_ext.recurrent_policies import RecurrentActorCriticPolicy
 
 #: Benchmark algorithm name -> dotted class path (the seed's algorithm table, plus ClippedPPO).
 ALGOS: dict[str, str] = {
@@ -36,7 +39,12 @@ ALGOS: dict[str, str] = {
     "a2c": "stable_baselines3.A2C",
     "trpo": "sb3_contrib.TRPO",
     "maskable_ppo": "sb3_contrib.MaskablePPO",
+    # LSTM policies, both with the Zoo's ppo_lstm.yml settings (clipped_ppo_lstm.yml)
+    "clipped_ppo_lstm": "sb3_ppo_ext.ClippedPPO",
+    "recurrent_ppo": "sb3_contrib.RecurrentPPO",
 }
+#: Algorithms that run only when named: their LSTM settings are tuned for few tasks (the NoVel ones).
+RECURRENT_ALGOS = ("clipped_ppo_lstm", "recurrent_ppo")
 
 # Evaluation envs are seeded apart from the training envs (make_vec_env seeds env i with seed + i).
 EVAL_SEED_OFFSET = 10_000
@@ -205,15 +213,7 @@ class EvalRecorder(BaseCallback):
     def _evaluate(self) -> None:
         began = time.perf_counter()
         sync_envs_normalization(self.training_env, self.eval_env)
-        # envs with action_masks() are evaluated with their masks (sb3-contrib's evaluate_policy)
-        evaluate = evaluate_masked if is_masking_supported(self.eval_env) else evaluate_policy
-        returns, _ = evaluate(
-            self.model,
-            self.eval_env,
-            n_eval_episodes=self.spec.eval_episodes,
-            deterministic=self.deterministic,
-            return_episode_rewards=True,
-        )
+        returns = evaluate_returns(self.model, self.eval_env, self.spec.eval_episodes, self.deterministic)
         self.eval_s += time.perf_counter() - began
         wall_s = self.elapsed()
         history = self.history
@@ -226,6 +226,70 @@ class EvalRecorder(BaseCallback):
 
     def _schedule_next_eval(self) -> None:
         self._next_eval = (self.num_timesteps // self.spec.eval_freq + 1) * self.spec.eval_freq
+
+
+def _takes_masks(model: Any) -> bool:
+    # MaskablePPO and ClippedPPO; RecurrentPPO's predict has no action_masks (it trains without masks too)
+    return "action_masks" in inspect.signature(model.predict).parameters
+
+
+def evaluate_returns(model: Any, env: VecEnv, n_episodes: int, deterministic: bool) -> list[float]:
+    """Episode returns of ``model`` on ``env``, with the env's action masks where both support them.
+
+    Without masks: SB3's ``evaluate_policy`` (which carries LSTM states). With masks: sb3-contrib's
+    masked ``evaluate_policy``, except for recurrent policies, which it would run without memory (it
+    drops the states ``predict`` returns), so those go through :func:`evaluate_masked_recurrent`.
+    """
+    if not (is_masking_supported(env) and _takes_masks(model)):
+        returns, _ = evaluate_policy(
+            model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True
+        )
+    elif isinstance(model.policy, RecurrentActorCriticPolicy):
+        returns = evaluate_masked_recurrent(model, env, n_episodes, deterministic)
+    else:
+        returns, _ = evaluate_masked(
+            model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True
+        )
+    return [float(r) for r in returns]
+
+
+def evaluate_masked_recurrent(model: Any, env: VecEnv, n_episodes: int, deterministic: bool) -> list[float]:
+    """sb3-contrib's masked ``evaluate_policy`` (same episode split over envs, Monitor's returns), with LSTM states.
+
+    sb3-contrib 2.9's version assigns ``predict``'s new states to ``state`` and passes ``states`` (always
+    ``None``) back in, so a recurrent policy would start from zero states at every step.
+    """
+    n_envs = env.num_envs
+    targets = np.array([(n_episodes + i) // n_envs for i in range(n_envs)])
+    counts = np.zeros(n_envs, dtype=int)
+    monitored = env.env_is_wrapped(Monitor)[0]
+    current = np.zeros(n_envs)
+    returns: list[float] = []
+    observations = env.reset()
+    states = None
+    episode_starts = np.ones(n_envs, dtype=bool)
+    while (counts < targets).any():
+        actions, states = model.predict(
+            observations,
+            state=states,
+            episode_start=episode_starts,
+            deterministic=deterministic,
+            action_masks=get_action_masks(env),
+        )
+        observations, rewards, dones, infos = env.step(actions)
+        current += rewards
+        episode_starts = dones
+        for i in np.flatnonzero(dones):
+            if counts[i] < targets[i]:
+                # as in SB3: with a Monitor, only its episode ends count (Atari's life losses do not)
+                if not monitored:
+                    returns.append(float(current[i]))
+                    counts[i] += 1
+                elif "episode" in infos[i]:
+                    returns.append(float(infos[i]["episode"]["r"]))
+                    counts[i] += 1
+            current[i] = 0
+    return returns
 
 
 def _versions() -> dict[str, str]:
