@@ -353,17 +353,87 @@ def test_masked_task_runs_and_is_evaluated_with_its_masks(tmp_path, monkeypatch)
     assert len(calls) >= 4  # at 0 and at the end, for each algorithm
 
 
+def test_recurrent_algorithms_read_the_zoo_lstm_settings_and_run_only_when_named(tmp_path, monkeypatch):
+    from sb3_ppo_ext.benchmark import runs
+
+    for algo in ("clipped_ppo_lstm", "recurrent_ppo"):
+        settings = runs.run_settings(RunSpec("CartPoleNoVel-v1", algo, 0, 10, 5))
+        assert settings.policy == "MlpLstmPolicy" and settings.model_kwargs["policy_kwargs"]["lstm_hidden_size"] == 64
+    # the NoVel tasks are in the Zoo's ppo_lstm.yml only: their budget comes from there
+    assert _budgets("--envs", "CartPoleNoVel-v1,PendulumNoVel-v1,MaskedMemory-v0") == dict.fromkeys(
+        ["CartPoleNoVel-v1", "PendulumNoVel-v1", "MaskedMemory-v0"], 100_000
+    )
+    planned = []
+    monkeypatch.setattr(cli, "execute", lambda specs, *a, **k: planned.extend(specs) or Outcome())
+    monkeypatch.setattr(cli, "report", lambda *a, **k: 0)
+    assert cli.main(["--envs", "CartPole-v1", "--seeds", "1", "--timesteps", "10", "--out", str(tmp_path)]) == 0
+    assert {s.algo for s in planned} == set(runs.ALGOS) - set(runs.RECURRENT_ALGOS)
+
+
+def test_masked_memory_task_runs_for_each_algorithm_with_the_right_evaluation(tmp_path, monkeypatch):
+    """LSTM + masks: masks and states at evaluation; RecurrentPPO: no masks; MaskablePPO: sb3-contrib's."""
+    from sb3_ppo_ext.benchmark import runs
+
+    used = []
+    for name in ("evaluate_policy", "evaluate_masked", "evaluate_masked_recurrent"):
+        original = getattr(runs, name)
+        monkeypatch.setattr(runs, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
+    expected = {
+        "clipped_ppo_lstm": "evaluate_masked_recurrent",
+        "recurrent_ppo": "evaluate_policy",  # RecurrentPPO takes no masks: it trains and plays without them
+        "maskable_ppo": "evaluate_masked",
+    }
+    for algo, evaluation in expected.items():
+        used.clear()
+        spec = RunSpec("MaskedMemory-v0", algo, 0, 1024, 1024, eval_episodes=2)
+        result = runs.train_and_evaluate(spec, tmp_path)  # one rollout of 8 envs x 128 steps
+        assert result["total_timesteps"] == 1024 and set(used) == {evaluation} and len(used) == 2
+        assert -1.0 <= result["final_return"] <= 1.0
+
+
+def test_masked_recurrent_evaluation_carries_the_lstm_states():
+    from sb3_ppo_ext import ClippedPPO
+    from sb3_ppo_ext.benchmark import runs
+    from sb3_ppo_ext.envs import make_env
+
+    settings = presets.parse_zoo_block({"n_envs": 2})
+    env = make_env("MaskedMemory-v0", settings, seed=0)
+    model = ClippedPPO("MlpLstmPolicy", env, n_steps=16, batch_size=32, seed=0, policy_kwargs={"lstm_hidden_size": 8})
+    seen = []
+    predict = model.predict
+
+    def spy(observation, state=None, episode_start=None, deterministic=False, action_masks=None):
+        seen.append((state, episode_start.copy(), action_masks))
+        return predict(observation, state, episode_start, deterministic, action_masks)
+
+    model.predict = spy  # type: ignore[method-assign]
+    returns = runs.evaluate_masked_recurrent(model, make_env("MaskedMemory-v0", settings, 1, 5), 3, True)
+    assert len(returns) == 3 and all(r in (-1.0, 0.0, 1.0) for r in returns)
+    assert seen[0][0] is None and all(state is not None for state, _, _ in seen[1:])
+    assert seen[0][1].all() and not seen[1][1].any()  # the episode start resets the states, later steps keep them
+    assert all(masks.shape == (1, 32) and masks.sum() == 4 for _, _, masks in seen)
+
+
 class _Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("algo", ["clipped_ppo", "ppo"])
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, algo):
+@pytest.mark.parametrize(
+    ("env_id", "algo"),
+    [
+        ("MountainCar-v0", "clipped_ppo"),
+        ("MountainCar-v0", "ppo"),
+        # LSTM policies: the Zoo's MountainCarNoVel settings (16 envs x 16 steps, normalized too)
+        ("MountainCarNoVel-v0", "clipped_ppo_lstm"),
+        ("MountainCarNoVel-v0", "recurrent_ppo"),
+    ],
+)
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, env_id, algo):
     """A run stopped mid-way continues from its checkpoint: curve, statistics and step count carry over."""
     from sb3_ppo_ext.benchmark import runs
 
     # MountainCar's Zoo settings normalize observations: the statistics must survive the restart
-    spec = RunSpec("MountainCar-v0", algo, 0, 2048, 512, eval_episodes=1)
+    spec = RunSpec(env_id, algo, 0, 2048, 512, eval_episodes=1)
     done_steps = []
 
     def stop_after_1024(_key, steps):

@@ -192,6 +192,38 @@ def test_every_benchmark_block_builds_its_algorithm(algo, env_id):
     env.close()
 
 
+RECURRENT_BENCHMARK_ENVS = ["CartPoleNoVel-v1", "PendulumNoVel-v1", "MountainCarNoVel-v0", "MaskedMemory-v0"]
+
+
+@pytest.mark.parametrize("env_id", RECURRENT_BENCHMARK_ENVS)
+@pytest.mark.parametrize("algo", ["clipped_ppo_lstm", "recurrent_ppo"])
+def test_every_recurrent_benchmark_block_builds_its_algorithm(algo, env_id):
+    from sb3_ppo_ext.benchmark.runs import ALGOS
+    from sb3_ppo_ext.envs import make_env
+
+    s = zoo_settings(algo, env_id)
+    env = make_env(env_id, s, seed=0)  # registers the NoVel and MaskedMemory ids
+    assert s.policy == "MlpLstmPolicy" and s.n_timesteps is not None
+    model = presets.import_object(ALGOS[algo])(s.policy, env, device="cpu", **s.model_kwargs)
+    hidden = s.model_kwargs.get("policy_kwargs", {}).get("lstm_hidden_size", 256)  # both classes' default
+    assert model.policy.lstm_actor.hidden_size == hidden
+    env.close()
+
+
+def test_masked_memory_settings_are_shared_by_the_recurrent_and_maskable_runs():
+    lstm_key, lstm = presets.zoo_block("clipped_ppo_lstm", "MaskedMemory-v0")
+    ff_key, feed_forward = presets.zoo_block("maskable_ppo", "MaskedMemory-v0")
+    assert lstm_key == ff_key == "MaskedMemory-v0"
+    lstm_only = {"lstm_hidden_size", "enable_critic_lstm"}
+    assert {k: v for k, v in lstm.items() if k not in ("policy", "policy_kwargs")} == {
+        k: v for k, v in feed_forward.items() if k not in ("policy", "policy_kwargs")
+    }
+    lstm_policy = zoo_settings("clipped_ppo_lstm", "MaskedMemory-v0").model_kwargs["policy_kwargs"]
+    ff_policy = zoo_settings("maskable_ppo", "MaskedMemory-v0").model_kwargs["policy_kwargs"]
+    assert {k: v for k, v in lstm_policy.items() if k not in lstm_only} == ff_policy
+    assert (lstm["policy"], feed_forward["policy"]) == ("MlpLstmPolicy", "MlpPolicy")
+
+
 # -- the seed's presets ----------------------------------------------------------------------------------
 
 
