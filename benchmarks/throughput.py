@@ -1,10 +1,13 @@
 """Throughput benchmark: ClippedPPO vs SB3's PPO at identical hyperparameters, in one run.
 
+Workloads with a ``counterpart`` compare against sb3-contrib instead: ``masked`` against MaskablePPO,
+``recurrent`` (LSTM policies) against RecurrentPPO.
+
 Each (workload, algorithm, seed) trains in a fresh subprocess so that peak RSS is measured per run;
 runs alternate A B A B to cancel slow machine drift. Results go to ``benchmarks/results/throughput.md``
 and ``throughput.json``.
 
-    python benchmarks/throughput.py                      # all three workloads, default budgets
+    python benchmarks/throughput.py                      # every workload, default budgets
     python benchmarks/throughput.py --workloads cartpole --seeds 0 1 2 --timesteps 50000
 """
 
@@ -37,8 +40,17 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         counterpart="maskable_ppo",
         block=dict(policy="MlpPolicy", n_envs=8, n_steps=128, batch_size=256, n_epochs=10, learning_rate=3e-4),
     ),
+    # LSTM policies against sb3-contrib's RecurrentPPO, both with the Zoo's ppo_lstm.yml CartPoleNoVel settings
+    # (MlpLstmPolicy, 64 LSTM units, critic LSTM, 8 envs, n_steps 32, batch 256, 20 epochs, VecNormalize)
+    "recurrent": dict(
+        env_id="CartPoleNoVel-v1",
+        timesteps=100_000,
+        eval_episodes=10,
+        counterpart="recurrent_ppo",
+        settings="clipped_ppo_lstm",
+    ),
 }
-COUNTERPARTS = ("ppo", "maskable_ppo")
+COUNTERPARTS = ("ppo", "maskable_ppo", "recurrent_ppo")
 
 
 def _register_masked_env() -> None:
@@ -59,7 +71,7 @@ def _settings(workload: str) -> Any:
     if "block" in spec:
         _register_masked_env()
         return parse_zoo_block(spec["block"])
-    return zoo_settings("clipped_ppo", spec["env_id"])
+    return zoo_settings(spec.get("settings", "clipped_ppo"), spec["env_id"])
 
 
 def _make_env(workload: str, seed: int, n_envs: int | None = None, evaluation: bool = False) -> Any:
@@ -80,7 +92,7 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     """Train one model in this process and return its measurements."""
     import numpy as np
     import torch as th
-    from sb3_contrib import MaskablePPO
+    from sb3_contrib import MaskablePPO, RecurrentPPO
     from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_masked
     from stable_baselines3 import PPO
     from stable_baselines3.common.evaluation import evaluate_policy
@@ -90,7 +102,7 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
 
     th.set_num_threads(threads)
     spec, settings = WORKLOADS[workload], _settings(workload)
-    cls = {"clipped_ppo": ClippedPPO, "ppo": PPO, "maskable_ppo": MaskablePPO}[algo]
+    cls = {"clipped_ppo": ClippedPPO, "ppo": PPO, "maskable_ppo": MaskablePPO, "recurrent_ppo": RecurrentPPO}[algo]
     if spec.get("counterpart") == "maskable_ppo":
         evaluate_policy = evaluate_masked  # noqa: N806 - both apply the env's masks when it has them
     env = _make_env(workload, seed)
@@ -154,14 +166,22 @@ def floors(workload: str, seed: int, threads: int, steps: int = 4096) -> dict[st
     model = _model(workload, env, seed)
     env = model.get_env()  # with the image-transposing wrapper SB3 adds for CNN policies
     obs = env.reset()
+    # an LSTM policy also takes and returns its states, reset where an episode starts
+    recurrent = hasattr(model.policy, "initial_state")
+    states = model.policy.initial_state(n) if recurrent else None
+    starts = th.ones(n)
     start = time.perf_counter()
     for _ in range(iterations):
         with th.no_grad():
-            act, _, _ = model.policy(obs_as_tensor(obs, model.device))
+            if recurrent:
+                act, _, _, states = model.policy(obs_as_tensor(obs, model.device), states, starts)
+            else:
+                act, _, _ = model.policy(obs_as_tensor(obs, model.device))
         act = act.numpy()
         if isinstance(env.action_space, spaces.Box):
             act = np.clip(act, env.action_space.low, env.action_space.high)
-        obs, _, _, _ = env.step(act)
+        obs, _, dones, _ = env.step(act)
+        starts = th.as_tensor(dones, dtype=th.float32)
     with_policy = iterations * n / (time.perf_counter() - start)
     return {"env_only_fps": env_only, "env_policy_fps": with_policy}
 
