@@ -53,7 +53,7 @@ class ExportError(ClippedPPOError):
 
 
 class UnsupportedExportError(ExportError, NotImplementedError):
-    """A kind of policy the exporter does not handle yet (recurrent policies): also a ``NotImplementedError``."""
+    """A kind of policy the exporter does not handle (sb3-contrib's recurrent ones): also a ``NotImplementedError``."""
 
 
 class EnvWorkerError(ClippedPPOError, EOFError):

@@ -21,9 +21,9 @@ file); :func:`read_metadata` reads either. ONNX export uses torch's TorchScript-
 (``dynamo=False``): it needs only the ``onnx`` package, where the ``torch.export``-based one also needs
 ``onnxscript`` and takes seconds per model.
 
-Recurrent policies are refused for now (:class:`~sb3_ppo_ext.errors.UnsupportedExportError`); their
-export is a subclass of :class:`PolicyExportModule` that adds the LSTM state to :meth:`input_specs`,
-:meth:`output_specs` and ``forward``.
+Recurrent policies (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``) export as
+:class:`RecurrentExportModule`: one step of each env, the LSTM state in and out as ``predict(obs, state,
+episode_start, deterministic=True)`` takes and returns it (see that class for the names).
 """
 
 from __future__ import annotations
@@ -48,10 +48,13 @@ from torch import nn
 
 from sb3_ppo_ext.errors import ExportError, UnsupportedExportError
 from sb3_ppo_ext.masking import mask_groups, policy_applies_masks
+from sb3_ppo_ext.recurrent_policies import RecurrentActorCriticPolicy
+from sb3_ppo_ext.sequences import LSTMStates
 
 __all__ = [
     "METADATA_FILE",
     "PolicyExportModule",
+    "RecurrentExportModule",
     "TensorSpec",
     "build_module",
     "export",
@@ -187,6 +190,13 @@ class PolicyExportModule(nn.Module):
         names = self.obs_keys or ["obs"]
         if action_masks and "action_masks" in names:
             raise ExportError("An observation key named 'action_masks' clashes with the mask input; rename the key.")
+        # the recurrent module's state inputs and outputs share the graph's namespace with the observations
+        clashes = sorted(set(names) & set(self._reserved_names()))
+        if clashes:
+            raise ExportError(
+                f"Observation key(s) {clashes} clash with the exported graph's {type(self).__name__} inputs or "
+                "outputs; rename the key(s)."
+            )
         # normalised inputs, by position, with their statistics as float32 buffers (constants of the graph)
         self.normalized: list[bool] = []
         for index, key in enumerate(self.obs_keys or [None]):
@@ -208,6 +218,10 @@ class PolicyExportModule(nn.Module):
             self.register_buffer("action_high", th.as_tensor(action_space.high, dtype=th.float32))
         self.input_names = [spec.name for spec in self.input_specs()]
         self.output_names = [spec.name for spec in self.output_specs()]
+
+    def _reserved_names(self) -> list[str]:
+        """Input and output names that observation keys must not take (beyond ``action_masks``)."""
+        return []
 
     def input_specs(self) -> list[TensorSpec]:
         """The graph's inputs, in order."""
@@ -289,6 +303,102 @@ class PolicyExportModule(nn.Module):
         return actions
 
 
+class RecurrentExportModule(PolicyExportModule):
+    """One step of a recurrent policy: ``predict(obs, state, episode_start, deterministic=True)`` as a graph.
+
+    Inputs, in order: the observations (as :class:`PolicyExportModule`), ``state_h`` and ``state_c`` (float32
+    ``[n_lstm_layers, batch, lstm_hidden_size]``, the actor's LSTM state ``predict`` returned last step),
+    ``episode_start`` (float32 ``[batch]``, 1 where an episode starts: that row's state is reset to zero
+    first, as ``predict`` does; TorchScript also takes bool), then ``action_masks`` when exported with masks.
+    Outputs: ``action``, ``state_h_out``, ``state_c_out`` (the actor's state after the step, ``predict``'s).
+
+    With ``with_value=True`` the outputs go on with ``value`` (``[batch, 1]``, as the rollout computes it
+    with ``policy.forward``). A critic with its own LSTM (``enable_critic_lstm=True``, the default) keeps its
+    own state, so the graph then also takes ``critic_state_h``, ``critic_state_c`` (last inputs) and returns
+    ``critic_state_h_out``, ``critic_state_c_out`` (last outputs); a shared LSTM or a memoryless critic adds
+    no state. Start every state at zero (or set ``episode_start`` to 1 on the first step).
+    """
+
+    def __init__(
+        self,
+        policy: BasePolicy,
+        with_value: bool = False,
+        action_masks: bool = False,
+        obs_stats: dict[str | None, tuple[np.ndarray, np.ndarray]] | None = None,
+        clip_obs: float = 10.0,
+    ) -> None:
+        # set before the parent's __init__, which lists the inputs and outputs (input_specs reads them)
+        self.state_shape = (int(policy.n_lstm_layers), int(policy.lstm_hidden_size))  # type: ignore[attr-defined]
+        self.critic_state = with_value and getattr(policy, "lstm_critic", None) is not None
+        super().__init__(policy, with_value, action_masks, obs_stats, clip_obs)
+
+    def _reserved_names(self) -> list[str]:
+        names = ["state_h", "state_c", "episode_start", "state_h_out", "state_c_out"]
+        return [*names, "critic_state_h", "critic_state_c", "critic_state_h_out", "critic_state_c_out"]
+
+    def _state_specs(self, names: Sequence[str]) -> list[TensorSpec]:
+        layers, hidden = self.state_shape
+        return [TensorSpec(name, (layers, BATCH, hidden), "float32") for name in names]
+
+    def input_specs(self) -> list[TensorSpec]:
+        """The graph's inputs, in order (see the class docstring)."""
+        specs = super().input_specs()
+        n_obs = len(self.obs_spaces)
+        recurrent = [*self._state_specs(["state_h", "state_c"]), TensorSpec("episode_start", (BATCH,), "float32")]
+        specs[n_obs:n_obs] = recurrent
+        if self.critic_state:
+            specs.extend(self._state_specs(["critic_state_h", "critic_state_c"]))
+        return specs
+
+    def output_specs(self) -> list[TensorSpec]:
+        """The graph's outputs, in order (see the class docstring)."""
+        action, *value = super().output_specs()
+        specs = [action, *self._state_specs(["state_h_out", "state_c_out"]), *value]
+        if self.critic_state:
+            specs.extend(self._state_specs(["critic_state_h_out", "critic_state_c_out"]))
+        return specs
+
+    def example_inputs(self, batch_size: int, seed: int = 0) -> tuple[th.Tensor, ...]:
+        """Random inputs; ``episode_start`` alternates 1 and 0, so both the reset and the carried state are traced."""
+        base = super().example_inputs(batch_size, seed)
+        n_obs = len(self.obs_spaces)
+        generator = th.Generator().manual_seed(seed + 1)
+        layers, hidden = self.state_shape
+
+        def state() -> th.Tensor:
+            return th.randn((layers, batch_size, hidden), generator=generator)
+
+        starts = (th.arange(batch_size) % 2 == 0).float()
+        critic = (state(), state()) if self.critic_state else ()
+        return (*base[:n_obs], state(), state(), starts, *base[n_obs:], *critic)
+
+    def forward(self, *inputs: th.Tensor) -> tuple[th.Tensor, ...]:  # type: ignore[override]
+        """``action``, the actor's new state (and ``value``, the critic's new state) for :meth:`input_specs`."""
+        n_obs = len(self.obs_spaces)
+        obs = self._observations(inputs[:n_obs])
+        state = (inputs[n_obs], inputs[n_obs + 1])
+        # predict() feeds episode starts as float32; a bool input works too (TorchScript)
+        episode_start = inputs[n_obs + 2].to(th.float32)
+        rest = inputs[n_obs + 3 :]
+        masks: dict[str, th.Tensor] = {}
+        if self.action_masks:
+            masks["action_masks"] = rest[0].to(th.bool)
+            rest = rest[1:]
+        if not self.with_value:
+            actions, (h, c) = self.policy._predict(  # type: ignore[call-arg]
+                obs, state, episode_start, deterministic=True, **masks
+            )
+            return self._postprocess(actions), h, c
+        # the rollout's own step: actions, values and both LSTMs' states at once; with a shared LSTM or a
+        # memoryless critic the critic's states are not read, the actor's stand in for them
+        critic = (rest[0], rest[1]) if self.critic_state else state
+        actions, values, _, states = self.policy(  # forward(); its log-probability is pruned from the graph
+            obs, LSTMStates(state, critic), episode_start, deterministic=True, **masks
+        )
+        outputs = (self._postprocess(actions), *states.pi, values)
+        return (*outputs, *states.vf) if self.critic_state else outputs
+
+
 # -- building the module -----------------------------------------------------------------------------
 
 
@@ -302,11 +412,11 @@ def _policy_of(model: BaseAlgorithm | BasePolicy) -> BasePolicy:
 
 def _check_exportable(policy: BasePolicy, action_masks: bool, with_value: bool) -> None:
     """Refuse what the exported graph cannot reproduce, saying what to do instead."""
-    if is_recurrent(policy):
+    if is_recurrent(policy) and not isinstance(policy, RecurrentActorCriticPolicy):
         raise UnsupportedExportError(
-            f"{type(policy).__name__} is recurrent: exporting the LSTM state (inputs and outputs) is not supported "
-            "yet. Export a feed-forward policy, or run the recurrent one with model.predict(obs, state, "
-            "episode_start)."
+            f"{type(policy).__module__}.{type(policy).__name__} is recurrent but not one of sb3_ppo_ext's recurrent "
+            "policies, whose LSTM state the exporter knows: train with ClippedPPO's MlpLstmPolicy (sb3-contrib's "
+            "keywords), or run this one with model.predict(obs, state, episode_start)."
         )
     if action_masks:
         if mask_groups(policy.action_space) is None or getattr(policy, "use_sde", False):
@@ -349,7 +459,8 @@ def build_module(
     if policy.device.type != "cpu":
         policy = copy.deepcopy(policy).to("cpu")
     policy.set_training_mode(False)
-    module = PolicyExportModule(policy, with_value, action_masks, obs_stats, norm_options.get("clip_obs", 10.0))
+    module_class = RecurrentExportModule if is_recurrent(policy) else PolicyExportModule
+    module = module_class(policy, with_value, action_masks, obs_stats, norm_options.get("clip_obs", 10.0))
     options = {
         "with_value": with_value,
         "action_masks": action_masks,
@@ -368,6 +479,17 @@ def _metadata(module: PolicyExportModule, options: dict[str, Any], export_format
     import sb3_ppo_ext
 
     policy = module.policy
+    recurrent: dict[str, Any] | None = None
+    if isinstance(module, RecurrentExportModule):
+        layers, hidden = module.state_shape
+        recurrent = {
+            "state_shape": [layers, BATCH, hidden],
+            "n_lstm_layers": layers,
+            "lstm_hidden_size": hidden,
+            "critic_state": module.critic_state,
+            "shared_lstm": bool(policy.shared_lstm),  # type: ignore[attr-defined]
+            "enable_critic_lstm": bool(policy.enable_critic_lstm),  # type: ignore[attr-defined]
+        }
     return {
         "producer": "sb3_ppo_ext.export",
         "format": export_format,
@@ -376,6 +498,8 @@ def _metadata(module: PolicyExportModule, options: dict[str, Any], export_format
         "action_space": repr(policy.action_space),
         "inputs": json.dumps([asdict(spec) for spec in module.input_specs()]),
         "outputs": json.dumps([asdict(spec) for spec in module.output_specs()]),
+        "recurrent": json.dumps(recurrent is not None),
+        **({"lstm_state": json.dumps(recurrent)} if recurrent is not None else {}),
         "export_options": json.dumps(options),
         "torch_version": th.__version__,
         "stable_baselines3_version": stable_baselines3.__version__,
@@ -424,6 +548,25 @@ def _traced(module: PolicyExportModule, example: tuple[th.Tensor, ...]) -> Any:
         return th.jit.freeze(th.jit.trace(module, example, check_trace=False).eval())
 
 
+@contextlib.contextmanager
+def _weights_without_grad(module: nn.Module) -> Iterator[None]:
+    """Parameters that need no gradient while the TorchScript module is traced and saved, then as they were.
+
+    Freezing does not fold every weight into a constant (not an LSTM's when an in-place op, as the image
+    scaling of a channels-last CNN policy, runs before it), and an output computed from a weight that
+    requires grad requires it too. The weights are shared with the model, not copied: gSDE's exploration
+    matrices are not leaf tensors, which ``deepcopy`` refuses.
+    """
+    parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
 # -- public API --------------------------------------------------------------------------------------
 
 
@@ -443,7 +586,8 @@ def to_onnx(
     :param path: the ``.onnx`` file to write.
     :param vecnormalize: a ``VecNormalize`` (or the path of its saved statistics) whose observation
         normalisation is baked in, so the graph takes raw observations.
-    :param with_value: add the ``value`` output.
+    :param with_value: add the ``value`` output (and, for a recurrent policy whose critic has its own LSTM,
+        the critic's state: :class:`RecurrentExportModule`).
     :param action_masks: add the ``action_masks`` input (bool ``[batch, mask_size]``).
     :param opset_version: ONNX opset.
     :param check: run the file once with onnxruntime (when installed) and compare with the policy.
@@ -465,7 +609,11 @@ def _write_onnx(
     import onnx
 
     example = module.example_inputs(_TRACE_BATCH)
-    dynamic_axes = {name: {0: BATCH} for name in module.input_names + module.output_names}
+    # the batch axis is not always the first: LSTM states are [n_layers, batch, hidden]
+    dynamic_axes = {
+        spec.name: {axis: BATCH for axis, size in enumerate(spec.shape) if size == BATCH}
+        for spec in [*module.input_specs(), *module.output_specs()]
+    }
     with warnings.catch_warnings(), th.no_grad():
         # the TorchScript-based exporter is deprecated in favour of dynamo=True, which needs onnxscript
         warnings.simplefilter("ignore")
@@ -513,7 +661,8 @@ def to_torchscript(
     """Write the policy's deterministic action (and value) as a traced TorchScript module; return the path.
 
     Same inputs, outputs and options as :func:`to_onnx`; load it with ``torch.jit.load(path)`` and call it
-    with tensors (``module(obs)``, ``module(obs, masks)``, one tensor per Dict key in the space's order).
+    with tensors (``module(obs)``, ``module(obs, masks)``, one tensor per Dict key in the space's order;
+    ``module(obs, state_h, state_c, episode_start)`` for a recurrent policy, :class:`RecurrentExportModule`).
     The metadata is the archive's extra file :data:`METADATA_FILE`.
     """
     with _training_mode_kept(model):
@@ -524,10 +673,11 @@ def to_torchscript(
 
 
 def _write_torchscript(module: PolicyExportModule, options: dict[str, Any], path: Path, check: bool) -> Path:
-    with th.no_grad():
-        traced = _traced(module, module.example_inputs(_TRACE_BATCH))
     metadata = _metadata(module, options, "torchscript")
-    th.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    # saved before the weights need gradients again: the weights left unfrozen are the model's own tensors
+    with th.no_grad(), _weights_without_grad(module):
+        traced = _traced(module, module.example_inputs(_TRACE_BATCH))
+        th.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
     if check:
         check_inputs = module.example_inputs(_CHECK_BATCH, seed=1)
         with th.no_grad():
@@ -574,7 +724,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raw = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
     decoded: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in {"inputs", "outputs", "export_options"}:
+        if key in {"inputs", "outputs", "export_options", "recurrent", "lstm_state"}:
             decoded[key] = json.loads(value)
         else:
             decoded[key] = value

@@ -4,7 +4,8 @@ Every parity test runs the same observations through ``model.predict``, onnxrunt
 module, at batch sizes 1 and 64 (the graphs are traced at batch 2, so both sizes exercise the dynamic
 axis). Discrete actions must be equal, Box actions within 1e-5. The models are tiny and barely trained:
 parity needs no learning, and the action layer is scaled up so that Box actions reach their bounds and
-discrete logits are far apart.
+discrete logits are far apart. Recurrent policies are rolled for 20 steps on envs whose episodes end
+inside them, the graphs carrying their own LSTM state, at batch sizes 1 and 4.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import pytest
 import torch as th
 from conftest import DictObsEnv, ImageEnv
 from gymnasium import spaces
-from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecNormalize, VecTransposeImage
 
 import sb3_ppo_ext
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext import __main__ as cli
 from sb3_ppo_ext.errors import ExportError, UnsupportedExportError
 from sb3_ppo_ext.export import METADATA_FILE, PolicyExportModule, read_metadata, to_onnx, to_torchscript
+from sb3_ppo_ext.sequences import LSTMStates
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -319,6 +322,7 @@ def test_metadata_describes_spaces_versions_and_options(tmp_path):
         assert meta["export_options"]["action_masks"] and not meta["export_options"]["with_value"]
         assert [i["name"] for i in meta["inputs"]] == ["obs", "action_masks"]
         assert meta["outputs"] == [{"name": "action", "shape": ["batch"], "dtype": "int64"}]
+        assert meta["recurrent"] is False and "lstm_state" not in meta
     # read by onnxruntime alone, as a deployment would
     assert session(onnx_path).get_modelmeta().custom_metadata_map["action_space"] == repr(model.action_space)
     extra = {METADATA_FILE: ""}
@@ -351,6 +355,210 @@ def test_an_sb3_ppo_model_exports_too(tmp_path):
     check_parity(model, tmp_path)
 
 
+# -- recurrent policies ----------------------------------------------------------------------------------
+
+LSTM_KWARGS = dict(lstm_hidden_size=8, net_arch=[8])
+N_ENVS = (1, 4)  # batch sizes of the rollouts; the graphs are traced at batch 2
+
+
+class EpisodesEnv(SpacesEnv):
+    """:class:`SpacesEnv` whose episodes end after ``ep_length`` steps (so the rollouts cross episode starts)."""
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, ep_length: int) -> None:
+        super().__init__(observation_space, action_space)
+        self.ep_length, self._t = ep_length, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        self._t = 0
+        return super().reset(seed=seed)
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        self._t += 1
+        obs, reward, _, _, info = super().step(action)
+        return obs, reward, self._t >= self.ep_length, False, info
+
+
+def vec_env(make_env: Any, n_envs: int) -> VecEnv:
+    """``n_envs`` envs with episodes of 3, 4, 5... steps: resets at different steps in different rows."""
+    venv = DummyVecEnv([lambda length=3 + i: make_env(length) for i in range(n_envs)])
+    venv.seed(0)
+    # channel-first images, as the model's env and the exported graph see them
+    return VecTransposeImage(venv) if is_image_space(venv.observation_space) else venv
+
+
+def recurrent_model(make_env: Any, policy: str = "MlpLstmPolicy", **policy_kwargs: Any) -> ClippedPPO:
+    """A random-init tiny recurrent model (parity needs no training), its action layer scaled up as make_model's."""
+    kwargs = {**LSTM_KWARGS, **policy_kwargs}
+    model = ClippedPPO(
+        policy, vec_env(make_env, 1), n_steps=8, batch_size=8, seed=0, device="cpu", policy_kwargs=kwargs
+    )
+    with th.no_grad():
+        model.policy.action_net.weight.mul_(30.0)
+    return model
+
+
+def roll_recurrent(
+    model: ClippedPPO, make_env: Any, tmp_path: Path, masks: bool = False, with_value: bool = False, steps: int = 20
+) -> None:
+    """Roll ``predict`` and the exported ONNX and TorchScript graphs side by side, each carrying its own state.
+
+    Actions (and values) must equal the reference's and the states stay within 1e-5 at every step, at batch
+    sizes 1 and 4. The reference is ``predict(obs, state, episode_start, deterministic=True)``, and for the
+    value and the critic's state the rollout's ``policy.forward``.
+    """
+    onnx_path, ts_path = export_both(model, tmp_path, action_masks=masks, with_value=with_value)
+    sess, ts_module = session(onnx_path), th.jit.load(str(ts_path))
+    policy = model.policy
+    critic_state = with_value and policy.enable_critic_lstm
+    for n_envs in N_ENVS:
+        venv = vec_env(make_env, n_envs)
+        zeros = np.zeros((policy.n_lstm_layers, n_envs, policy.lstm_hidden_size), np.float32)
+        state: tuple[np.ndarray, ...] = (zeros, zeros)
+        reference = LSTMStates((th.as_tensor(zeros),) * 2, (th.as_tensor(zeros),) * 2)
+        carried = {"onnx": [zeros] * (4 if critic_state else 2), "torchscript": [zeros] * (4 if critic_state else 2)}
+        obs, starts, n_starts = venv.reset(), np.ones(n_envs, np.float32), 0
+        for _ in range(steps):
+            extra = {"action_masks": np.stack(venv.env_method("action_masks"))} if masks else {}
+            action, state = model.predict(obs, state, starts, deterministic=True, **extra)
+            want = [action, *state]
+            if with_value:
+                with th.no_grad():
+                    obs_tensor = policy.obs_to_tensor(obs)[0]
+                    _, value, _, reference = policy(obs_tensor, reference, th.as_tensor(starts), True, **extra)
+                np.testing.assert_allclose(reference.pi[0].numpy(), state[0], rtol=0, atol=1e-6)
+                want.append(value.numpy())
+                if critic_state:
+                    want.extend(s.numpy() for s in reference.vf)
+            for runtime, carry in carried.items():
+                inputs = [*as_inputs(model.observation_space, obs), carry[0], carry[1], starts, *extra.values()]
+                inputs.extend(carry[2:])
+                if runtime == "onnx":
+                    got = sess.run(None, {i.name: x for i, x in zip(sess.get_inputs(), inputs, strict=True)})
+                else:
+                    got = [t.numpy() for t in ts_module(*[th.as_tensor(x) for x in inputs])]
+                assert len(got) == len(want), runtime
+                assert_same_actions(got[0], want[0], model.action_space)
+                for have, expected in zip(got[1:], want[1:], strict=True):
+                    np.testing.assert_allclose(have, expected, rtol=0, atol=1e-5, err_msg=runtime)
+                # the graph's own states go into its next step (values are not states)
+                carried[runtime] = [got[1], got[2], *(got[4:] if critic_state else [])]
+            obs, _, dones, _ = venv.step(action)
+            starts = dones.astype(np.float32)
+            n_starts += int(dones.sum())
+        assert n_starts >= n_envs, "episodes must end inside the rollout so that episode_start resets are checked"
+
+
+RECURRENT_CASES = {
+    "Discrete-critic-LSTM": (spaces.Discrete(3), {}),
+    "Box-critic-LSTM": (BOX_ACTIONS, {}),
+    "Box-2-layers-shared-LSTM": (BOX_ACTIONS, dict(n_lstm_layers=2, shared_lstm=True, enable_critic_lstm=False)),
+    "Discrete-2-layers-no-critic-LSTM": (spaces.Discrete(3), dict(n_lstm_layers=2, enable_critic_lstm=False)),
+}
+
+
+@pytest.mark.parametrize("case", RECURRENT_CASES.values(), ids=RECURRENT_CASES.keys())
+def test_lstm_rolled_for_20_steps_keeps_predicts_actions_values_and_states(tmp_path, case):
+    action_space, policy_kwargs = case
+
+    def make_env(length: int) -> EpisodesEnv:
+        return EpisodesEnv(OBS_SPACES["Box"], action_space, length)
+
+    model = recurrent_model(make_env, **policy_kwargs)
+    roll_recurrent(model, make_env, tmp_path, with_value=True)
+
+
+@pytest.mark.parametrize("with_value", [False, True], ids=["action", "action-value"])
+def test_lstm_with_dict_observations_rolls_as_predict(tmp_path, with_value):
+    def make_env(length: int) -> DictObsEnv:
+        return DictObsEnv(discrete=False, ep_length=length)
+
+    roll_recurrent(recurrent_model(make_env, "MultiInputLstmPolicy"), make_env, tmp_path, with_value=with_value)
+
+
+def test_lstm_with_image_observations_rolls_as_predict(tmp_path):
+    def make_env(length: int) -> ImageEnv:
+        return ImageEnv(ep_length=length)
+
+    cnn = dict(features_extractor_kwargs=dict(features_dim=16))
+    model = recurrent_model(make_env, "CnnLstmPolicy", **cnn)
+    # the channels-last image scaling is in place, which keeps freezing from folding the LSTM's weights: the
+    # TorchScript module is saved while they need no gradient (its outputs go to .numpy() in the rollout)
+    assert model.policy.channels_last
+    roll_recurrent(model, make_env, tmp_path)
+    assert all(parameter.requires_grad for parameter in model.policy.parameters())  # given back as they were
+
+
+@pytest.mark.parametrize("with_value", [False, True], ids=["action", "action-value"])
+def test_masked_lstm_rolls_as_predict_with_masks(tmp_path, with_value):
+    from sb3_contrib.common.envs import InvalidActionEnvDiscrete
+
+    def make_env(length: int) -> InvalidActionEnvDiscrete:
+        return InvalidActionEnvDiscrete(dim=6, ep_length=length, n_invalid_actions=3)
+
+    roll_recurrent(recurrent_model(make_env), make_env, tmp_path, masks=True, with_value=with_value)
+
+
+def test_recurrent_metadata_inputs_and_dynamic_axes(tmp_path):
+    model = recurrent_model(lambda length: EpisodesEnv(OBS_SPACES["Box"], spaces.Discrete(3), length), n_lstm_layers=2)
+    onnx_path, ts_path = export_both(model, tmp_path, with_value=True)
+    state = {"shape": [2, "batch", 8], "dtype": "float32"}
+    for path in (onnx_path, ts_path):
+        meta = read_metadata(path)
+        assert meta["recurrent"] is True
+        assert meta["lstm_state"]["state_shape"] == [2, "batch", 8] and meta["lstm_state"]["critic_state"]
+        assert meta["inputs"][1:] == [
+            {"name": "state_h", **state},
+            {"name": "state_c", **state},
+            {"name": "episode_start", "shape": ["batch"], "dtype": "float32"},
+            {"name": "critic_state_h", **state},
+            {"name": "critic_state_c", **state},
+        ]
+        names = [spec["name"] for spec in meta["outputs"]]
+        assert names == ["action", "state_h_out", "state_c_out", "value", "critic_state_h_out", "critic_state_c_out"]
+    graph = onnx.load(str(onnx_path)).graph
+    for value in [*graph.input, *graph.output]:
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert "batch" in dims and dims[0 if "state" not in value.name else 1] == "batch", (value.name, dims)
+    assert read_metadata(to_onnx(model, tmp_path / "ff.onnx", with_value=False))["lstm_state"]["critic_state"] is False
+
+
+def test_torchscript_takes_bool_episode_starts(tmp_path):
+    model = recurrent_model(lambda length: EpisodesEnv(OBS_SPACES["Box"], spaces.Discrete(3), length))
+    module = th.jit.load(str(to_torchscript(model, tmp_path / "policy.pt")))
+    obs = th.as_tensor(sample_obs(model.observation_space, 4))
+    state = th.randn(1, 4, 8)
+    starts = th.tensor([True, False, True, False])
+    for want, got in zip(module(obs, state, state, starts.float()), module(obs, state, state, starts), strict=True):
+        assert th.equal(want, got)
+
+
+def test_cli_exports_a_saved_recurrent_model(tmp_path, capsys):
+    model = recurrent_model(lambda length: EpisodesEnv(OBS_SPACES["Box"], spaces.Discrete(3), length))
+    model.save(tmp_path / "agent.zip")
+    assert cli.main(["export", "--load", str(tmp_path / "agent.zip"), "--with-value"]) == 0
+    out = capsys.readouterr().out
+    assert "state_h[1, 'batch', 8] float32" in out and "critic_state_c_out[1, 'batch', 8] float32" in out
+    loaded = ClippedPPO.load(tmp_path / "agent.zip", device="cpu")
+    obs = sample_obs(model.observation_space, 3)
+    state = np.random.default_rng(0).normal(size=(2, 1, 3, 8)).astype(np.float32)
+    starts = np.array([1.0, 0.0, 0.0], np.float32)
+    action, state_h, state_c, *_ = session(tmp_path / "agent.onnx").run(
+        None,
+        {
+            "obs": obs,
+            "state_h": state[0],
+            "state_c": state[1],
+            "episode_start": starts,
+            "critic_state_h": state[0],
+            "critic_state_c": state[1],
+        },
+    )
+    want, (h, c) = loaded.predict(obs, (state[0], state[1]), starts, deterministic=True)
+    np.testing.assert_array_equal(action, want)
+    np.testing.assert_allclose(state_h, h, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(state_c, c, rtol=0, atol=1e-5)
+
+
 # -- errors --------------------------------------------------------------------------------------------
 
 
@@ -360,17 +568,21 @@ def test_masks_for_box_actions_are_refused_with_what_to_do(tmp_path):
         to_onnx(model, tmp_path / "policy.onnx", action_masks=True)
 
 
-@pytest.mark.parametrize("algorithm", ["ClippedPPO", "RecurrentPPO"])
-def test_recurrent_policies_are_refused_as_not_implemented(tmp_path, algorithm):
+def test_sb3_contrib_recurrent_policies_are_refused_as_not_implemented(tmp_path):
     from sb3_contrib import RecurrentPPO
 
-    algo = ClippedPPO if algorithm == "ClippedPPO" else RecurrentPPO
-    env = SpacesEnv(OBS_SPACES["Box"], spaces.Discrete(2))
-    model = algo("MlpLstmPolicy", env, n_steps=8, batch_size=8, device="cpu")
-    with pytest.raises(UnsupportedExportError, match="recurrent.*model.predict\\(obs, state, episode_start\\)"):
+    model = RecurrentPPO("MlpLstmPolicy", SpacesEnv(OBS_SPACES["Box"], spaces.Discrete(2)), n_steps=8, device="cpu")
+    with pytest.raises(UnsupportedExportError, match="sb3_contrib.*ClippedPPO's MlpLstmPolicy.*model.predict\\("):
         to_torchscript(model, tmp_path / "policy.pt")
     with pytest.raises(NotImplementedError):
         to_onnx(model.policy, tmp_path / "policy.onnx")
+
+
+def test_observation_keys_clashing_with_the_state_inputs_are_refused(tmp_path):
+    env = SpacesEnv(spaces.Dict({"state_h": OBS_SPACES["Box"]}), spaces.Discrete(2))
+    model = ClippedPPO("MultiInputLstmPolicy", env, n_steps=8, batch_size=8, device="cpu", policy_kwargs=LSTM_KWARGS)
+    with pytest.raises(ExportError, match=r"\['state_h'\] clash.*rename"):
+        to_onnx(model, tmp_path / "policy.onnx")
 
 
 def test_a_broken_trace_is_caught_by_the_check(tmp_path, monkeypatch):
