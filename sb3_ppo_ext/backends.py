@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch as th
 
 from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
-from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss
+from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss, sampled_kl
 
 
 class Backend(Protocol):
@@ -49,13 +49,35 @@ class AutogradBackend:
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Evaluate the policy, compute the loss and backpropagate it through autograd."""
-        values, log_prob, entropy = self.policy.evaluate_actions(
-            batch.observations, batch.actions, **batch.policy_inputs()
-        )
-        terms = loss(PolicyEvaluation(values.flatten(), log_prob, entropy), batch)
+        if batch.reference is None:
+            values, log_prob, entropy = self.policy.evaluate_actions(
+                batch.observations, batch.actions, **batch.policy_inputs()
+            )
+            evaluation = PolicyEvaluation(values.flatten(), log_prob, entropy)
+        else:
+            evaluation = self._evaluate_with_reference(batch)
+        terms = loss(evaluation, batch)
         self.policy.optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         return terms._replace(loss=terms.loss.detach())
+
+    def _evaluate_with_reference(self, batch: PPOBatch) -> PolicyEvaluation:
+        """The evaluation plus ``KL(pi_theta || pi_ref)`` per sample: closed form where both heads allow it."""
+        params = None
+        if hasattr(self.policy, "evaluate_with_params"):
+            values, log_prob, entropy, params = self.policy.evaluate_with_params(
+                batch.observations, batch.actions, **batch.policy_inputs()
+            )
+        else:
+            values, log_prob, entropy = self.policy.evaluate_actions(
+                batch.observations, batch.actions, **batch.policy_inputs()
+            )
+        reference = batch.reference
+        if params is not None and reference.params is not None:
+            ref_kl = self.policy.action_head.kl(params, reference.params)
+        else:
+            ref_kl = sampled_kl(log_prob, reference.log_prob)
+        return PolicyEvaluation(values.flatten(), log_prob, entropy, ref_kl)
 
 
 class ClosedFormBackend:
@@ -71,7 +93,7 @@ class ClosedFormBackend:
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Closed-form gradients when every active loss term has one, else this step goes through autograd."""
-        if not loss.has_closed_form or batch.sequences is not None:
+        if not loss.has_closed_form or batch.sequences is not None or batch.reference is not None:
             return self.autograd.loss_and_grad(loss, batch)
         with th.no_grad():
             evaluation, activations = self.kernel.evaluate(batch.observations, batch.actions, batch.action_masks)

@@ -103,6 +103,17 @@ class ActionHead:
         """Return the equivalent SB3 distribution object."""
         raise NotImplementedError
 
+    def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
+        """``KL(pi_params || pi_other)`` in closed form, shape ``[B]`` (the reference-KL term's divergence)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form KL")
+
+
+def _categorical_kl(logits: th.Tensor, other_logits: th.Tensor) -> th.Tensor:
+    """``sum_a p(a) (log p(a) - log q(a))`` over the last axis; masked-out actions (p = 0) add nothing."""
+    log_p = F.log_softmax(logits, dim=-1)
+    log_q = F.log_softmax(other_logits, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
 
 class CategoricalHead(ActionHead):
     """Softmax over ``n`` logits (``Discrete`` actions)."""
@@ -167,6 +178,10 @@ class CategoricalHead(ActionHead):
         """SB3 ``CategoricalDistribution`` on the same logits."""
         return CategoricalDistribution(self.n).proba_distribution(action_logits=params[0])
 
+    def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
+        """``sum_a p(a) (log p(a) - log q(a))``."""
+        return _categorical_kl(params[0], other[0])
+
 
 class MultiCategoricalHead(ActionHead):
     """Independent softmaxes, one per ``MultiDiscrete`` component."""
@@ -205,6 +220,11 @@ class MultiCategoricalHead(ActionHead):
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
         """SB3 ``MultiCategoricalDistribution`` on the same logits."""
         return MultiCategoricalDistribution(self.nvec).proba_distribution(action_logits=params[0])
+
+    def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
+        """Sum of the components' categorical KLs."""
+        pairs = zip(th.split(params[0], self.nvec, dim=-1), th.split(other[0], self.nvec, dim=-1), strict=True)
+        return sum(_categorical_kl(mine, theirs) for mine, theirs in pairs)  # type: ignore[return-value]
 
 
 class BernoulliHead(ActionHead):
@@ -247,6 +267,14 @@ class BernoulliHead(ActionHead):
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
         """SB3 ``BernoulliDistribution`` on the same logits."""
         return BernoulliDistribution(self.n).proba_distribution(action_logits=params[0])
+
+    def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
+        """Sum over bits of ``p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q))``."""
+        logits, other_logits = params[0], other[0]
+        p = th.sigmoid(logits)
+        log_ratio_one = F.logsigmoid(logits) - F.logsigmoid(other_logits)
+        log_ratio_zero = F.logsigmoid(-logits) - F.logsigmoid(-other_logits)
+        return (p * log_ratio_one + (1 - p) * log_ratio_zero).sum(dim=-1)
 
 
 class DiagGaussianHead(ActionHead):
@@ -316,6 +344,15 @@ class DiagGaussianHead(ActionHead):
         """SB3 ``DiagGaussianDistribution`` with the same mean and std."""
         mean, log_std = params
         return DiagGaussianDistribution(self.action_dim).proba_distribution(mean, log_std)
+
+    def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
+        """Sum over dims of ``log(s_q / s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2``."""
+        mean, log_std = params
+        other_mean, other_log_std = other
+        variance_ratio = th.exp(2 * (log_std - other_log_std))
+        scaled_gap = (mean - other_mean) * th.exp(-other_log_std)
+        per_dim = other_log_std - log_std + 0.5 * (variance_ratio + scaled_gap * scaled_gap) - 0.5
+        return per_dim.expand_as(th.broadcast_tensors(mean, other_mean)[0]).sum(dim=-1)
 
 
 def make_action_head(action_space: spaces.Space, state_dependent_std: bool = False) -> ActionHead:

@@ -33,6 +33,8 @@ class PPOBatch(NamedTuple):
     ``action_masks`` (bool ``[B, mask_size]``) are the invalid-action masks the actions were sampled under,
     or None; the policy evaluates the masked distribution with them. ``sequences``
     (:class:`~sb3_ppo_ext.sequences.Sequences`) tells a recurrent policy which rows form which sequence.
+    ``reference`` (:class:`~sb3_ppo_ext.reference.ReferenceTargets`) holds what the reference policy says
+    about the minibatch, for the reference-KL term.
     """
 
     observations: Any
@@ -43,6 +45,7 @@ class PPOBatch(NamedTuple):
     returns: th.Tensor
     action_masks: th.Tensor | None = None
     sequences: Any = None
+    reference: Any = None
 
     def policy_inputs(self) -> dict[str, Any]:
         """What ``evaluate_actions`` gets besides observations and actions: the masks and sequences there are."""
@@ -53,12 +56,14 @@ class PPOBatch(NamedTuple):
 class PolicyEvaluation(NamedTuple):
     """What the policy says about a minibatch: ``V(s)``, ``log pi(a|s)`` and ``H(pi(.|s))``, each ``[B]``.
 
-    ``entropy`` is None where the distribution has no closed-form entropy (squashed gSDE).
+    ``entropy`` is None where the distribution has no closed-form entropy (squashed gSDE). ``ref_kl`` is
+    ``KL(pi_theta || pi_ref)`` per sample when the loss regularises towards a reference policy, else None.
     """
 
     values: th.Tensor
     log_prob: th.Tensor
     entropy: th.Tensor | None
+    ref_kl: th.Tensor | None = None
 
 
 class OutputGradients(NamedTuple):
@@ -78,6 +83,7 @@ class LossTerms(NamedTuple):
     entropy_loss: th.Tensor
     clip_fraction: th.Tensor
     approx_kl: th.Tensor
+    ref_kl: th.Tensor | None = None
 
 
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:
@@ -115,6 +121,24 @@ def clipped_surrogate_grad(ratio: th.Tensor, advantages: th.Tensor, clip_range: 
     """
     active = th.where(advantages > 0, ratio <= 1.0 + clip_range, ratio >= 1.0 - clip_range)
     return th.where(active, ratio * advantages, 0.0) * (-1.0 / ratio.shape[0])
+
+
+# -- the KL penalty towards a reference policy (seed section 7, RLHF) ----------------------------------
+
+
+def reference_kl_loss(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
+    """``beta * E[KL(pi_theta(.|s) || pi_ref(.|s))]``: keeps the fine-tuned policy near the reference."""
+    return ref_kl_coef * ref_kl.mean()
+
+
+def sampled_kl(log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
+    """Per-sample estimate of ``KL(pi_theta || pi_ref)`` from log-probabilities of taken actions.
+
+    ``exp(d) - d - 1`` with ``d = log pi_ref(a|s) - log pi_theta(a|s)``: never negative and low-variance
+    (Schulman's "k3"); used where the action head has no closed-form KL (gSDE).
+    """
+    difference = ref_log_prob - log_prob
+    return th.expm1(difference) - difference
 
 
 def clip_fraction(ratio: th.Tensor, clip_range: float) -> th.Tensor:
@@ -220,6 +244,7 @@ class PPOLoss:
     :param vf_clip_mode: ``"max"`` or ``"sb3"``, see :func:`value_loss`.
     :param ent_coef: c2.
     :param vf_coef: c1.
+    :param ref_kl_coef: beta of the reference-KL term (``ref_kl_mode="loss"``); 0: no such term.
     """
 
     clip_range: float
@@ -227,6 +252,7 @@ class PPOLoss:
     vf_clip_mode: ValueClipMode = "max"
     ent_coef: float = 0.0
     vf_coef: float = 0.5
+    ref_kl_coef: float = 0.0
 
     def __post_init__(self) -> None:
         _check_value_clip_mode(self.vf_clip_mode)
@@ -234,7 +260,8 @@ class PPOLoss:
     @property
     def has_closed_form(self) -> bool:
         """True when every active term has a closed-form derivative in :meth:`_output_gradients`."""
-        return True
+        # the reference-KL term differentiates through the head's parameters, not (V, log pi, H)
+        return self.ref_kl_coef == 0
 
     def __call__(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> LossTerms:
         """The loss terms of one minibatch; ``loss`` keeps the autograd graph of ``evaluation``."""
@@ -263,6 +290,11 @@ class PPOLoss:
         else:
             entropy_term = entropy_loss(evaluation.entropy, evaluation.log_prob)
             loss = loss + self.ent_coef * entropy_term
+        ref_kl = None
+        if evaluation.ref_kl is not None:
+            ref_kl = evaluation.ref_kl.mean().detach()
+            if self.ref_kl_coef != 0:
+                loss = loss + reference_kl_loss(evaluation.ref_kl, self.ref_kl_coef)
         terms = LossTerms(
             loss,
             policy_loss.detach(),
@@ -270,6 +302,7 @@ class PPOLoss:
             entropy_term.detach(),
             clip_fraction(ratio, self.clip_range),
             approx_kl(ratio, log_ratio),
+            ref_kl,
         )
         return terms, ratio
 

@@ -398,13 +398,25 @@ class ActorCriticPolicy(BasePolicy):
         self, obs: PyTorchObs, actions: th.Tensor, action_masks: MaybeMasks = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """Return ``(values [B, 1], log pi(a|s) [B], entropy [B] or None)`` for stored actions (and masks)."""
+        return self.evaluate_with_params(obs, actions, action_masks)[:3]  # type: ignore[return-value]
+
+    def evaluate_with_params(
+        self, obs: PyTorchObs, actions: th.Tensor, action_masks: MaybeMasks = None
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, tuple[th.Tensor, ...] | None]:
+        """:meth:`evaluate_actions` plus the action head's parameters (None under gSDE), for the reference KL."""
         latent_pi, latent_vf = self._latents(obs)
+        return self._evaluate_latents(latent_pi, latent_vf, actions, action_masks)
+
+    def _evaluate_latents(
+        self, latent_pi: th.Tensor, latent_vf: th.Tensor, actions: th.Tensor, action_masks: MaybeMasks
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, tuple[th.Tensor, ...] | None]:
         values = self.value_net(latent_vf)
         if self.action_head is None:
             dist = self._sde_distribution(latent_pi, action_masks)
-            return values, dist.log_prob(actions), dist.entropy()
-        log_prob, entropy, _ = self.action_head.evaluate(self._head_params(latent_pi, action_masks), actions)
-        return values, log_prob, entropy
+            return values, dist.log_prob(actions), dist.entropy(), None
+        params = self._head_params(latent_pi, action_masks)
+        log_prob, entropy, _ = self.action_head.evaluate(params, actions)
+        return values, log_prob, entropy, params
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Critic only: ``V(s)``, shape ``[B, 1]``."""

@@ -47,6 +47,19 @@ from sb3_ppo_ext.recurrent_policies import (
     RecurrentActorCriticPolicy,
     RecurrentMultiInputActorCriticPolicy,
 )
+from sb3_ppo_ext.reference import (
+    DEFAULT_REF_KL_COEF,
+    DEFAULT_REF_KL_HORIZON,
+    KLController,
+    ReferencePolicy,
+    RefKLMode,
+    build_reference,
+    check_ref_kl_mode,
+    check_reference_spaces,
+    make_kl_controller,
+    reference_spec,
+    resolve_reference,
+)
 from sb3_ppo_ext.reliability import ReliabilityMixin
 from sb3_ppo_ext.sequences import LSTMStates
 
@@ -99,6 +112,15 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     :param fast_update: for plain MLP policies (Flatten features, Tanh/ReLU layers, Categorical or Gaussian
         actions), compute the loss gradients in closed form (:mod:`sb3_ppo_ext.fast_update`) instead of
         through autograd: same update, fewer operations. Other policies always use autograd.
+    :param ref_policy: a reference policy to stay close to (the seed's RLHF setting, :mod:`sb3_ppo_ext.reference`):
+        a model, a policy or the path of a saved model, with the env's spaces; frozen and saved with the model.
+        None (default): no reference, SB3's PPO.
+    :param ref_kl_coef: beta, a float >= 0 (default 0.1), or ``"adaptive"``: Ziegler et al.'s controller
+        towards ``ref_kl_target`` over ``ref_kl_horizon`` env steps.
+    :param ref_kl_mode: ``"reward"`` (default): ``r_t - beta * (log pi_old - log pi_ref)(a_t|s_t)`` before GAE;
+        ``"loss"``: ``beta * KL(pi_theta || pi_ref)`` added to the loss.
+    :param ref_kl_target: the KL per step the adaptive controller holds.
+    :param ref_kl_horizon: env steps over which the adaptive beta may change by about 20%.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -148,11 +170,21 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         vf_clip_mode: losses.ValueClipMode = "max",
         check_finite: bool = True,
         fast_update: bool = True,
+        ref_policy: Any = None,
+        ref_kl_coef: float | str | None = None,
+        ref_kl_mode: RefKLMode = "reward",
+        ref_kl_target: float | None = None,
+        ref_kl_horizon: int = DEFAULT_REF_KL_HORIZON,
     ) -> None:
         # reliability: every argument is checked before the env is created or stepped (sb3_ppo_ext.checks)
         validate_policy(policy, self.policy_aliases)
         arguments = locals()
         validate_hyperparameters(**{name: arguments[name] for name in HYPERPARAMETER_NAMES})
+        check_ref_kl_mode(ref_kl_mode)
+        self._ref_kl_controller: KLController | None = None
+        if ref_policy is not None:
+            coef = DEFAULT_REF_KL_COEF if ref_kl_coef is None else ref_kl_coef
+            self._ref_kl_controller = make_kl_controller(coef, ref_kl_target, ref_kl_horizon)
         env = maybe_make_env(env, verbose)  # as SB3 does first thing in super().__init__
         if env is not None:
             validate_spaces(env.observation_space, env.action_space, policy=policy, use_sde=use_sde)
@@ -194,6 +226,12 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         self.vf_clip_mode = vf_clip_mode
         self.check_finite = check_finite
         self.fast_update = fast_update
+        self.ref_kl_mode = ref_kl_mode
+        self._ref_policy_source = ref_policy
+        # the reference's class and constructor arguments: load() rebuilds it from them, then restores its weights
+        self._ref_policy_spec: dict[str, Any] | None = None
+        self._reference: ReferencePolicy | None = None
+        self.ref_policy: th.nn.Module | None = None
         if _init_setup_model:
             self._setup_model()
 
@@ -219,6 +257,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 "subclass of sb3_ppo_ext.ActorCriticPolicy), or remove the env's action_masks() method."
             )
         super()._setup_model()
+        self._setup_reference()
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
             # load() gets here with saved values and custom_objects (RL Zoo's enjoy.py replaces clip_range with
@@ -226,13 +265,43 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             check_clip_range_vf(self.clip_range_vf)
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
+    def _setup_reference(self) -> None:
+        """The frozen reference policy: from ``ref_policy``, or rebuilt from the saved spec by ``load``."""
+        source = getattr(self, "_ref_policy_source", None)
+        if source is not None:
+            self._reference = resolve_reference(source, self.device)
+            self._ref_policy_spec = reference_spec(self._reference.policy)
+            self._ref_policy_source = None  # the caller's model is neither kept nor pickled
+        elif self._ref_policy_spec is not None:
+            self._reference = build_reference(self._ref_policy_spec, self.device)
+        if self._reference is not None:
+            check_reference_spaces(self._reference, self.observation_space, self.action_space)
+            self.ref_policy = self._reference.policy
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        state_dicts, variables = super()._get_torch_save_params()
+        return ([*state_dicts, "ref_policy"] if self.ref_policy is not None else state_dicts), variables
+
+    @property
+    def ref_kl_coef(self) -> float | None:
+        """The current beta of the reference-KL term (None without a reference)."""
+        return None if self._ref_kl_controller is None else self._ref_kl_controller.value
+
     def _is_recurrent(self) -> bool:
         """Whether the policy has memory (``MlpLstmPolicy`` and the like): rollouts then carry LSTM states."""
         return isinstance(self.policy_class, type) and issubclass(self.policy_class, RecurrentActorCriticPolicy)
 
     def _excluded_save_params(self) -> list[str]:
-        # the states belong to the episodes in flight, not to the model (a loaded model starts from zeros)
-        return [*super()._excluded_save_params(), "_last_lstm_states"]
+        # the states belong to the episodes in flight, not to the model (a loaded model starts from zeros); the
+        # reference's weights are saved as a state dict (_get_torch_save_params), its spec as data
+        return [
+            *super()._excluded_save_params(),
+            "_last_lstm_states",
+            "ref_policy",
+            "_reference",
+            "_ref_policy_source",
+            "_rollout_ref_kl",
+        ]
 
     # -- rollout collection ----------------------------------------------------------------------
 
@@ -303,6 +372,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         masks = None
         inputs: dict[str, Any] = {}  # the policy's inputs besides the observations (masks)
         lstm_states = self._rollout_lstm_states(env.num_envs)
+        reference = self._reference if self.ref_kl_mode == "reward" else None
+        ref_kl_sum, self._rollout_ref_kl = 0.0, None
 
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
@@ -318,8 +389,13 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 else:
                     starts = th.as_tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
                     actions, values, log_probs, next_states = act(obs_tensor, lstm_states, starts, **inputs)
+                if reference is not None:
+                    # log pi_old - log pi_ref of the taken actions: the seed's per-step KL penalty
+                    step_kl = log_probs - reference.log_prob(obs_tensor, actions, inputs.get("action_masks"))
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(self._env_actions(actions))
+            if reference is not None:
+                rewards, ref_kl_sum = self._penalize_rewards(rewards, step_kl), ref_kl_sum + step_kl.sum().item()
             self.num_timesteps += env.num_envs
             if self.check_finite:
                 self._check_env_data(new_obs, rewards, n_steps)
@@ -351,9 +427,18 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
             values = self._predict_values(obs_tensor, lstm_states, dones)
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        if reference is not None:
+            self._rollout_ref_kl = ref_kl_sum / (n_steps * env.num_envs)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _penalize_rewards(self, rewards: np.ndarray, step_kl: th.Tensor) -> np.ndarray:
+        """``r_t - beta * KL_t`` (``ref_kl_mode="reward"``); beta = 0 leaves the rewards untouched, bit for bit."""
+        beta = self.ref_kl_coef
+        if not beta:
+            return rewards
+        return (rewards - beta * step_kl.cpu().numpy()).astype(rewards.dtype, copy=False)
 
     def _rollout_lstm_states(self, n_envs: int) -> LSTMStates | None:
         """A recurrent policy's states to continue from (zeros for a new or resized set of envs); else None."""
@@ -410,8 +495,10 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             clip_range_vf = self._current_clip_range(self.clip_range_vf, "clip_range_vf")  # type: ignore[arg-type]
         if self.normalize_advantage == "batch":
             self._normalize_rollout_advantages()
-        loss = PPOLoss(clip_range, clip_range_vf, self.vf_clip_mode, self.ent_coef, self.vf_coef)
+        ref_kl_coef = self.ref_kl_coef if self.ref_kl_mode == "loss" else None
+        loss = PPOLoss(clip_range, clip_range_vf, self.vf_clip_mode, self.ent_coef, self.vf_coef, ref_kl_coef or 0.0)
         history = self._train_epochs(self._backend(), loss)
+        self._record_reference_kl(history)
 
         self.logger.record("train/entropy_loss", _mean(history, "entropy_loss"))
         self.logger.record("train/policy_gradient_loss", _mean(history, "policy_loss"))
@@ -433,6 +520,20 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
 
+    def _record_reference_kl(self, history: list[list[LossTerms]]) -> None:
+        """Log the KL to the reference and beta, then let the controller move beta (Ziegler et al.)."""
+        if self._ref_kl_controller is None:
+            return
+        if self.ref_kl_mode == "reward":
+            kl = getattr(self, "_rollout_ref_kl", None)
+        else:
+            measured = [t.ref_kl for epoch in history for t in epoch if t.ref_kl is not None]
+            kl = th.stack(measured).mean().item() if measured else None
+        if kl is not None:
+            self.logger.record("train/ref_kl", kl)
+            self._ref_kl_controller.update(kl, self.n_steps * self.n_envs)
+        self.logger.record("train/ref_kl_coef", self._ref_kl_controller.value)
+
     def _train_epochs(self, backend: Backend, loss: PPOLoss) -> list[list[LossTerms]]:
         """The epoch and minibatch loops; returns each epoch's loss terms (statistics stay tensors until logged)."""
         per_minibatch_normalization = self.normalize_advantage in (True, "minibatch")
@@ -440,6 +541,9 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
         max_grad_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
         history: list[list[LossTerms]] = []
+        # the reference's view of each minibatch, for the loss's KL term (only when it weighs something, so that
+        # beta = 0 trains exactly as without a reference)
+        reference = self._reference if loss.ref_kl_coef != 0 else None
         for epoch in range(self.n_epochs):
             history.append([])
             for batch in self.rollout_buffer.get(self.batch_size):
@@ -457,6 +561,9 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                     getattr(batch, "action_masks", None),
                     getattr(batch, "sequences", None),
                 )
+                if reference is not None:
+                    targets = reference.targets(inputs.observations, actions, inputs.action_masks)
+                    inputs = inputs._replace(reference=targets)
                 terms = backend.loss_and_grad(loss, inputs)  # sets .grad of every policy parameter
                 history[-1].append(terms)
                 if self.target_kl is not None and terms.approx_kl.item() > 1.5 * self.target_kl:

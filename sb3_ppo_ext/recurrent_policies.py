@@ -199,17 +199,24 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         Give either ``sequences`` (ClippedPPO's minibatches) or sb3-contrib's ``lstm_states`` and
         ``episode_starts`` (``K`` sequences of equal length, one after the other).
         """
+        return self.evaluate_with_params(obs, actions, action_masks, sequences, lstm_states, episode_starts)[:3]  # type: ignore[return-value]
+
+    def evaluate_with_params(  # type: ignore[override]
+        self,
+        obs: PyTorchObs,
+        actions: th.Tensor,
+        action_masks: MaybeMasks = None,
+        sequences: Sequences | None = None,
+        lstm_states: LSTMStates | None = None,
+        episode_starts: th.Tensor | None = None,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, tuple[th.Tensor, ...] | None]:
+        """:meth:`evaluate_actions` plus the action head's parameters (None under gSDE), for the reference KL."""
         if sequences is None:
             if lstm_states is None or episode_starts is None:
                 raise ValueError("evaluate_actions needs sequences, or lstm_states and episode_starts.")
             sequences = Sequences.from_equal_length(lstm_states, episode_starts)
         latent_pi, latent_vf, _ = self._recurrent_latents(obs, sequences)
-        values = self.value_net(latent_vf)
-        if self.action_head is None:
-            dist = self._sde_distribution(latent_pi, action_masks)
-            return values, dist.log_prob(actions), dist.entropy()
-        log_prob, entropy, _ = self.action_head.evaluate(self._head_params(latent_pi, action_masks), actions)
-        return values, log_prob, entropy
+        return self._evaluate_latents(latent_pi, latent_vf, actions, action_masks)  # type: ignore[arg-type]
 
     def predict_values(  # type: ignore[override]
         self, obs: PyTorchObs, lstm_states: tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor

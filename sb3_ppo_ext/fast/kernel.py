@@ -38,6 +38,8 @@ _REPLACED_METHODS = (
     "forward",
     "_predict",
     "evaluate_actions",
+    "evaluate_with_params",
+    "_evaluate_latents",
     "predict_values",
     "extract_features",
     "get_distribution",

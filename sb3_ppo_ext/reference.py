@@ -1,0 +1,228 @@
+"""KL regularisation to a frozen reference policy (the seed's RLHF setting): the reference and the coefficient.
+
+``ClippedPPO(..., ref_policy=..., ref_kl_coef=..., ref_kl_mode=...)`` keeps the trained policy close to a
+reference ``pi_ref``:
+
+* ``ref_kl_mode="reward"`` (InstructGPT; Ziegler et al. 2019): every step's reward becomes
+  ``r_t - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))`` before GAE;
+* ``ref_kl_mode="loss"``: ``beta * KL(pi_theta || pi_ref)`` joins the loss
+  (:func:`sb3_ppo_ext.losses.reference_kl_loss`), in closed form where the action head has one
+  (:meth:`ActionHead.kl <sb3_ppo_ext.distributions.ActionHead.kl>`), else the sampled estimator
+  :func:`sb3_ppo_ext.losses.sampled_kl`.
+
+``beta`` is fixed, or adapted by Ziegler et al.'s proportional controller (:class:`AdaptiveKLController`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+)
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import load_from_zip_file
+
+from sb3_ppo_ext.errors import ConfigurationError
+from sb3_ppo_ext.masking import policy_applies_masks
+
+RefKLMode = Literal["reward", "loss"]
+REF_KL_MODES: tuple[str, ...] = ("reward", "loss")
+#: beta when a reference is given without ``ref_kl_coef`` (and the adaptive controller's starting value)
+DEFAULT_REF_KL_COEF = 0.1
+#: Ziegler et al.'s clip of the proportional error, and their horizon (env steps)
+ADAPTIVE_ERROR_CLIP = 0.2
+DEFAULT_REF_KL_HORIZON = 10_000
+
+
+class ReferenceTargets(NamedTuple):
+    """What the reference says about a minibatch: head parameters (None without a plain head), ``log pi_ref(a|s)``."""
+
+    params: tuple[th.Tensor, ...] | None
+    log_prob: th.Tensor
+
+
+class ReferencePolicy:
+    """A frozen copy of a policy: eval mode, no gradients, never updated, on the model's device.
+
+    :param policy: an SB3-style actor-critic policy (ours or SB3's) with the model's spaces.
+    """
+
+    def __init__(self, policy: BasePolicy) -> None:
+        if getattr(policy, "lstm_actor", None) is not None:
+            raise ConfigurationError(
+                "ref_policy has memory (an LSTM policy): a recurrent reference is not supported yet. Use a "
+                "feed-forward reference (the trained policy itself may be recurrent)."
+            )
+        self.policy = policy
+        self.policy.set_training_mode(False)
+        self.policy.requires_grad_(False)
+        self._masks = policy_applies_masks(type(policy))
+
+    @th.no_grad()
+    def log_prob(self, obs: Any, actions: th.Tensor, action_masks: th.Tensor | None = None) -> th.Tensor:
+        """``log pi_ref(a|s)``, shape ``[B]``, under the same invalid-action masks as the trained policy."""
+        return self.targets(obs, actions, action_masks).log_prob
+
+    @th.no_grad()
+    def targets(self, obs: Any, actions: th.Tensor, action_masks: th.Tensor | None = None) -> ReferenceTargets:
+        """The reference's head parameters and log-probabilities for a batch."""
+        policy = self.policy
+        masks = {"action_masks": action_masks} if action_masks is not None and self._masks else {}
+        if hasattr(policy, "_head_params") and getattr(policy, "action_head", None) is not None:
+            params = policy._head_params(policy._actor_latent(obs), masks.get("action_masks"))
+            return ReferenceTargets(params, policy.action_head.log_prob(params, actions))
+        distribution = policy.get_distribution(obs, **masks)
+        return ReferenceTargets(_sb3_head_params(distribution), distribution.log_prob(actions))
+
+
+def _sb3_head_params(distribution: Distribution) -> tuple[th.Tensor, ...] | None:
+    """An SB3 distribution's parameters in our heads' layout, or None where our heads have no equivalent."""
+    if isinstance(distribution, CategoricalDistribution):
+        return (distribution.distribution.logits,)
+    if isinstance(distribution, MultiCategoricalDistribution):
+        return (th.cat([d.logits for d in distribution.distribution], dim=-1),)
+    if isinstance(distribution, BernoulliDistribution):
+        return (distribution.distribution.logits,)
+    if isinstance(distribution, DiagGaussianDistribution):
+        normal = distribution.distribution
+        return (normal.mean, normal.stddev.log())
+    return None
+
+
+def reference_spec(policy: BasePolicy) -> dict[str, Any]:
+    """What rebuilds an empty copy of ``policy`` (class and constructor arguments), saved with the model."""
+    return {"class": type(policy), "kwargs": policy._get_constructor_parameters()}
+
+
+def build_reference(spec: dict[str, Any], device: th.device) -> ReferencePolicy:
+    """An empty reference of the saved architecture; ``load`` then restores its weights."""
+    # the fresh weights are overwritten at once; building them must not move the global RNG, or training
+    # with beta = 0 would no longer match training without a reference
+    with th.random.fork_rng(devices=[]):
+        policy = spec["class"](**spec["kwargs"])
+    policy.optimizer = None  # a reference is never trained
+    return ReferencePolicy(policy.to(device))
+
+
+def resolve_reference(ref_policy: Any, device: th.device) -> ReferencePolicy:
+    """A frozen copy of ``ref_policy``: a model (SB3 or ClippedPPO), a policy, or the path of a saved model."""
+    if isinstance(ref_policy, (str, Path)):
+        policy = _load_policy(Path(ref_policy))
+    elif isinstance(ref_policy, (BaseAlgorithm, BasePolicy)):
+        source = ref_policy.policy if isinstance(ref_policy, BaseAlgorithm) else ref_policy
+        # rebuilt and loaded rather than deep-copied: exploration noise (gSDE) holds non-leaf tensors
+        policy = build_reference(reference_spec(source), th.device("cpu")).policy
+        policy.load_state_dict(source.state_dict())
+    else:
+        raise ConfigurationError(
+            f"ref_policy={ref_policy!r} is invalid: pass a trained model (ClippedPPO, PPO, ...), its policy, or the "
+            "path of a saved model."
+        )
+    policy.optimizer = None  # type: ignore[assignment]
+    return ReferencePolicy(policy.to(device))
+
+
+def _load_policy(path: Path) -> BasePolicy:
+    if not path.exists() and path.with_suffix(".zip").exists():
+        path = path.with_suffix(".zip")
+    if not path.exists():
+        raise ConfigurationError(f"ref_policy={str(path)!r}: no such file. Pass the path of a saved model (.zip).")
+    data, params, _ = load_from_zip_file(path, device="cpu")
+    if data is None or "policy_class" not in data or "policy" not in params:
+        raise ConfigurationError(f"ref_policy={str(path)!r} holds no saved policy: pass a model saved with save().")
+    policy_class = data["policy_class"]
+    policy = policy_class(
+        data["observation_space"],
+        data["action_space"],
+        lambda _: 0.0,
+        **(data.get("policy_kwargs") or {}),
+    )
+    policy.load_state_dict(params["policy"])
+    return policy
+
+
+def check_reference_spaces(reference: ReferencePolicy, observation_space: Any, action_space: Any) -> None:
+    """A reference must read the model's observations and score its actions: the same spaces."""
+    mismatched = [
+        f"{name}: reference {theirs}, model {ours}"
+        for name, theirs, ours in (
+            ("observation_space", reference.policy.observation_space, observation_space),
+            ("action_space", reference.policy.action_space, action_space),
+        )
+        if theirs != ours
+    ]
+    if mismatched:
+        raise ConfigurationError(
+            "ref_policy does not fit this env: " + "; ".join(mismatched) + ". Use a reference trained on the same "
+            "observation and action spaces (with VecNormalize, on the same normalised observations)."
+        )
+
+
+# -- the coefficient ------------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant ``beta``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """Nothing to adapt."""
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019)'s proportional controller of ``beta`` towards a target KL.
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta <- beta * (1 + e * n_steps / horizon)``.
+
+    :param value: the starting ``beta``.
+    :param target: the KL per step to hold.
+    :param horizon: env steps over which ``beta`` may change by about ``e``.
+    """
+
+    def __init__(self, value: float, target: float, horizon: int) -> None:
+        self.value = float(value)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """Move ``beta`` after ``n_steps`` env steps at measured ``kl``."""
+        error = min(max(kl / self.target - 1.0, -ADAPTIVE_ERROR_CLIP), ADAPTIVE_ERROR_CLIP)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+def make_kl_controller(coef: float | str, target: float | None, horizon: int) -> KLController:
+    """The controller for ``ref_kl_coef`` (a float, or ``"adaptive"``), after checking the arguments."""
+    if coef == "adaptive":
+        if target is None or not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+            raise ConfigurationError(
+                f"ref_kl_target={target!r} is invalid: ref_kl_coef='adaptive' needs a finite target KL > 0 per step "
+                "(e.g. 0.01 to 0.1 for control tasks)."
+            )
+        if not isinstance(horizon, int) or horizon <= 0:
+            raise ConfigurationError(f"ref_kl_horizon={horizon!r} is invalid: pass a positive number of env steps.")
+        return AdaptiveKLController(DEFAULT_REF_KL_COEF, float(target), horizon)
+    if isinstance(coef, str) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+        raise ConfigurationError(
+            f"ref_kl_coef={coef!r} is invalid: pass a finite float >= 0, or 'adaptive' (with ref_kl_target)."
+        )
+    return FixedKLController(float(coef))
+
+
+def check_ref_kl_mode(mode: Any) -> None:
+    """``ref_kl_mode`` is ``"reward"`` or ``"loss"``."""
+    if mode not in REF_KL_MODES:
+        raise ConfigurationError(f"ref_kl_mode={mode!r} is invalid: pass one of {list(REF_KL_MODES)}.")
