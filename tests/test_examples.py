@@ -109,3 +109,10 @@ def test_onnx_deploy(tmp_path):
     assert difference < 1e-5
     assert "deployed episode 1: return -" in out
     assert "loaded no torch/SB3" in out  # the deployment process ran on onnxruntime and numpy alone
+
+
+def test_recurrent_masked(tmp_path):
+    # one rollout of 8 envs x 128 steps: too short to learn, long enough to run every part
+    out = run_script(EXAMPLES / "recurrent_masked.py", tmp_path, 1024).stdout
+    assert "evaluation: mean return" in out
+    assert out.strip().endswith("invalid actions taken: 0")  # masks applied with the LSTM: never an invalid action
