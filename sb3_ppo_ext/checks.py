@@ -585,3 +585,51 @@ __all__ = [
     "validate_rollout_size",
     "validate_spaces",
 ]
+
+
+def validate_stabilizers(
+    *,
+    dual_clip: Any,
+    rpo_alpha: Any,
+    adaptive_lr_kl: Any,
+    adaptive_lr_every: Any,
+    adaptive_lr_bounds: Any,
+    normalize_value_targets: Any,
+    popart: Any,
+    action_space: spaces.Space[Any] | None,
+    use_sde: bool,
+) -> None:
+    """Check the stabiliser arguments (dual clip, RPO, KL-adaptive learning rate, value normalisation)."""
+    if dual_clip is not None:
+        _check_range(
+            "dual_clip", dual_clip, 1.0, math.inf, "c must be a finite float > 1 (Ye et al. use 3)", low_open=True
+        )
+    if rpo_alpha is not None:
+        _check_range(
+            "rpo_alpha", rpo_alpha, 0.0, 1.0, "alpha must be in (0, 1] (CleanRL's RPO uses 0.5)", low_open=True
+        )
+        if action_space is not None and (not isinstance(action_space, spaces.Box) or use_sde):
+            _fail(
+                "rpo_alpha",
+                rpo_alpha,
+                f"RPO perturbs the mean of Gaussian actions; this model has {action_space} actions"
+                + (" with gSDE" if use_sde else ""),
+                "Use it with Box actions and use_sde=False, or pass rpo_alpha=None.",
+            )
+    if adaptive_lr_kl is not None:
+        _check_range(
+            "adaptive_lr_kl", adaptive_lr_kl, 0.0, math.inf, "the target KL must be a finite float > 0", low_open=True
+        )
+        if adaptive_lr_every not in ("epoch", "minibatch"):
+            _fail("adaptive_lr_every", adaptive_lr_every, "pass 'epoch' or 'minibatch'")
+        bounds = tuple(adaptive_lr_bounds) if isinstance(adaptive_lr_bounds, (tuple, list)) else ()
+        if (
+            len(bounds) != 2
+            or not all(isinstance(b, numbers.Real) and 0 < b < math.inf for b in bounds)
+            or bounds[0] > bounds[1]
+        ):
+            _fail("adaptive_lr_bounds", adaptive_lr_bounds, "pass (min_lr, max_lr) with 0 < min_lr <= max_lr")
+    if popart and not normalize_value_targets:
+        _fail(
+            "popart", popart, "PopArt rescales normalised value targets", "Pass normalize_value_targets=True as well."
+        )

@@ -101,25 +101,38 @@ def probability_ratio(log_prob: th.Tensor, old_log_prob: th.Tensor) -> th.Tensor
 # -- the clipped surrogate (seed section 3) ---------------------------------------------------------
 
 
-def clipped_surrogate_loss(ratio: th.Tensor, advantages: th.Tensor, clip_range: float) -> th.Tensor:
+def clipped_surrogate_loss(
+    ratio: th.Tensor, advantages: th.Tensor, clip_range: float, dual_clip: float | None = None
+) -> th.Tensor:
     """PPO-Clip policy loss: ``-E[min(r * A, clip(r, 1 - eps, 1 + eps) * A)]``.
 
     The ``min`` keeps the more pessimistic term, so the gradient vanishes once the ratio has moved past
     ``1 + eps`` for a positive advantage or below ``1 - eps`` for a negative one.
+
+    ``dual_clip`` (c > 1, Ye et al. 2020): for ``A < 0`` the objective is also bounded below,
+    ``max(min(r A, clip(r) A), c A)``, so a very large ratio on a bad action cannot dominate the batch.
     """
     surrogate = ratio * advantages
     clipped_surrogate = th.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    return -th.min(surrogate, clipped_surrogate).mean()
+    objective = th.min(surrogate, clipped_surrogate)
+    if dual_clip is not None:
+        objective = th.where(advantages < 0, th.max(objective, dual_clip * advantages), objective)
+    return -objective.mean()
 
 
-def clipped_surrogate_grad(ratio: th.Tensor, advantages: th.Tensor, clip_range: float) -> th.Tensor:
+def clipped_surrogate_grad(
+    ratio: th.Tensor, advantages: th.Tensor, clip_range: float, dual_clip: float | None = None
+) -> th.Tensor:
     """``d clipped_surrogate_loss / d log pi(a|s)`` per sample.
 
     ``d(r * A) / d log pi = r * A``; the clipped term is constant in ``log pi`` outside ``[1 - eps, 1 + eps]``.
     The gradient flows where the unclipped term is the minimum or the two coincide: ``r <= 1 + eps`` for
-    ``A > 0``, ``r >= 1 - eps`` for ``A < 0`` (for ``A = 0`` it is ``r * A = 0`` either way).
+    ``A > 0``, ``r >= 1 - eps`` for ``A < 0`` (for ``A = 0`` it is ``r * A = 0`` either way). With
+    ``dual_clip``, a negative advantage's gradient also stops once ``r > c`` (the constant ``c A`` wins).
     """
     active = th.where(advantages > 0, ratio <= 1.0 + clip_range, ratio >= 1.0 - clip_range)
+    if dual_clip is not None:
+        active = active & ((advantages >= 0) | (ratio <= dual_clip))
     return th.where(active, ratio * advantages, 0.0) * (-1.0 / ratio.shape[0])
 
 
@@ -245,6 +258,7 @@ class PPOLoss:
     :param ent_coef: c2.
     :param vf_coef: c1.
     :param ref_kl_coef: beta of the reference-KL term (``ref_kl_mode="loss"``); 0: no such term.
+    :param dual_clip: c of dual-clip PPO (bounds the surrogate of negative advantages below by ``c A``); None: off.
     """
 
     clip_range: float
@@ -253,6 +267,7 @@ class PPOLoss:
     ent_coef: float = 0.0
     vf_coef: float = 0.5
     ref_kl_coef: float = 0.0
+    dual_clip: float | None = None
 
     def __post_init__(self) -> None:
         _check_value_clip_mode(self.vf_clip_mode)
@@ -278,7 +293,7 @@ class PPOLoss:
     def _terms(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, th.Tensor]:
         log_ratio = evaluation.log_prob - batch.old_log_prob
         ratio = th.exp(log_ratio)
-        policy_loss = clipped_surrogate_loss(ratio, batch.advantages, self.clip_range)
+        policy_loss = clipped_surrogate_loss(ratio, batch.advantages, self.clip_range, self.dual_clip)
         critic_loss = value_loss(
             evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode
         )
@@ -307,7 +322,7 @@ class PPOLoss:
         return terms, ratio
 
     def _output_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch, ratio: th.Tensor) -> OutputGradients:
-        grad_log_prob = clipped_surrogate_grad(ratio, batch.advantages, self.clip_range)
+        grad_log_prob = clipped_surrogate_grad(ratio, batch.advantages, self.clip_range, self.dual_clip)
         grad_values = value_loss_grad(
             evaluation.values, batch.old_values, batch.returns, self.clip_range_vf, self.vf_clip_mode, self.vf_coef
         )

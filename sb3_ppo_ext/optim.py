@@ -1,4 +1,4 @@
-"""The optimizer step's helpers: global gradient-norm clipping (seed section 6, ``max_grad_norm``)."""
+"""The optimizer step's helpers: global gradient-norm clipping (``max_grad_norm``), the KL-adaptive rate."""
 
 from __future__ import annotations
 
@@ -25,3 +25,35 @@ def clip_grad_norm(parameters: list[th.Tensor], max_norm: float) -> th.Tensor:
     if max_norm != float("inf"):
         th._foreach_mul_(grads, th.clamp(max_norm / (total_norm + 1e-6), max=1.0))
     return total_norm
+
+
+class KLAdaptiveLearningRate:
+    """The KL-adaptive learning rate of rsl_rl and SBX: keep each update's KL near a target.
+
+    After each epoch (or minibatch): divide the rate by ``factor`` when the approximate KL exceeds
+    ``2 * target``, multiply it by ``factor`` when it is below ``target / 2``, and clamp to ``bounds``.
+
+    :param initial: the starting learning rate.
+    :param target: the KL per update to aim at.
+    :param bounds: ``(min, max)`` learning rate.
+    :param factor: the multiplicative step (1.5 in rsl_rl).
+    """
+
+    def __init__(self, initial: float, target: float, bounds: tuple[float, float], factor: float = 1.5) -> None:
+        self.target = float(target)
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+        self.factor = float(factor)
+        self.value = min(max(float(initial), self.bounds[0]), self.bounds[1])
+
+    def update(self, kl: float) -> float:
+        """Move the rate for a measured ``kl``; return the new rate."""
+        if kl > 2.0 * self.target:
+            self.value = max(self.value / self.factor, self.bounds[0])
+        elif kl < 0.5 * self.target:
+            self.value = min(self.value * self.factor, self.bounds[1])
+        return self.value
+
+    def apply(self, optimizer: th.optim.Optimizer) -> None:
+        """Set every parameter group's rate to the current value."""
+        for group in optimizer.param_groups:
+            group["lr"] = self.value

@@ -100,10 +100,15 @@ class ActorCriticMLP(nn.Module):
     :param features_dim: width of the features extractor's output.
     :param net_arch: ``[64, 64]`` (same sizes for both) or ``dict(pi=[...], vf=[...])``.
     :param activation_fn: activation class placed after every hidden layer.
+    :param critic_features_dim: width of the critic's features when they differ from the actor's.
     """
 
     def __init__(
-        self, features_dim: int, net_arch: list[int] | dict[str, list[int]], activation_fn: type[nn.Module]
+        self,
+        features_dim: int,
+        net_arch: list[int] | dict[str, list[int]],
+        activation_fn: type[nn.Module],
+        critic_features_dim: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net_arch, dict):
@@ -111,7 +116,8 @@ class ActorCriticMLP(nn.Module):
         else:
             pi_sizes = vf_sizes = list(net_arch)
         self.policy_net, self.latent_dim_pi = mlp(features_dim, pi_sizes, activation_fn)
-        self.value_net, self.latent_dim_vf = mlp(features_dim, vf_sizes, activation_fn)
+        critic_input = features_dim if critic_features_dim is None else critic_features_dim
+        self.value_net, self.latent_dim_vf = mlp(critic_input, vf_sizes, activation_fn)
 
     def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """Return ``(latent_pi, latent_vf)`` from shared features."""
@@ -152,11 +158,18 @@ class ActorCriticPolicy(BasePolicy):
     :param optimizer_kwargs: optimizer keyword arguments, learning rate excluded.
     :param state_dependent_std: Box actions only: the head outputs ``[B, 2 * action_dim]`` (mean and
         log_std per state, the seed's layout) instead of a state-independent ``log_std`` parameter.
+    :param actor_keys: Dict observations only: the keys the actor reads (an asymmetric actor-critic); ``predict``
+        then needs these keys alone. None: all keys.
+    :param critic_keys: Dict observations only: the keys the critic reads, e.g. privileged simulator state. None:
+        all keys. Either one gives actor and critic separate features extractors.
     :param onednn_matmul: compute large Linear layers with oneDNN's matrix product (same values, ~2x
         faster on CPUs where MKL is slow, see :mod:`sb3_ppo_ext.matmul`). ``None`` (default) turns it
         on when the policy has convolutions (oneDNN is then in use already) or a Linear layer with at
         least 2^20 weights; elsewhere its one-time ~7 MB of resident memory outweighs the gain.
     """
+
+    #: RPO's noise width on the Gaussian mean during updates (set by ClippedPPO(rpo_alpha=...)); None: off
+    rpo_alpha: float | None = None
 
     def __init__(
         self,
@@ -179,6 +192,8 @@ class ActorCriticPolicy(BasePolicy):
         optimizer_kwargs: dict[str, Any] | None = None,
         state_dependent_std: bool = False,
         onednn_matmul: bool | None = None,
+        actor_keys: list[str] | None = None,
+        critic_keys: list[str] | None = None,
     ) -> None:
         if optimizer_kwargs is None:
             # Adam's eps=1e-5 as in the reference PPO implementations (SB3, baselines)
@@ -215,12 +230,18 @@ class ActorCriticPolicy(BasePolicy):
         self.state_dependent_std = state_dependent_std
         self.share_features_extractor = share_features_extractor
 
-        self.features_extractor = self.make_features_extractor()
-        self.features_dim = self.features_extractor.features_dim
-        self.pi_features_extractor = self.features_extractor
-        self.vf_features_extractor = (
-            self.features_extractor if share_features_extractor else self.make_features_extractor()
-        )
+        self.actor_keys = None if actor_keys is None else list(actor_keys)
+        self.critic_keys = None if critic_keys is None else list(critic_keys)
+        if self.actor_keys is not None or self.critic_keys is not None:
+            self._build_asymmetric_extractors()
+        else:
+            self.features_extractor = self.make_features_extractor()
+            self.pi_features_extractor = self.features_extractor
+            self.vf_features_extractor = (
+                self.features_extractor if share_features_extractor else self.make_features_extractor()
+            )
+        self.features_dim = self.pi_features_extractor.features_dim
+        self.vf_features_dim = self.vf_features_extractor.features_dim
         self._build_mlp_extractor()
         self._build_action_net(self.mlp_extractor.latent_dim_pi)
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
@@ -235,7 +256,40 @@ class ActorCriticPolicy(BasePolicy):
 
     def _build_mlp_extractor(self) -> None:
         """The actor and critic hidden stacks on the features (recurrent subclasses put their LSTMs first)."""
-        self.mlp_extractor = ActorCriticMLP(self.features_dim, self.net_arch, self.activation_fn)
+        self.mlp_extractor = ActorCriticMLP(
+            self.features_dim, self.net_arch, self.activation_fn, critic_features_dim=self.vf_features_dim
+        )
+
+    def _build_asymmetric_extractors(self) -> None:
+        """Separate extractors on the actor's and the critic's keys of a Dict observation space."""
+        space = self.observation_space
+        if not isinstance(space, spaces.Dict):
+            raise ValueError(
+                f"actor_keys/critic_keys select keys of a Dict observation space; this one is {space}. Remove them, "
+                "or use Dict observations with 'MultiInputPolicy'."
+            )
+        for name, keys in (("actor_keys", self.actor_keys), ("critic_keys", self.critic_keys)):
+            if keys is None:
+                continue
+            unknown = [key for key in keys if key not in space.spaces]
+            if unknown or not keys:
+                raise ValueError(
+                    f"{name}={keys!r} is invalid: unknown keys {unknown}; the observation space has "
+                    f"{list(space.spaces)}."
+                    if unknown
+                    else f"{name}=[] is invalid: name at least one key."
+                )
+        self.share_features_extractor = False
+
+        def extractor(keys: list[str] | None) -> BaseFeaturesExtractor:
+            subspace = space if keys is None else spaces.Dict({key: space[key] for key in keys})
+            module = self.features_extractor_class(subspace, **self.features_extractor_kwargs)
+            module.observation_keys = None if keys is None else list(keys)  # read by extract_features
+            return module
+
+        self.pi_features_extractor = extractor(self.actor_keys)
+        self.vf_features_extractor = extractor(self.critic_keys)
+        self.features_extractor = self.pi_features_extractor
 
     def _build_action_net(self, latent_pi: int) -> None:
         """The action head and its linear layer (plus the state-independent ``log_std`` for Box actions)."""
@@ -307,6 +361,8 @@ class ActorCriticPolicy(BasePolicy):
                 optimizer_kwargs=self.optimizer_kwargs,
                 state_dependent_std=self.state_dependent_std,
                 onednn_matmul=self._onednn_matmul_arg,
+                actor_keys=self.actor_keys,
+                critic_keys=self.critic_keys,
             )
         )
         return data
@@ -316,7 +372,13 @@ class ActorCriticPolicy(BasePolicy):
     def extract_features(  # type: ignore[override]
         self, obs: PyTorchObs, features_extractor: BaseFeaturesExtractor
     ) -> th.Tensor:
-        """Preprocess ``obs`` (SB3's ``preprocess_obs``) and run ``features_extractor`` on it."""
+        """Preprocess ``obs`` (SB3's ``preprocess_obs``) and run ``features_extractor`` on it.
+
+        An extractor with ``observation_keys`` (asymmetric actor-critic) sees only those keys.
+        """
+        keys = getattr(features_extractor, "observation_keys", None)
+        if keys is not None and isinstance(obs, dict):
+            obs = {key: obs[key] for key in keys}
         if self.channels_last and isinstance(obs, th.Tensor) and obs.dim() == 4:
             if self.normalize_images and is_image_space(self.observation_space):
                 # SB3's obs.float() / 255 in NHWC; the layout change is done on the uint8 frames (4x less
@@ -415,6 +477,10 @@ class ActorCriticPolicy(BasePolicy):
             dist = self._sde_distribution(latent_pi, action_masks)
             return values, dist.log_prob(actions), dist.entropy(), None
         params = self._head_params(latent_pi, action_masks)
+        if self.rpo_alpha and self.training and isinstance(self.action_head, DiagGaussianHead):
+            # RPO (Rahman and Xue 2022): the update sees the mean shifted by U(-alpha, alpha), keeping exploration
+            mean, log_std = params
+            params = (mean + th.empty_like(mean).uniform_(-self.rpo_alpha, self.rpo_alpha), log_std)
         log_prob, entropy, _ = self.action_head.evaluate(params, actions)
         return values, log_prob, entropy, params
 

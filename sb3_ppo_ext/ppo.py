@@ -35,12 +35,14 @@ from sb3_ppo_ext.checks import (
     validate_policy,
     validate_rollout_size,
     validate_spaces,
+    validate_stabilizers,
 )
 from sb3_ppo_ext.errors import ConfigurationError
 from sb3_ppo_ext.finite import check_env_data, non_finite_update_error
 from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss
 from sb3_ppo_ext.masking import check_action_masks, env_provides_masks, policy_applies_masks, read_action_masks
-from sb3_ppo_ext.optim import clip_grad_norm
+from sb3_ppo_ext.normalizers import ValueNormalizer
+from sb3_ppo_ext.optim import KLAdaptiveLearningRate, clip_grad_norm
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
 from sb3_ppo_ext.recurrent_policies import (
     RecurrentActorCriticCnnPolicy,
@@ -121,6 +123,18 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         ``"loss"``: ``beta * KL(pi_theta || pi_ref)`` added to the loss.
     :param ref_kl_target: the KL per step the adaptive controller holds.
     :param ref_kl_horizon: env steps over which the adaptive beta may change by about 20%.
+    :param dual_clip: c > 1 of dual-clip PPO (Ye et al. 2020): the surrogate of a negative advantage is bounded
+        below by ``c * A``; None (default): off.
+    :param rpo_alpha: RPO (Rahman and Xue 2022): uniform noise in ``[-alpha, alpha]`` on the Gaussian mean during
+        the update (Box actions); None (default): off.
+    :param adaptive_lr_kl: target KL of the KL-adaptive learning rate (rsl_rl, SBX): after each epoch (or
+        minibatch) the rate is divided by 1.5 above twice the target, multiplied by 1.5 below half of it; it
+        replaces the ``learning_rate`` schedule (whose first value starts it). None (default): off.
+    :param adaptive_lr_every: ``"epoch"`` (default) or ``"minibatch"``.
+    :param adaptive_lr_bounds: ``(min, max)`` learning rate of the adaptive rule.
+    :param normalize_value_targets: the critic learns returns normalised by their running mean and std, and its
+        output is de-normalised for GAE (:mod:`sb3_ppo_ext.normalizers`).
+    :param popart: with ``normalize_value_targets``, PopArt's output-preserving rescaling of the value head.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -175,6 +189,13 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         ref_kl_mode: RefKLMode = "reward",
         ref_kl_target: float | None = None,
         ref_kl_horizon: int = DEFAULT_REF_KL_HORIZON,
+        dual_clip: float | None = None,
+        rpo_alpha: float | None = None,
+        adaptive_lr_kl: float | None = None,
+        adaptive_lr_every: str = "epoch",
+        adaptive_lr_bounds: tuple[float, float] = (1e-5, 1e-2),
+        normalize_value_targets: bool = False,
+        popart: bool = False,
     ) -> None:
         # reliability: every argument is checked before the env is created or stepped (sb3_ppo_ext.checks)
         validate_policy(policy, self.policy_aliases)
@@ -188,6 +209,17 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         env = maybe_make_env(env, verbose)  # as SB3 does first thing in super().__init__
         if env is not None:
             validate_spaces(env.observation_space, env.action_space, policy=policy, use_sde=use_sde)
+        validate_stabilizers(
+            dual_clip=dual_clip,
+            rpo_alpha=rpo_alpha,
+            adaptive_lr_kl=adaptive_lr_kl,
+            adaptive_lr_every=adaptive_lr_every,
+            adaptive_lr_bounds=adaptive_lr_bounds,
+            normalize_value_targets=normalize_value_targets,
+            popart=popart,
+            action_space=None if env is None else env.action_space,
+            use_sde=use_sde,
+        )
         super().__init__(
             policy,
             env,
@@ -232,6 +264,15 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         self._ref_policy_spec: dict[str, Any] | None = None
         self._reference: ReferencePolicy | None = None
         self.ref_policy: th.nn.Module | None = None
+        self.dual_clip = dual_clip
+        self.rpo_alpha = rpo_alpha
+        self.adaptive_lr_kl = adaptive_lr_kl
+        self.adaptive_lr_every = adaptive_lr_every
+        self.adaptive_lr_bounds = tuple(adaptive_lr_bounds)
+        self._adaptive_lr: KLAdaptiveLearningRate | None = None
+        self.normalize_value_targets = normalize_value_targets
+        self.popart = popart
+        self.value_normalizer = ValueNormalizer(popart) if normalize_value_targets else None
         if _init_setup_model:
             self._setup_model()
 
@@ -258,6 +299,11 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             )
         super()._setup_model()
         self._setup_reference()
+        # RPO's noise belongs to the policy's evaluation; the fast path refuses policies with it (autograd instead)
+        self.policy.rpo_alpha = self.rpo_alpha
+        if self.adaptive_lr_kl is not None and self._adaptive_lr is None:
+            initial = self.lr_schedule(1.0)
+            self._adaptive_lr = KLAdaptiveLearningRate(initial, self.adaptive_lr_kl, self.adaptive_lr_bounds)
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
             # load() gets here with saved values and custom_objects (RL Zoo's enjoy.py replaces clip_range with
@@ -341,11 +387,15 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         rewards[truncated] += self.gamma * terminal_values.flatten().cpu().numpy()
 
     def _predict_values(self, obs: Any, lstm_states: LSTMStates | None, episode_starts: np.ndarray) -> th.Tensor:
-        """``V(s)``; a recurrent critic reads its ``lstm_states`` (reset where ``episode_starts``)."""
+        """``V(s)`` in reward units; a recurrent critic reads its ``lstm_states`` (reset where ``episode_starts``)."""
         if lstm_states is None:
-            return self.policy.predict_values(obs)
+            return self._denormalize_values(self.policy.predict_values(obs))
         starts = th.as_tensor(episode_starts, dtype=th.float32, device=self.device)
-        return self.policy.predict_values(obs, lstm_states.vf, starts)  # type: ignore[call-arg]
+        return self._denormalize_values(self.policy.predict_values(obs, lstm_states.vf, starts))  # type: ignore[call-arg]
+
+    def _denormalize_values(self, values: th.Tensor) -> th.Tensor:
+        """The critic's output in reward units (it learns normalised targets with ``normalize_value_targets``)."""
+        return values if self.value_normalizer is None else self.value_normalizer.denormalize(values)
 
     def _check_env_data(self, new_obs: Any, rewards: np.ndarray | None, step: int) -> None:
         """NaN/inf check of what the env returned (``step=-1``, ``rewards=None``: the reset observations)."""
@@ -389,6 +439,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 else:
                     starts = th.as_tensor(self._last_episode_starts, dtype=th.float32, device=self.device)
                     actions, values, log_probs, next_states = act(obs_tensor, lstm_states, starts, **inputs)
+                values = self._denormalize_values(values)
                 if reference is not None:
                     # log pi_old - log pi_ref of the taken actions: the seed's per-step KL penalty
                     step_kl = log_probs - reference.log_prob(obs_tensor, actions, inputs.get("action_masks"))
@@ -488,7 +539,13 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     def train(self) -> None:
         """Run ``n_epochs`` passes of minibatch updates on the current rollout (seed section 5, step 3)."""
         self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
+        if self._adaptive_lr is None:
+            self._update_learning_rate(self.policy.optimizer)
+        else:
+            self._adaptive_lr.apply(self.policy.optimizer)
+        if self.value_normalizer is not None:
+            head = self.policy.value_net if self.popart else None
+            self.value_normalizer.update(np.asarray(self.rollout_buffer.returns), head)
         clip_range = self._current_clip_range(self.clip_range, "clip_range")  # type: ignore[arg-type]
         clip_range_vf = None
         if self.clip_range_vf is not None:
@@ -496,9 +553,19 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         if self.normalize_advantage == "batch":
             self._normalize_rollout_advantages()
         ref_kl_coef = self.ref_kl_coef if self.ref_kl_mode == "loss" else None
-        loss = PPOLoss(clip_range, clip_range_vf, self.vf_clip_mode, self.ent_coef, self.vf_coef, ref_kl_coef or 0.0)
+        loss = PPOLoss(
+            clip_range,
+            clip_range_vf,
+            self.vf_clip_mode,
+            self.ent_coef,
+            self.vf_coef,
+            ref_kl_coef or 0.0,
+            self.dual_clip,
+        )
         history = self._train_epochs(self._backend(), loss)
         self._record_reference_kl(history)
+        if self._adaptive_lr is not None:
+            self.logger.record("train/learning_rate", self._adaptive_lr.value)
 
         self.logger.record("train/entropy_loss", _mean(history, "entropy_loss"))
         self.logger.record("train/policy_gradient_loss", _mean(history, "policy_loss"))
@@ -551,13 +618,18 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 advantages = batch.advantages
                 if per_minibatch_normalization:
                     advantages = losses.normalize_advantages(advantages)
+                old_values, returns = batch.old_values, batch.returns
+                if self.value_normalizer is not None:
+                    # the critic's targets (and its old outputs, for value clipping) in its normalised units
+                    old_values = self.value_normalizer.normalize(old_values)
+                    returns = self.value_normalizer.normalize(returns)
                 inputs = PPOBatch(
                     batch.observations,
                     actions,
                     batch.old_log_prob,
-                    batch.old_values,
+                    old_values,
                     advantages,
-                    batch.returns,
+                    returns,
                     getattr(batch, "action_masks", None),
                     getattr(batch, "sequences", None),
                 )
@@ -586,8 +658,18 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                         learning_rate=learning_rate,
                     )
                 self.policy.optimizer.step()
+                if self._adaptive_lr is not None and self.adaptive_lr_every == "minibatch":
+                    self._adapt_learning_rate(terms.approx_kl.item())
             self._n_updates += 1
+            if self._adaptive_lr is not None and self.adaptive_lr_every == "epoch":
+                self._adapt_learning_rate(_mean(history[-1], "approx_kl"))
         return history
+
+    def _adapt_learning_rate(self, kl: float) -> None:
+        """The KL-adaptive rule (:class:`~sb3_ppo_ext.optim.KLAdaptiveLearningRate`), applied to the optimizer."""
+        assert self._adaptive_lr is not None
+        self._adaptive_lr.update(kl)
+        self._adaptive_lr.apply(self.policy.optimizer)
 
     def _backend(self) -> Backend:
         """Closed-form gradients for plain MLP policies when ``fast_update`` is on, else autograd (one call each)."""

@@ -88,11 +88,11 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         self.critic: nn.Linear | None = None
         if self.enable_critic_lstm:
             self.lstm_critic = nn.LSTM(
-                self.features_dim, self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
+                self.vf_features_dim, self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
             )
         elif not self.shared_lstm:
             # no memory for the critic: a linear map to the LSTM's output width, as in sb3-contrib
-            self.critic = nn.Linear(self.features_dim, self.lstm_hidden_size)
+            self.critic = nn.Linear(self.vf_features_dim, self.lstm_hidden_size)
         self.mlp_extractor = ActorCriticMLP(self.lstm_hidden_size, self.net_arch, self.activation_fn)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:

@@ -203,7 +203,7 @@ class MLPActorCriticKernel:
             return False
         if any(type(head) not in _PLAIN_LINEARS for head in (policy.action_net, policy.value_net)):
             return False
-        if _has_hooks(policy):
+        if _has_hooks(policy) or getattr(policy, "rpo_alpha", None):
             return False
         owned = cls.owned_parameters(policy)
         if owned is None:

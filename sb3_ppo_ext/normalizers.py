@@ -1,0 +1,61 @@
+"""Value-target normalisation: the critic learns returns scaled to zero mean and unit variance.
+
+The running mean and variance of the rollouts' returns (SB3's ``RunningMeanStd``) scale the critic's
+targets in ``train()``; its outputs are scaled back (``denormalize``) wherever a value enters GAE or a
+bootstrap. With PopArt (van Hasselt et al. 2016) each statistics update also rescales the value head's
+last layer so that its de-normalised outputs stay exactly what they were ("preserving outputs precisely").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.running_mean_std import RunningMeanStd
+from torch import nn
+
+__all__ = ["ValueNormalizer"]
+
+
+class ValueNormalizer:
+    """Running statistics of the value targets, and the PopArt correction of the value head.
+
+    :param popart: rescale the value head at each update so that de-normalised outputs are preserved.
+    :param epsilon: added to the variance before the square root.
+    """
+
+    def __init__(self, popart: bool = False, epsilon: float = 1e-8) -> None:
+        self.popart = popart
+        self.epsilon = epsilon
+        self.statistics = RunningMeanStd(shape=())
+
+    @property
+    def mean(self) -> float:
+        """The running mean of the targets."""
+        return float(self.statistics.mean)
+
+    @property
+    def std(self) -> float:
+        """The running standard deviation of the targets."""
+        return float(np.sqrt(self.statistics.var + self.epsilon))
+
+    def normalize(self, values: th.Tensor) -> th.Tensor:
+        """``(x - mean) / std``: what the critic is trained to output."""
+        return (values - self.mean) / self.std
+
+    def denormalize(self, values: th.Tensor) -> th.Tensor:
+        """``x * std + mean``: the critic's output in reward units."""
+        return values * self.std + self.mean
+
+    def update(self, returns: np.ndarray, value_head: nn.Linear | None = None) -> None:
+        """Fold a rollout's returns into the statistics; with PopArt, keep ``value_head``'s outputs in reward units.
+
+        PopArt: with old ``(mu, sigma)`` and new ``(mu', sigma')``, ``W' = W sigma / sigma'`` and
+        ``b' = (sigma b + mu - mu') / sigma'``, so ``sigma' (W' h + b') + mu' = sigma (W h + b) + mu`` for every ``h``.
+        """
+        old_mean, old_std = self.mean, self.std
+        self.statistics.update(np.asarray(returns, dtype=np.float64).reshape(-1))
+        if self.popart and value_head is not None:
+            new_mean, new_std = self.mean, self.std
+            with th.no_grad():
+                value_head.weight.mul_(old_std / new_std)
+                value_head.bias.mul_(old_std).add_(old_mean - new_mean).div_(new_std)
