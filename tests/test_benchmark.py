@@ -321,6 +321,31 @@ def test_ortho_init_and_obs_norm_variants():
     assert ablations.apply("details", "no_obs_norm", cartpole).normalize is None
 
 
+@pytest.mark.parametrize(
+    ("variant", "changed"),
+    [
+        ("zoo", {}),
+        ("dual_clip", {"dual_clip": 3.0}),
+        ("rpo", {"rpo_alpha": 0.5}),
+        ("adaptive_lr", {"adaptive_lr_kl": 0.01}),
+        ("value_norm", {"normalize_value_targets": True}),
+        ("popart", {"normalize_value_targets": True, "popart": True}),
+    ],
+)
+def test_each_stabilizer_variant_adds_only_its_switches(variant, changed):
+    zoo = zoo_settings("clipped_ppo", "HalfCheetah-v5")
+    s = ablations.apply("stabilizers", variant, zoo)
+    assert {k: v for k, v in s.model_kwargs.items() if zoo.model_kwargs.get(k, "unset") != v} == changed
+    assert s.normalize == zoo.normalize
+
+
+def test_stabilizer_ablation_runs_every_variant(tmp_path):
+    (tmp_path / "clipped_ppo.yml").write_text(TINY_YAML)
+    specs = plan(["Pendulum-v1"], ["clipped_ppo"], [0], {"Pendulum-v1": 128}, ablation="stabilizers", eval_episodes=1)
+    outcome = execute(specs, tmp_path / "out", show_progress=False, hyperparams_dir=tmp_path)
+    assert not outcome.failed and len(outcome.completed) == len(ablations.ABLATIONS["stabilizers"])
+
+
 def test_env_without_a_zoo_budget_asks_for_one(tmp_path):
     (tmp_path / "clipped_ppo.yml").write_text("CartPole-v1:\n  n_steps: 64\n")
     with pytest.raises(ValueError, match="--timesteps or --budget"):

@@ -14,6 +14,12 @@ al. 2022). The ``all_on`` baseline is the Zoo's per-env settings with every deta
 - observation normalization with ``VecNormalize`` (reward normalization as the Zoo has it).
 
 Each other variant switches exactly one of them.
+
+``stabilizers``: the robotics PPOs' stabilisers (issue 14), each switched on alone on top of the Zoo's
+settings (``zoo``), on continuous-action tasks (RPO perturbs a Gaussian mean): dual clip (c = 3), RPO
+(alpha = 0.5), the KL-adaptive learning rate (target 0.01, per epoch), value-target normalisation, and
+value-target normalisation with PopArt. The asymmetric critic needs Dict observations with privileged
+keys, which none of the ablation's tasks has, so it is not a variant.
 """
 
 from __future__ import annotations
@@ -93,6 +99,14 @@ ABLATIONS: dict[str, dict[str, Variant]] = {
         "no_ortho_init": _detail_off(_no_ortho_init),
         "no_obs_norm": _detail_off(_no_obs_norm),
     },
+    "stabilizers": {
+        "zoo": lambda settings: settings,
+        "dual_clip": lambda settings: _with(settings, dual_clip=3.0),
+        "rpo": lambda settings: _with(settings, rpo_alpha=0.5),
+        "adaptive_lr": lambda settings: _with(settings, adaptive_lr_kl=0.01),
+        "value_norm": lambda settings: _with(settings, normalize_value_targets=True),
+        "popart": lambda settings: _with(settings, normalize_value_targets=True, popart=True),
+    },
 }
 
 #: Algorithms each ablation may run: the details switches are ClippedPPO arguments (SB3's PPO cannot
@@ -100,6 +114,7 @@ ABLATIONS: dict[str, dict[str, Variant]] = {
 ABLATION_ALGOS: dict[str, tuple[str, ...]] = {
     "lambda": ("clipped_ppo", "ppo", "a2c", "trpo"),
     "details": ("clipped_ppo",),
+    "stabilizers": ("clipped_ppo",),
 }
 
 
