@@ -60,6 +60,18 @@ class EnvWorkerError(ClippedPPOError, EOFError):
     """A ``SubprocVecEnv`` worker process died (SB3 would raise ``EOFError``/``BrokenPipeError`` or hang)."""
 
 
+class DistributedConfigurationError(ConfigurationError):
+    """Ranks of a data-parallel run whose settings cannot train together (different ``n_envs``, ``n_steps``...)."""
+
+
+class DistributedError(RuntimeError):
+    """A collective of a data-parallel run failed: another rank died, or did not answer within the timeout.
+
+    Not a :class:`ClippedPPOError`: the input is fine, a process is gone. A ``RuntimeError``, as the
+    ``torch.distributed`` error it replaces.
+    """
+
+
 class ConfigurationWarning(UserWarning):
     """A configuration that works but is probably not what was meant.
 
@@ -74,6 +86,8 @@ __all__ = [
     "ConfigurationAssertionError",
     "ConfigurationError",
     "ConfigurationWarning",
+    "DistributedConfigurationError",
+    "DistributedError",
     "EnvWorkerError",
     "ExportError",
     "ModelFileError",

@@ -18,6 +18,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_ppo_ext import distributed as data_parallel
 from sb3_ppo_ext import losses
 from sb3_ppo_ext.backends import Backend, select_backend
 from sb3_ppo_ext.buffers import (
@@ -135,6 +136,10 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     :param normalize_value_targets: the critic learns returns normalised by their running mean and std, and its
         output is de-normalised for GAE (:mod:`sb3_ppo_ext.normalizers`).
     :param popart: with ``normalize_value_targets``, PopArt's output-preserving rescaling of the value head.
+    :param distributed: data-parallel training on ``torch.distributed`` (:mod:`sb3_ppo_ext.distributed`): None
+        (default) detects ``torchrun`` (``WORLD_SIZE > 1``) or an initialised process group of several ranks;
+        False: never; True, a :class:`~sb3_ppo_ext.distributed.DistributedConfig` or a dict of its fields: with
+        options. ``n_envs``, ``n_steps`` and ``batch_size`` are per rank. One process trains exactly as without it.
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -196,6 +201,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         adaptive_lr_bounds: tuple[float, float] = (1e-5, 1e-2),
         normalize_value_targets: bool = False,
         popart: bool = False,
+        distributed: bool | data_parallel.DistributedConfig | dict[str, Any] | None = None,
     ) -> None:
         # reliability: every argument is checked before the env is created or stepped (sb3_ppo_ext.checks)
         validate_policy(policy, self.policy_aliases)
@@ -207,6 +213,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             coef = DEFAULT_REF_KL_COEF if ref_kl_coef is None else ref_kl_coef
             self._ref_kl_controller = make_kl_controller(coef, ref_kl_target, ref_kl_horizon)
         env = maybe_make_env(env, verbose)  # as SB3 does first thing in super().__init__
+        # data-parallel: the process group (torchrun) and this rank's device; one process: a no-op context
+        self._dist, device = data_parallel.setup(distributed, device)
         if env is not None:
             validate_spaces(env.observation_space, env.action_space, policy=policy, use_sde=use_sde)
         validate_stabilizers(
@@ -310,6 +318,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             # `lambda _: 0.0`), which are not re-validated; only SB3's own check remains
             check_clip_range_vf(self.clip_range_vf)
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+        self._dist.broadcast_model(self)  # data-parallel: every rank starts from rank 0's parameters
 
     def _setup_reference(self) -> None:
         """The frozen reference policy: from ``ref_policy``, or rebuilt from the saved spec by ``load``."""
@@ -327,6 +336,38 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         state_dicts, variables = super()._get_torch_save_params()
         return ([*state_dicts, "ref_policy"] if self.ref_policy is not None else state_dicts), variables
+
+    # -- data-parallel training (sb3_ppo_ext.distributed): one call at each synchronisation point -------
+
+    @property
+    def distributed(self) -> data_parallel.SingleProcess:
+        """The data-parallel context: ``rank``, ``world_size``, ``is_main_process`` (one process: 0, 1, True)."""
+        return self._dist
+
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """SB3's seeding; with several ranks, rank r seeds with ``seed + r * n_envs`` (env i: ``+ i``)."""
+        super().set_random_seed(self._dist.rank_seed(seed, getattr(self, "n_envs", 1) or 1))
+
+    def set_parameters(
+        self, load_path_or_dict: Any, exact_match: bool = True, device: th.device | str = "auto"
+    ) -> None:
+        """SB3's ``set_parameters``; with several ranks, rank 0's are then broadcast (call it on every rank)."""
+        super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
+        self._dist.broadcast_model(self)
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        # with several ranks: same settings checked, rank 0 alone logs and runs I/O callbacks, statistics aligned
+        setup = super()._setup_learn
+        return self._dist.setup_learn(
+            self, setup, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
 
     @property
     def ref_kl_coef(self) -> float | None:
@@ -347,6 +388,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             "_reference",
             "_ref_policy_source",
             "_rollout_ref_kl",
+            "_dist",
         ]
 
     # -- rollout collection ----------------------------------------------------------------------
@@ -408,7 +450,20 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         rollout_buffer: RolloutBuffer,
         n_rollout_steps: int,
     ) -> bool:
-        """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env, then compute GAE."""
+        """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env, then compute GAE.
+
+        With several ranks, training goes on only if it does on every rank (a callback's stop reaches all), and
+        the VecNormalize statistics and episode statistics are merged.
+        """
+        return self._dist.end_rollout(self, self._collect_rollouts(env, callback, rollout_buffer, n_rollout_steps))
+
+    def _collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
         n_steps = 0
@@ -447,7 +502,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             new_obs, rewards, dones, infos = env.step(self._env_actions(actions))
             if reference is not None:
                 rewards, ref_kl_sum = self._penalize_rewards(rewards, step_kl), ref_kl_sum + step_kl.sum().item()
-            self.num_timesteps += env.num_envs
+            self.num_timesteps += self._dist.global_steps(env.num_envs)  # every rank's steps
             if self.check_finite:
                 self._check_env_data(new_obs, rewards, n_steps)
 
@@ -527,7 +582,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         """The seed's per-batch variant: normalise all advantages of the rollout once, in place."""
         advantages = self.rollout_buffer.advantages
         flat = th.as_tensor(advantages).reshape(-1)
-        normalized = losses.normalize_advantages(flat).reshape(advantages.shape)
+        normalized = self._dist.normalize_advantages(flat).reshape(advantages.shape)  # over every rank's rollout
         advantages[...] = normalized.numpy() if isinstance(advantages, np.ndarray) else normalized
 
     def _current_clip_range(self, schedule: Schedule, name: str) -> float:
@@ -598,7 +653,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             kl = th.stack(measured).mean().item() if measured else None
         if kl is not None:
             self.logger.record("train/ref_kl", kl)
-            self._ref_kl_controller.update(kl, self.n_steps * self.n_envs)
+            self._ref_kl_controller.update(kl, self._dist.global_steps(self.n_steps * self.n_envs))
         self.logger.record("train/ref_kl_coef", self._ref_kl_controller.value)
 
     def _train_epochs(self, backend: Backend, loss: PPOLoss) -> list[list[LossTerms]]:
@@ -617,7 +672,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                 actions = batch.actions.long().flatten() if discrete_actions else batch.actions
                 advantages = batch.advantages
                 if per_minibatch_normalization:
-                    advantages = losses.normalize_advantages(advantages)
+                    advantages = self._dist.normalize_advantages(advantages)  # over every rank's minibatch
                 old_values, returns = batch.old_values, batch.returns
                 if self.value_normalizer is not None:
                     # the critic's targets (and its old outputs, for value clipping) in its normalised units
@@ -637,6 +692,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                     targets = reference.targets(inputs.observations, actions, inputs.action_masks)
                     inputs = inputs._replace(reference=targets)
                 terms = backend.loss_and_grad(loss, inputs)  # sets .grad of every policy parameter
+                terms = self._dist.reduce_update(parameters, terms)  # several ranks: mean gradient, KL and losses
                 history[-1].append(terms)
                 if self.target_kl is not None and terms.approx_kl.item() > 1.5 * self.target_kl:
                     # SB3 stops before this minibatch's step, and logs its losses and KL all the same

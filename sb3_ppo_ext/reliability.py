@@ -10,7 +10,9 @@ calls SB3's own and adds one guarantee:
   (:mod:`sb3_ppo_ext.checkpoints`), so a process killed mid-save leaves the previous file intact;
 * ``load``: truncated, corrupt or foreign files raise :class:`~sb3_ppo_ext.errors.ModelFileError`;
 * ``load``/``set_env``: an env whose spaces differ from the model's raises
-  :class:`~sb3_ppo_ext.errors.SpaceMismatchError` naming both spaces.
+  :class:`~sb3_ppo_ext.errors.SpaceMismatchError` naming both spaces;
+* data-parallel runs (:mod:`sb3_ppo_ext.distributed`): ``save`` writes on rank 0 only, and
+  ``load(..., distributed=False)`` loads a plain single-process model inside a data-parallel run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
 from sb3_ppo_ext import checkpoints
+from sb3_ppo_ext import distributed as data_parallel
 from sb3_ppo_ext.checks import space_mismatch_error
 from sb3_ppo_ext.worker_guard import guard_subprocess_workers
 
@@ -74,7 +77,10 @@ class ReliabilityMixin:
 
         The zip is written to a temporary file next to the target, fsynced and renamed over it: a
         process killed during the save leaves the previous file intact (:mod:`sb3_ppo_ext.checkpoints`).
+        In a data-parallel run only rank 0 writes (the ranks hold the same model); the others return at once.
         """
+        if not getattr(self, "_dist", data_parallel.SINGLE_PROCESS).is_main_process:
+            return
         checkpoints.save_atomically(self, path, exclude=exclude, include=include, save=super().save)  # type: ignore[misc]
 
     @classmethod
@@ -92,9 +98,12 @@ class ReliabilityMixin:
 
         Raises :class:`~sb3_ppo_ext.errors.ModelFileError` for truncated, corrupt or foreign files and
         :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for an ``env`` whose spaces differ from the model's.
+        Under ``torchrun`` every rank must call it (rank 0's parameters are broadcast), unless
+        ``distributed=False`` is passed: then this process loads a model of its own.
         """
         source = checkpoints.check_model_file(path)
-        with _space_mismatch_as_clear_error(f"the model in {path}"):
+        distributed = kwargs.pop("distributed", None)
+        with _space_mismatch_as_clear_error(f"the model in {path}"), data_parallel.loading(distributed):
             return super().load(  # type: ignore[misc]
                 source,
                 env=env,

@@ -1,0 +1,623 @@
+"""Data-parallel ClippedPPO on ``torch.distributed``: the process group and every collective, in one place.
+
+``torchrun --nproc_per_node=N train.py`` (or ``torchrun --nnodes=M ...`` across hosts) starts the same
+user script N times. Each process (rank) owns its envs and its rollout (``n_envs``, ``n_steps`` and
+``batch_size`` are per rank, the global batch is their sum) and trains the same parameters: gradients
+are averaged across ranks before every optimizer step, the way DDP does it, but without a module
+wrapper (PPO's update calls ``evaluate_actions`` and a closed-form kernel, not ``forward``).
+
+:func:`setup` picks the context once, in ``ClippedPPO.__init__``: :class:`DataParallel` when a process
+group of more than one rank exists or can be created from ``torchrun``'s environment (``WORLD_SIZE > 1``;
+gloo on CPU, nccl on CUDA), else :data:`SINGLE_PROCESS`, whose methods return their inputs unchanged:
+one process trains bit for bit as before. ``ppo.py`` calls the context once at each synchronisation
+point:
+
+===========================================  ====================================================================
+ppo.py                                       with N ranks
+===========================================  ====================================================================
+``__init__``: :func:`setup`                  process group from ``env://``; ``cuda:LOCAL_RANK`` for a CUDA device
+``set_random_seed``: ``rank_seed``           rank r seeds with ``seed + r * n_envs`` (env i: ``seed + r * n_envs + i``)
+``_setup_model``, ``set_parameters``:        parameters, buffers and optimizer state broadcast from rank 0 (so
+``broadcast_model``                          also after ``load``)
+``_setup_learn``: ``setup_learn``            same settings checked on every rank; rank 0 alone logs, prints and
+                                             runs I/O callbacks; VecNormalize statistics aligned; the model
+                                             broadcast again
+``collect_rollouts``: ``global_steps``       ``num_timesteps`` counts every rank's env steps (schedules,
+                                             callbacks and ``total_timesteps`` are global)
+``collect_rollouts``: ``end_rollout``        every rank goes on only if all do (a callback's stop reaches
+                                             all); VecNormalize statistics merged; episodes gathered on rank 0
+``_train_epochs``: ``normalize_advantages``  mean and std of the minibatch over all ranks (all-reduced count,
+                                             sum, sum of squares); ``advantage_normalization="local"``: per rank
+``_train_epochs``: ``reduce_update``         one all-reduce per minibatch: mean of the gradients and of the
+                                             loss statistics, so ``target_kl`` stops every rank at once
+===========================================  ====================================================================
+
+Rules the ranks keep: every rank constructs the model, calls ``learn``, ``load`` and ``set_parameters``
+(collectives), in the same order; ``save`` writes on rank 0 only and is no collective, so rank-0-only
+code (callbacks) may save. A rank that dies makes the others raise :class:`~sb3_ppo_ext.errors.DistributedError`
+at their next collective (at once when its connections close, else after ``timeout_s``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch as th
+import torch.distributed as dist
+from stable_baselines3.common.callbacks import (
+    BaseCallback,
+    CallbackList,
+    CheckpointCallback,
+    EvalCallback,
+    EventCallback,
+    ProgressBarCallback,
+)
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.running_mean_std import RunningMeanStd
+from stable_baselines3.common.utils import get_device
+
+from sb3_ppo_ext import losses
+from sb3_ppo_ext.errors import ConfigurationError, DistributedConfigurationError, DistributedError
+
+# how long a collective waits for the other ranks before DistributedError; a rank that dies on the same host
+# is noticed at once (its sockets close), a host that vanishes or a rank stuck in a long rank-0-only
+# evaluation only after this time, so it must exceed the longest EvalCallback evaluation
+DEFAULT_TIMEOUT_S = 600.0
+ADVANTAGE_NORMALIZATIONS = ("global", "local")
+# the eps of losses.normalize_advantages
+_ADVANTAGE_EPS = 1e-8
+# callbacks that only read the model and write files or the terminal: they run on rank 0 alone
+RANK_ZERO_CALLBACKS: tuple[type[BaseCallback], ...] = (EvalCallback, CheckpointCallback, ProgressBarCallback)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Options of a data-parallel run (``ClippedPPO(distributed=DistributedConfig(...))`` or a dict of them).
+
+    :param backend: ``"gloo"``, ``"nccl"``...; None: nccl for a CUDA device, gloo otherwise. Used only when
+        ClippedPPO creates the process group (an initialised one is used as it is).
+    :param timeout_s: seconds a collective waits for the other ranks before
+        :class:`~sb3_ppo_ext.errors.DistributedError` (only when ClippedPPO creates the process group).
+    :param advantage_normalization: ``"global"``: a minibatch's advantages are normalised with the mean and
+        std of that minibatch on all ranks together (as one process with the global batch); ``"local"``:
+        with each rank's own.
+    """
+
+    backend: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    advantage_normalization: str = "global"
+
+    def __post_init__(self) -> None:
+        if self.advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
+            raise ConfigurationError(
+                f"advantage_normalization={self.advantage_normalization!r}; use one of {ADVANTAGE_NORMALIZATIONS}."
+            )
+        if not self.timeout_s > 0:
+            raise ConfigurationError(f"timeout_s={self.timeout_s!r} must be > 0 (seconds).")
+
+
+# ClippedPPO.load(..., distributed=False) reaches the constructor that SB3's load calls through this
+_LOAD_DISTRIBUTED: ContextVar[Any] = ContextVar("sb3_ppo_ext_load_distributed", default=None)
+
+
+@contextlib.contextmanager
+def loading(distributed: Any) -> Iterator[None]:
+    """Within, a ClippedPPO built with ``distributed=None`` (SB3's ``load`` does so) uses ``distributed``."""
+    token = _LOAD_DISTRIBUTED.set(distributed)
+    try:
+        yield
+    finally:
+        _LOAD_DISTRIBUTED.reset(token)
+
+
+def _config(distributed: Any) -> DistributedConfig:
+    if distributed is None or distributed is True:
+        return DistributedConfig()
+    if isinstance(distributed, DistributedConfig):
+        return distributed
+    if isinstance(distributed, dict):
+        try:
+            return DistributedConfig(**distributed)
+        except TypeError as error:
+            raise ConfigurationError(f"distributed={distributed!r}: {error}") from None
+    raise ConfigurationError(
+        f"distributed={distributed!r}; use None (detect torchrun), True, False, a DistributedConfig or a dict of "
+        "its fields."
+    )
+
+
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def world_size() -> int:
+    """The number of ranks: the process group's, else torchrun's ``WORLD_SIZE``, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_world_size()
+
+
+def rank() -> int:
+    """The rank of this process: the process group's, else torchrun's ``RANK``, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (the one that logs, saves and prints), also before any model exists."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. before other ranks read a file rank 0 wrote); nothing with one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def setup(distributed: Any, device: th.device | str) -> tuple[SingleProcess, th.device | str]:
+    """The context for a new ClippedPPO, and its device (``cuda:LOCAL_RANK`` for ``"auto"``/``"cuda"``).
+
+    :param distributed: None: data-parallel when a process group of several ranks is initialised or
+        ``WORLD_SIZE > 1`` (torchrun); True (the same; one process when there is none), False (never),
+        a :class:`DistributedConfig` or a dict of its fields.
+    """
+    if distributed is None:
+        distributed = _LOAD_DISTRIBUTED.get()
+    if distributed is False:
+        return SINGLE_PROCESS, device
+    config = _config(distributed)
+    if world_size() <= 1 or not dist.is_available():
+        return SINGLE_PROCESS, device
+    device = _rank_device(device)
+    if not dist.is_initialized():
+        backend = config.backend or ("nccl" if get_device(device).type == "cuda" else "gloo")
+        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=config.timeout_s))
+        atexit.register(_destroy_process_group)
+        timeout = f"{config.timeout_s:g} s"
+    else:
+        timeout = "the process group's timeout"
+    return DataParallel(config, timeout), device
+
+
+def _rank_device(device: th.device | str) -> th.device | str:
+    """One GPU per rank: ``"auto"``/``"cuda"`` become ``cuda:LOCAL_RANK``; an explicit index is kept."""
+    resolved = get_device(device)
+    if (
+        resolved.type != "cuda"
+        or (isinstance(device, str) and ":" in device)
+        or (isinstance(device, th.device) and device.index is not None)
+    ):
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0) % max(th.cuda.device_count(), 1)
+    th.cuda.set_device(local_rank)
+    return th.device("cuda", local_rank)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+class SingleProcess:
+    """One process: every method returns its input; ClippedPPO trains exactly as without this module."""
+
+    enabled = False
+    rank = 0
+    world_size = 1
+    is_main_process = True
+
+    def rank_seed(self, seed: int | None, n_envs: int) -> int | None:
+        """The seed of this rank's generators and envs (env i gets ``rank_seed + i``)."""
+        return seed
+
+    def global_steps(self, steps: int) -> int:
+        """Env steps of all ranks together when each made ``steps``."""
+        return steps
+
+    def normalize_advantages(self, advantages: th.Tensor) -> th.Tensor:
+        """``(A - mean) / (std + eps)`` (:func:`sb3_ppo_ext.losses.normalize_advantages`)."""
+        return losses.normalize_advantages(advantages)
+
+    def reduce_update(self, parameters: list[th.Tensor], terms: losses.LossTerms) -> losses.LossTerms:
+        """The gradients (``.grad``) and loss statistics of a minibatch, averaged over ranks."""
+        return terms
+
+    def end_rollout(self, model: Any, continue_training: bool) -> bool:
+        """After a rollout: whether every rank goes on; statistics merged."""
+        return continue_training
+
+    def broadcast_model(self, model: Any) -> None:
+        """Parameters, buffers and optimizer state from rank 0."""
+
+    def setup_learn(self, model: Any, setup_learn: Callable[..., Any], *args: Any) -> Any:
+        """``model._setup_learn(*args)`` (SB3's), with the ranks set up around it."""
+        return setup_learn(*args)
+
+
+SINGLE_PROCESS = SingleProcess()
+
+
+class DataParallel(SingleProcess):
+    """N ranks of an initialised process group training one model (see the module docstring).
+
+    :param config: the options.
+    :param timeout: how the timeout reads in error messages.
+    :param group: the process group (None: the default one, made by ``torchrun`` or :func:`setup`).
+    """
+
+    enabled = True
+
+    def __init__(
+        self, config: DistributedConfig, timeout: str = "the process group's timeout", group: Any = None
+    ) -> None:
+        self.config = config
+        self.timeout = timeout
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.is_main_process = self.rank == 0
+        self.backend = dist.get_backend(group)
+        # the global rank of the group's rank 0, which broadcasts and gathers
+        self._root = 0 if group is None else dist.get_global_rank(group, 0)
+        # VecNormalize statistics at the last merge (the same on every rank): deltas are taken against them
+        self._base_stats: list[tuple[np.ndarray, np.ndarray, float]] | None = None
+
+    def __repr__(self) -> str:
+        return f"DataParallel(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
+
+    # -- collectives -------------------------------------------------------------------------------
+
+    def _collective(self, what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)``; a failure (a rank died, or a timeout) becomes DistributedError."""
+        try:
+            return function(*args, group=self.group, **kwargs)
+        except DistributedError:
+            raise
+        except RuntimeError as error:
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: the {what} failed: another rank died or did not answer "
+                f"within {self.timeout} (see that rank's output for its own error). torch.distributed said: "
+                f"{str(error).strip()[:500]}"
+            ) from error
+
+    @property
+    def _collective_device(self) -> th.device:
+        """Where small tensors go for a collective: the current GPU for nccl, the CPU otherwise."""
+        if self.backend == "nccl":
+            return th.device("cuda", th.cuda.current_device())
+        return th.device("cpu")
+
+    def _all_reduce(self, what: str, tensor: th.Tensor) -> th.Tensor:
+        self._collective(what, dist.all_reduce, tensor)
+        return tensor
+
+    # -- seeds and counts --------------------------------------------------------------------------
+
+    def rank_seed(self, seed: int | None, n_envs: int) -> int | None:
+        """``seed + rank * n_envs``; without a seed, torch's generator is seeded from the OS (see below)."""
+        if seed is None:
+            # unseeded torch generators start alike in every process: the ranks would draw the same noise
+            th.seed()
+            return None
+        return seed + self.rank * n_envs
+
+    def global_steps(self, steps: int) -> int:
+        """``steps * world_size``."""
+        # setup_learn checked that every rank has the same n_envs and n_steps
+        return steps * self.world_size
+
+    # -- the update --------------------------------------------------------------------------------
+
+    def normalize_advantages(self, advantages: th.Tensor) -> th.Tensor:
+        """Normalised with the count, sum and sum of squares of the minibatches of all ranks (all-reduced)."""
+        if self.config.advantage_normalization == "local":
+            return losses.normalize_advantages(advantages)
+        values = advantages.detach().to(th.float64)
+        moments = th.stack(
+            (
+                th.tensor(float(values.numel()), dtype=th.float64, device=values.device),
+                values.sum(),
+                values.square().sum(),
+            )
+        )
+        count, total, squares = self._all_reduce(
+            "advantage statistics all-reduce", moments.to(self._collective_device)
+        ).tolist()
+        if count <= 1:
+            return advantages
+        mean = total / count
+        std = math.sqrt(max(squares - total * mean, 0.0) / (count - 1))  # unbiased, as Tensor.std
+        return (advantages - mean) / (std + _ADVANTAGE_EPS)
+
+    def reduce_update(self, parameters: list[th.Tensor], terms: losses.LossTerms) -> losses.LossTerms:
+        """Mean of ``.grad`` and of the loss statistics over ranks, in one all-reduce of one flat buffer."""
+        # every rank's minibatches have the same size (same settings, checked), so the global loss is the mean
+        # of the ranks' losses and its gradient the mean of their gradients; one buffer, one all-reduce
+        grads = [p.grad for p in parameters]
+        names = [name for name in losses.LossTerms._fields if getattr(terms, name) is not None]
+        dtype = next((g.dtype for g in grads if g is not None), th.float32)
+        device = next((g.device for g in grads if g is not None), terms.loss.device)
+        pieces = [
+            g.reshape(-1) if g is not None else th.zeros(p.numel(), dtype=dtype, device=device)
+            for p, g in zip(parameters, grads, strict=True)
+        ]
+        pieces.append(th.stack([getattr(terms, name).detach().to(device, dtype) for name in names]))
+        flat = self._all_reduce("gradient all-reduce", th.cat(pieces))
+        flat.div_(self.world_size)
+        offset = 0
+        for p, g in zip(parameters, grads, strict=True):
+            size = p.numel()
+            if g is not None:  # a parameter without gradient keeps none (Adam skips it)
+                g.copy_(flat[offset : offset + size].view_as(g))
+            offset += size
+        statistics = flat[offset:].clone()  # not a view: the history must not keep the gradient buffer alive
+        return terms._replace(**{name: statistics[i].to(getattr(terms, name).dtype) for i, name in enumerate(names)})
+
+    # -- the rollout -------------------------------------------------------------------------------
+
+    def end_rollout(self, model: Any, continue_training: bool) -> bool:
+        """True if every rank goes on; VecNormalize statistics merged, reference KL averaged, episodes gathered."""
+        # one all-reduce: [ranks going on, reference KL sum, ranks with one, VecNormalize deltas...]; then the
+        # episodes gathered on rank 0. The same two collectives on every rank, stop or not.
+        ref_kl = getattr(model, "_rollout_ref_kl", None)
+        header = [float(continue_training), 0.0 if ref_kl is None else float(ref_kl), float(ref_kl is not None)]
+        stats = _running_stats(model.get_vec_normalize_env())
+        deltas = self._stats_deltas(stats)
+        buffer = th.as_tensor(np.concatenate([np.asarray(header), *deltas]), dtype=th.float64)
+        reduced = self._all_reduce("end-of-rollout all-reduce", buffer.to(self._collective_device)).cpu().numpy()
+        going_on, ref_kl_sum, ranks_with_kl = reduced[:3]
+        if ranks_with_kl > 0:
+            model._rollout_ref_kl = ref_kl_sum / ranks_with_kl
+        self._merge_stats(stats, reduced[3:])
+        self._gather_episodes(model)
+        if going_on == self.world_size:
+            return True
+        # a rank that stopped mid-rollout counted fewer steps: all take the largest count, so that the ranks of a
+        # later learn(reset_num_timesteps=False) run the same number of rollouts
+        steps = th.tensor([model.num_timesteps], dtype=th.int64, device=self._collective_device)
+        self._collective("step count all-reduce", dist.all_reduce, steps, op=dist.ReduceOp.MAX)
+        model.num_timesteps = int(steps.item())
+        return False
+
+    def _stats_deltas(self, stats: list[RunningMeanStd]) -> list[np.ndarray]:
+        """Per statistic: count, sum and sum of squares (about the base mean) of the data since the last merge."""
+        if self._base_stats is None:  # learn() not set up: nothing to merge on any rank
+            return []
+        deltas = []
+        for rms, (base_mean, base_var, base_count) in zip(stats, self._base_stats, strict=True):
+            mean, var, count = np.asarray(rms.mean, np.float64), np.asarray(rms.var, np.float64), float(rms.count)
+            shift = mean - base_mean
+            first = count * shift
+            second = count * var + count * shift**2 - base_count * base_var
+            deltas += [np.array([count - base_count]), first.reshape(-1), second.reshape(-1)]
+        return deltas
+
+    def _merge_stats(self, stats: list[RunningMeanStd], sums: np.ndarray) -> None:
+        """Every rank's statistics become base + all ranks' deltas (the statistics of the union), in place."""
+        if not stats or self._base_stats is None:
+            return
+        offset = 0
+        merged = []
+        for rms, (base_mean, base_var, base_count) in zip(stats, self._base_stats, strict=True):
+            size = base_mean.size
+            delta_count = sums[offset]
+            first = sums[offset + 1 : offset + 1 + size].reshape(base_mean.shape)
+            second = sums[offset + 1 + size : offset + 1 + 2 * size].reshape(base_mean.shape)
+            offset += 1 + 2 * size
+            count = base_count + delta_count
+            shift = first / count
+            var = np.maximum((base_count * base_var + second) / count - shift**2, 0.0)
+            _set_stats(rms, base_mean + shift, var, count)
+            merged.append((np.array(base_mean + shift), np.array(var), float(count)))
+        self._base_stats = merged
+
+    def _gather_episodes(self, model: Any) -> None:
+        """Rank 0's episode buffers get the episodes the other ranks finished during the rollout."""
+        buffers = [getattr(model, name, None) for name in ("ep_info_buffer", "ep_success_buffer")]
+        new = [_take_new(buffer) for buffer in buffers]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main_process else None
+        self._collective("episode statistics gather", dist.gather_object, new, gathered, dst=self._root)
+        if gathered is None:
+            return
+        for other in gathered[1:]:
+            for buffer, episodes in zip(buffers, other, strict=True):
+                if buffer is not None:
+                    deque.extend(buffer, episodes)  # not counted as this rank's new episodes
+
+    # -- the model -----------------------------------------------------------------------------------
+
+    def broadcast_model(self, model: Any) -> None:
+        """Rank 0's parameters and buffers (one broadcast per dtype) and optimizer state, into every rank's."""
+        tensors = [t for module in _modules(model) for t in module.state_dict().values()]
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            group = [t for t in tensors if t.dtype == dtype]
+            device = group[0].device if self.backend != "nccl" else self._collective_device
+            flat = th.cat([t.detach().reshape(-1).to(device) for t in group])
+            self._collective("parameter broadcast", dist.broadcast, flat, src=self._root)
+            offset = 0
+            for t in group:
+                with th.no_grad():
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+        optimizer = getattr(getattr(model, "policy", None), "optimizer", None)
+        if optimizer is not None:
+            state = [optimizer.state_dict() if self.is_main_process else None]
+            self._collective("optimizer state broadcast", dist.broadcast_object_list, state, src=self._root)
+            if not self.is_main_process:
+                optimizer.load_state_dict(state[0])
+
+    def setup_learn(self, model: Any, setup_learn: Callable[..., Any], *args: Any) -> Any:
+        """Settings checked, model broadcast, statistics aligned, I/O on rank 0 only; SB3's setup in between."""
+        total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar = args
+        if not self.is_main_process:
+            # rank 0 alone prints, writes tensorboard files and runs the callbacks that evaluate or save
+            model.verbose, model.tensorboard_log, progress_bar = 0, None, False
+            callback = without_rank_zero_callbacks(callback)
+        self._check_same_settings(model)
+        self.broadcast_model(model)
+        self._align_stats(model)
+        result = setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if not self.is_main_process:
+            model._logger = Logger(folder=None, output_formats=[])
+        for name in ("ep_info_buffer", "ep_success_buffer"):
+            buffer = getattr(model, name, None)
+            if buffer is not None and not isinstance(buffer, CountingDeque):
+                setattr(model, name, CountingDeque(buffer, maxlen=buffer.maxlen))
+        return result
+
+    def _check_same_settings(self, model: Any) -> None:
+        """Every rank must make the same number of minibatches of the same size: else collectives mismatch."""
+        vec_normalize = model.get_vec_normalize_env()
+        settings = {
+            "n_envs": model.n_envs,
+            "n_steps": model.n_steps,
+            "batch_size": model.batch_size,
+            "n_epochs": model.n_epochs,
+            "normalize_advantage": model.normalize_advantage,
+            "target_kl": model.target_kl,
+            "parameters": sum(p.numel() for p in model.policy.parameters()),
+            "policy": type(model.policy).__name__,
+            "VecNormalize": None
+            if vec_normalize is None
+            else [rms.mean.shape for rms in _running_stats(vec_normalize)],
+            "advantage_normalization": self.config.advantage_normalization,
+        }
+        everyone: list[Any] = [None] * self.world_size
+        self._collective("settings check", dist.all_gather_object, everyone, settings)
+        differ = {name: [ranks[name] for ranks in everyone] for name in settings}
+        differ = {name: values for name, values in differ.items() if any(v != values[0] for v in values)}
+        if differ:
+            listed = "; ".join(f"{name}: {values}" for name, values in differ.items())
+            raise DistributedConfigurationError(
+                f"the {self.world_size} ranks of this data-parallel run differ in {listed} (rank 0 first). Every rank "
+                "must build the same model and env settings (n_envs, n_steps, batch_size are per rank)."
+            )
+
+    def _align_stats(self, model: Any) -> None:
+        """VecNormalize statistics from rank 0, the base of the next merge (before SB3 resets the envs)."""
+        stats = _running_stats(model.get_vec_normalize_env())
+        payload = [[(rms.mean, rms.var, rms.count) for rms in stats] if self.is_main_process else None]
+        self._collective("VecNormalize statistics broadcast", dist.broadcast_object_list, payload, src=self._root)
+        for rms, (mean, var, count) in zip(stats, payload[0], strict=True):
+            _set_stats(rms, mean, var, count)
+        self._base_stats = [
+            (np.array(rms.mean, np.float64), np.array(rms.var, np.float64), float(rms.count)) for rms in stats
+        ]
+
+
+class CountingDeque(deque):
+    """An episode buffer that counts what this rank adds (SB3 calls ``extend`` and ``append``)."""
+
+    def __init__(self, iterable: Any = (), maxlen: int | None = None) -> None:
+        super().__init__(iterable, maxlen)
+        self.added = 0
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self.added += 1
+
+    def extend(self, items: Any) -> None:
+        items = list(items)
+        super().extend(items)
+        self.added += len(items)
+
+
+def _take_new(buffer: Any) -> list[Any]:
+    """The entries this rank added since the last call (the most recent ``maxlen`` of them)."""
+    if not isinstance(buffer, CountingDeque) or buffer.added == 0:
+        return []
+    new = list(buffer)[-min(buffer.added, len(buffer)) :]
+    buffer.added = 0
+    return new
+
+
+def _running_stats(vec_normalize: Any) -> list[RunningMeanStd]:
+    """A VecNormalize's running statistics in a fixed order: observations (per key, sorted), then returns."""
+    if vec_normalize is None:
+        return []
+    stats = []
+    obs_rms = getattr(vec_normalize, "obs_rms", None)
+    if isinstance(obs_rms, dict):
+        stats += [obs_rms[key] for key in sorted(obs_rms)]
+    elif obs_rms is not None:
+        stats.append(obs_rms)
+    if getattr(vec_normalize, "ret_rms", None) is not None:
+        stats.append(vec_normalize.ret_rms)
+    return stats
+
+
+def _set_stats(rms: RunningMeanStd, mean: np.ndarray, var: np.ndarray, count: float) -> None:
+    """The statistics of ``rms`` (the object stays: the VecNormalize and whatever else holds it see them)."""
+    rms.mean = np.array(mean, dtype=np.float64)
+    rms.var = np.array(var, dtype=np.float64)
+    rms.count = float(count)
+
+
+def _modules(model: Any) -> list[th.nn.Module]:
+    """The modules whose state must be the same on every rank: the policy, and the reference policy if any."""
+    modules = [model.policy]
+    if getattr(model, "ref_policy", None) is not None:
+        modules.append(model.ref_policy)
+    return modules
+
+
+def is_rank_zero_callback(callback: BaseCallback) -> bool:
+    """Whether ``callback`` runs on rank 0 only.
+
+    Its ``rank_zero_only`` attribute says so when it has one; else its type (evaluation, checkpoints, progress
+    bar), or an event callback (``EveryNTimesteps``...) around such a callback.
+    """
+    flag = getattr(callback, "rank_zero_only", None)
+    if flag is not None:
+        return bool(flag)
+    if isinstance(callback, RANK_ZERO_CALLBACKS):
+        return True
+    inner = getattr(callback, "callback", None) if isinstance(callback, EventCallback) else None
+    return inner is not None and is_rank_zero_callback(inner)
+
+
+def without_rank_zero_callbacks(callback: Any) -> Any:
+    """The callbacks that ranks other than 0 run: ``callback`` without the rank-0-only ones (lists recursed)."""
+    if callback is None:
+        return None
+    if isinstance(callback, list):
+        return [c for c in (without_rank_zero_callbacks(c) for c in callback) if c is not None]
+    if isinstance(callback, CallbackList):
+        return CallbackList(without_rank_zero_callbacks(list(callback.callbacks)))
+    if isinstance(callback, BaseCallback) and is_rank_zero_callback(callback):
+        return None
+    return callback
+
+
+__all__ = [
+    "ADVANTAGE_NORMALIZATIONS",
+    "DEFAULT_TIMEOUT_S",
+    "RANK_ZERO_CALLBACKS",
+    "SINGLE_PROCESS",
+    "DataParallel",
+    "DistributedConfig",
+    "SingleProcess",
+    "barrier",
+    "is_main_process",
+    "is_rank_zero_callback",
+    "loading",
+    "rank",
+    "setup",
+    "without_rank_zero_callbacks",
+    "world_size",
+]
