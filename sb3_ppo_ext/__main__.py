@@ -13,6 +13,10 @@ else from ClippedPPO's defaults (which are SB3 PPO's); ``--preset atari|mujoco``
 seed's table instead, and ``--hyperparams key=value`` overrides any of them. Envs are built the Zoo's
 way by :func:`sb3_ppo_ext.envs.make_env`. MLP policies run with one torch thread unless ``--threads``
 says otherwise (faster on shared cores); policies with convolutions keep torch's default.
+
+``train`` also runs under ``torchrun --nproc_per_node=N -m sb3_ppo_ext train ...`` (data-parallel,
+:mod:`sb3_ppo_ext.distributed`): ``--n-envs`` and the batch settings are per rank, ``--timesteps`` counts
+every rank's steps, and rank 0 alone saves, evaluates and prints.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from stable_baselines3.common.evaluation import evaluate_policy
 from torch import nn
 
-from sb3_ppo_ext import ClippedPPO, presets
+from sb3_ppo_ext import ClippedPPO, distributed, presets
 from sb3_ppo_ext.envs import make_env
 from sb3_ppo_ext.errors import ExportError
 from sb3_ppo_ext.presets import Settings
@@ -134,7 +138,7 @@ def train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     settings, source = resolve_settings(args.env, args.hyperparams, args.preset, args.n_envs, args.timesteps)
     env = make_env(args.env, settings, seed=args.seed)
-    if args.verbose:
+    if args.verbose and distributed.is_main_process():
         print(f"{args.env}: {source} settings {settings.raw}", flush=True)
     model = ClippedPPO(
         settings.policy,
@@ -148,6 +152,9 @@ def train(args: argparse.Namespace) -> int:
     _set_threads(args.threads, model.policy)
     model.learn(settings.n_timesteps or DEFAULT_TIMESTEPS, progress_bar=args.progress_bar)
     train_seconds = time.perf_counter() - start
+    if not model.distributed.is_main_process:  # torchrun: rank 0 saves, evaluates and prints
+        env.close()
+        return 0
 
     save_path = Path(args.save_path or f"{ALGO_NAME}_{args.env.replace('/', '_')}")
     if save_path.suffix != ".zip":
