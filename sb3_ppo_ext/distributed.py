@@ -46,7 +46,7 @@ import datetime
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -229,6 +229,10 @@ class SingleProcess:
         """Env steps of all ranks together when each made ``steps``."""
         return steps
 
+    def minibatches(self, batches: Iterable[Any], normalize: bool) -> Iterable[Any]:
+        """The minibatches of an epoch (``normalize``: their advantages are normalised one by one)."""
+        return batches
+
     def normalize_advantages(self, advantages: th.Tensor) -> th.Tensor:
         """``(A - mean) / (std + eps)`` (:func:`sb3_ppo_ext.losses.normalize_advantages`)."""
         return losses.normalize_advantages(advantages)
@@ -274,6 +278,8 @@ class DataParallel(SingleProcess):
         self.backend = dist.get_backend(group)
         # the global rank of the group's rank 0, which broadcasts and gathers
         self._root = 0 if group is None else dist.get_global_rank(group, 0)
+        # advantages whose statistics are all-reduced or on their way: (tensor, its version, moments, work or None)
+        self._pending: list[tuple[th.Tensor, int, th.Tensor, Any]] = []
         # VecNormalize statistics at the last merge (the same on every rank): deltas are taken against them
         self._base_stats: list[tuple[np.ndarray, np.ndarray, float]] | None = None
 
@@ -283,9 +289,13 @@ class DataParallel(SingleProcess):
     # -- collectives -------------------------------------------------------------------------------
 
     def _collective(self, what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, group=..., **kwargs)`` on this context's process group, failures made clear."""
+        return self._guarded(what, function, *args, group=self.group, **kwargs)
+
+    def _guarded(self, what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)``; a failure (a rank died, or a timeout) becomes DistributedError."""
         try:
-            return function(*args, group=self.group, **kwargs)
+            return function(*args, **kwargs)
         except DistributedError:
             raise
         except RuntimeError as error:
@@ -323,21 +333,61 @@ class DataParallel(SingleProcess):
 
     # -- the update --------------------------------------------------------------------------------
 
+    def minibatches(self, batches: Iterable[Any], normalize: bool) -> Iterator[Any]:
+        """The minibatches, each one's advantage statistics all-reduced in the background one minibatch ahead.
+
+        The all-reduce of the next minibatch's count, sum and sum of squares runs (gloo, in its own thread) while
+        this one computes its gradients, so that global normalisation adds no waiting of its own.
+        """
+        if not normalize or self.config.advantage_normalization == "local":
+            yield from batches
+            return
+        iterator = iter(batches)
+        current = next(iterator, None)
+        if current is not None:
+            self._start_moments(current.advantages)
+        while current is not None:
+            following = next(iterator, None)
+            if following is not None:
+                self._start_moments(following.advantages)
+            yield current
+            current = following
+
+    def _start_moments(self, advantages: th.Tensor) -> None:
+        """Launch the asynchronous all-reduce of the statistics of ``advantages`` (unless already known)."""
+        if self._known_moments(advantages) is not None:
+            return
+        moments = _moments(advantages).to(self._collective_device)
+        work = self._collective("advantage statistics all-reduce", dist.all_reduce, moments, async_op=True)
+        self._pending.append((advantages, advantages._version, moments, work))
+
+    def _known_moments(self, advantages: th.Tensor) -> tuple[th.Tensor, Any] | None:
+        """The all-reduced (or pending) statistics of this very tensor, unchanged since.
+
+        E.g. the whole rollout as the one minibatch of every epoch: its statistics are all-reduced once.
+        """
+        for tensor, version, moments, work in self._pending:
+            if tensor is advantages and version == advantages._version:
+                return moments, work
+        return None
+
     def normalize_advantages(self, advantages: th.Tensor) -> th.Tensor:
         """Normalised with the count, sum and sum of squares of the minibatches of all ranks (all-reduced)."""
         if self.config.advantage_normalization == "local":
             return losses.normalize_advantages(advantages)
-        values = advantages.detach().to(th.float64)
-        moments = th.stack(
-            (
-                th.tensor(float(values.numel()), dtype=th.float64, device=values.device),
-                values.sum(),
-                values.square().sum(),
+        known = self._known_moments(advantages)
+        if known is None:  # not announced by minibatches(): all-reduce now
+            moments = self._all_reduce(
+                "advantage statistics all-reduce", _moments(advantages).to(self._collective_device)
             )
-        )
-        count, total, squares = self._all_reduce(
-            "advantage statistics all-reduce", moments.to(self._collective_device)
-        ).tolist()
+        else:
+            moments, work = known
+            if work is not None:
+                self._guarded("advantage statistics all-reduce", work.wait)
+            # keep only this tensor's entry (finished) and those still ahead of it
+            index = next(i for i, entry in enumerate(self._pending) if entry[0] is advantages)
+            self._pending = [(advantages, advantages._version, moments, None), *self._pending[index + 1 :]]
+        count, total, squares = moments.tolist()
         if count <= 1:
             return advantages
         mean = total / count
@@ -544,6 +594,13 @@ def _take_new(buffer: Any) -> list[Any]:
     new = list(buffer)[-min(buffer.added, len(buffer)) :]
     buffer.added = 0
     return new
+
+
+def _moments(advantages: th.Tensor) -> th.Tensor:
+    """``[count, sum, sum of squares]`` in float64."""
+    values = advantages.detach().to(th.float64)
+    count = th.tensor(float(values.numel()), dtype=th.float64, device=values.device)
+    return th.stack((count, values.sum(), values.square().sum()))
 
 
 def _running_stats(vec_normalize: Any) -> list[RunningMeanStd]:

@@ -668,7 +668,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         reference = self._reference if loss.ref_kl_coef != 0 else None
         for epoch in range(self.n_epochs):
             history.append([])
-            for batch in self.rollout_buffer.get(self.batch_size):
+            minibatches = self.rollout_buffer.get(self.batch_size)
+            for batch in self._dist.minibatches(minibatches, per_minibatch_normalization):  # several ranks: prefetch
                 actions = batch.actions.long().flatten() if discrete_actions else batch.actions
                 advantages = batch.advantages
                 if per_minibatch_normalization:

@@ -225,6 +225,7 @@ def _two_ranks_worker(rank: int, out: Path) -> dict[str, Any]:
     for fast_update in (True, False):
         result[f"train_{fast_update}"] = train_fixed(rank, fast_update)
     result["kl_stop"] = train_until_kl_stop(rank)
+    result["all_reduces"] = _count_all_reduces(rank)
 
     g = np.random.default_rng(7)
     everything = th.as_tensor(g.normal(1.0, 3.0, 64), dtype=th.float32)
@@ -241,6 +242,23 @@ def _two_ranks_worker(rank: int, out: Path) -> dict[str, Any]:
     result["learn"] = _learn(rank, out)
     result["timeout"] = _stuck_rank(rank)
     return result
+
+
+def _count_all_reduces(rank: int) -> list[int]:
+    """The sizes of the all-reduces of an update whose one minibatch per epoch is the whole rollout."""
+    model = small_model(rank)
+    model.batch_size = ROWS // WORLD
+    fill(model, fixed_data(0), rank)
+    sizes: list[int] = []
+    original = dist.all_reduce
+
+    def counting(tensor: th.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    with mock.patch.object(dist, "all_reduce", counting):
+        model.train()
+    return sizes
 
 
 def _stuck_rank(rank: int) -> dict[str, Any]:
@@ -381,6 +399,11 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path: Path) ->
             assert results[0]["logged"][key] == results[1]["logged"][key], key
             assert results[0]["logged"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
         assert results[0]["n_updates"] == results[1]["n_updates"] == single["n_updates"]
+
+    # one all-reduce per minibatch (gradients + statistics); the advantage statistics of the one minibatch of
+    # every epoch (the whole rollout) all-reduced once, not once per epoch
+    n_parameters = sum(v.size for v in initial.values())
+    assert ranks[0]["all_reduces"] == ranks[1]["all_reduces"] == [3, n_parameters + 6, n_parameters + 6]
 
     # global advantage normalisation = one process's over the whole minibatch; "local" = each rank's own
     for result in ranks:
