@@ -116,3 +116,12 @@ def test_recurrent_masked(tmp_path):
     out = run_script(EXAMPLES / "recurrent_masked.py", tmp_path, 1024).stdout
     assert "evaluation: mean return" in out
     assert out.strip().endswith("invalid actions taken: 0")  # masks applied with the LSTM: never an invalid action
+
+
+def test_distributed_train_runs_as_one_process_without_torchrun(tmp_path):
+    # the torchrun path is tested in tests/test_distributed.py (the train CLI under torchrun)
+    out = run_script(EXAMPLES / "distributed_train.py", tmp_path, 512, "--log-dir", "logs").stdout
+    assert "rank 0 of 1: 8 envs" in out
+    assert "trained 512 env steps on 1 process(es); evaluation: mean return" in out
+    assert (tmp_path / "logs" / "clipped_ppo_cartpole.zip").exists()
+    assert (tmp_path / "logs" / "evaluations.npz").exists()
