@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sb3_ppo_ext import distributed
 from sb3_ppo_ext.benchmark import plots, statistics
 from sb3_ppo_ext.benchmark.ablations import ABLATIONS
 from sb3_ppo_ext.benchmark.runner import execute, plan, zoo_budget
@@ -113,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         default = [algo for algo in ALGOS if algo not in RECURRENT_ALGOS]
         algos = args.algos or (["clipped_ppo"] if args.ablation else default)
+        if distributed.world_size() > 1:  # torchrun: every rank trains each run, in this process; rank 0 writes
+            others = [algo for algo in algos if ALGOS[algo] != ALGOS["clipped_ppo"]]
+            if others:
+                console.print(f"[red]error:[/red] under torchrun only ClippedPPO trains data-parallel, not {others}")
+                return 2
+            args.n_jobs = 1
+            if not distributed.is_main_process():
+                console, args.no_progress = Console(quiet=True), True
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         try:
             specs = plan(
@@ -138,5 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if outcome.failed:
             console.print(f"[red]{len(outcome.failed)} runs failed[/red]: {', '.join(outcome.failed)}")
+    if not distributed.is_main_process():
+        return 0
     status = report(args.out, title=title, command=command, reps=args.bootstrap_reps, console=console)
     return 1 if not args.report_only and outcome.failed else status

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sb3_ppo_ext import presets
 from sb3_ppo_ext.benchmark.ablations import ABLATION_ALGOS, ABLATIONS
 from sb3_ppo_ext.benchmark.runs import ALGOS, RunSpec, is_finished, train_and_evaluate
+from sb3_ppo_ext.errors import DistributedError
 
 # Evaluations per run when --eval-freq is not given.
 DEFAULT_EVALUATIONS = 20
@@ -154,7 +155,10 @@ def execute(
         progress.advance(runs_task)
         if error is None:
             outcome.completed.append(spec)
-            console.print(f"done   {spec.key}: final return {result['final_return']:.1f} ({result['wall_s']:.0f} s)")
+            if result:  # empty on the ranks other than 0 of a torchrun launch
+                console.print(
+                    f"done   {spec.key}: final return {result['final_return']:.1f} ({result['wall_s']:.0f} s)"
+                )
         else:
             outcome.failed[spec.key] = error
             console.print(f"[red]failed {spec.key}[/red]\n{error}")
@@ -169,6 +173,8 @@ def execute(
                         report=lambda _key, steps: progress.advance(steps_task, steps),
                         hyperparams_dir=hyperparams_dir,
                     )
+                except DistributedError:
+                    raise  # torchrun: the other ranks are gone, the next run would wait for them
                 except Exception:
                     finished(spec, None, traceback.format_exc())
                 else:

@@ -26,7 +26,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import sb3_ppo_ext
-from sb3_ppo_ext import presets
+from sb3_ppo_ext import distributed, presets
 from sb3_ppo_ext.benchmark import ablations
 from sb3_ppo_ext.checkpoints import atomic_write
 from sb3_ppo_ext.envs import is_atari, make_env
@@ -135,8 +135,10 @@ class EvalRecorder(BaseCallback):
     """Evaluates on a separate env at 0, every ``eval_freq`` env steps and at the end.
 
     Records env steps, mean/std return and wall-clock; time spent evaluating is kept apart so
-    that env-steps/s measures training alone.
+    that env-steps/s measures training alone. Under torchrun it runs on rank 0 only.
     """
+
+    rank_zero_only = True  # data-parallel runs: rank 0 evaluates, reports and checkpoints
 
     def __init__(
         self,
@@ -431,6 +433,10 @@ def train_and_evaluate(
         resumed=state,
     )
     model.learn(spec.timesteps - model.num_timesteps, callback=recorder, reset_num_timesteps=state is None)
+    if not distributed.is_main_process():  # torchrun: rank 0 evaluated and writes the result
+        env.close()
+        eval_env.close()
+        return {}
     wall_s = recorder.elapsed()
     env.close()
     eval_env.close()
