@@ -1,7 +1,9 @@
 """Throughput benchmark: ClippedPPO vs SB3's PPO at identical hyperparameters, in one run.
 
 Workloads with a ``counterpart`` compare against sb3-contrib instead: ``masked`` against MaskablePPO,
-``recurrent`` (LSTM policies) against RecurrentPPO.
+``recurrent`` (LSTM policies) against RecurrentPPO. ``distributed`` and ``distributed_halfcheetah`` compare
+ClippedPPO on 1 process against 2 processes launched by ``torchrun`` (data-parallel, 1 thread each, the same
+per-rank settings and the same total env steps): weak scaling, global env-steps/s.
 
 Each (workload, algorithm, seed) trains in a fresh subprocess so that peak RSS is measured per run;
 runs alternate A B A B to cancel slow machine drift. Results go to ``benchmarks/results/throughput.md``
@@ -49,8 +51,25 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         counterpart="recurrent_ppo",
         settings="clipped_ppo_lstm",
     ),
+    # data-parallel ClippedPPO: 1 process against 2 ranks under torchrun, the Zoo's settings per rank
+    "distributed": dict(
+        env_id="CartPole-v1",
+        timesteps=100_000,
+        eval_episodes=10,
+        counterpart="clipped_ppo",
+        candidate="clipped_ppo_2ranks",
+    ),
+    "distributed_halfcheetah": dict(
+        env_id="HalfCheetah-v5",
+        timesteps=40_960,
+        eval_episodes=3,
+        counterpart="clipped_ppo",
+        candidate="clipped_ppo_2ranks",
+    ),
 }
 COUNTERPARTS = ("ppo", "maskable_ppo", "recurrent_ppo")
+# algorithm name -> number of torchrun ranks (the others run as one plain process)
+RANKS = {"clipped_ppo_2ranks": 2}
 
 
 def _register_masked_env() -> None:
@@ -72,6 +91,12 @@ def _settings(workload: str) -> Any:
         _register_masked_env()
         return parse_zoo_block(spec["block"])
     return zoo_settings(spec.get("settings", "clipped_ppo"), spec["env_id"])
+
+
+def _pair(workload: str) -> tuple[str, str]:
+    """The baseline and the algorithm compared with it in ``workload``."""
+    spec = WORKLOADS[workload]
+    return spec.get("counterpart", "ppo"), spec.get("candidate", "clipped_ppo")
 
 
 def _make_env(workload: str, seed: int, n_envs: int | None = None, evaluation: bool = False) -> Any:
@@ -102,7 +127,8 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
 
     th.set_num_threads(threads)
     spec, settings = WORKLOADS[workload], _settings(workload)
-    cls = {"clipped_ppo": ClippedPPO, "ppo": PPO, "maskable_ppo": MaskablePPO, "recurrent_ppo": RecurrentPPO}[algo]
+    classes = {"clipped_ppo": ClippedPPO, "ppo": PPO, "maskable_ppo": MaskablePPO, "recurrent_ppo": RecurrentPPO}
+    cls = ClippedPPO if algo in RANKS else classes[algo]  # under torchrun ClippedPPO finds its ranks by itself
     if spec.get("counterpart") == "maskable_ppo":
         evaluate_policy = evaluate_masked  # noqa: N806 - both apply the env's masks when it has them
     env = _make_env(workload, seed)
@@ -125,6 +151,15 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     start, cpu_start = time.perf_counter(), time.process_time()
     model.learn(timesteps)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    ranks = getattr(model, "distributed", None)
+    if ranks is not None and ranks.enabled:  # torchrun: the CPU time of every rank; rank 0 evaluates and reports
+        import torch.distributed as dist
+
+        total = th.tensor([cpu], dtype=th.float64)
+        dist.all_reduce(total)
+        cpu = float(total)
+        if not ranks.is_main_process:
+            return {}
 
     eval_env = _make_env(workload, seed + 1000, n_envs=1, evaluation=True)
     sync_envs_normalization(model.get_env(), eval_env)  # the training statistics, frozen
@@ -136,6 +171,7 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
         timesteps=model.num_timesteps,
         wall_s=wall,
         cpu_s=cpu,
+        ranks=1 if ranks is None else ranks.world_size,
         fps=model.num_timesteps / wall,
         cpu_fps=model.num_timesteps / cpu,
         rollout_s=timers["rollout"],
@@ -187,8 +223,11 @@ def floors(workload: str, seed: int, threads: int, steps: int = 4096) -> dict[st
 
 
 def _child(args: list[str]) -> dict[str, Any]:
+    launcher = [sys.executable]
+    if args[1] in RANKS:  # data-parallel: the same child on RANKS[algo] processes
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS[args[1]]}"]
     out = subprocess.run(
-        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True, env=os.environ
+        [*launcher, __file__, "--child", *args], check=True, capture_output=True, text=True, env=os.environ
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -212,7 +251,8 @@ def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], th
     ratios = []
     for workload in dict.fromkeys(r["workload"] for r in runs):
         fps, cpu_fps = {}, {}
-        for algo in (*COUNTERPARTS, "clipped_ppo"):
+        baseline, candidate = _pair(workload)
+        for algo in (baseline, candidate):
             rs = [r for r in runs if r["workload"] == workload and r["algo"] == algo]
             if not rs:
                 continue
@@ -225,12 +265,12 @@ def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], th
                 + ", ".join(f"{r['eval_return']:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
                 + " |"
             )
-        other = next((algo for algo in COUNTERPARTS if algo in fps), None)
-        if other is not None and "clipped_ppo" in fps:
-            ratios.append((workload, fps["clipped_ppo"] / fps[other], cpu_fps["clipped_ppo"] / cpu_fps[other]))
+        if baseline in fps and candidate in fps:
+            ratios.append((workload, fps[candidate] / fps[baseline], cpu_fps[candidate] / cpu_fps[baseline]))
     lines += [
         "",
-        "| workload | ClippedPPO / counterpart env-steps/s (wall) | same, per CPU-second | env-only steps/s "
+        "| workload | ClippedPPO / counterpart (distributed: 2 ranks / 1) env-steps/s (wall) | same, per CPU-second "
+        "| env-only steps/s "
         "| env + policy forward steps/s |",
         "|---|---|---|---|---|",
     ]
@@ -258,7 +298,9 @@ def main() -> None:
         if algo == "floors":
             print(json.dumps(floors(workload, int(seed), int(threads))))
         else:
-            print(json.dumps(run_single(workload, algo, int(seed), int(timesteps), int(threads))))
+            result = run_single(workload, algo, int(seed), int(timesteps), int(threads))
+            if result:  # empty on the ranks other than 0 of a torchrun launch
+                print(json.dumps(result))
         return
 
     runs: list[dict[str, Any]] = []
@@ -268,7 +310,7 @@ def main() -> None:
         timesteps = args.timesteps or WORKLOADS[workload]["timesteps"]
         floor[workload] = _child([workload, "floors", "0", "0", str(args.threads)])
         for seed in args.seeds:
-            for algo in (WORKLOADS[workload].get("counterpart", "ppo"), "clipped_ppo"):  # A B A B ...
+            for algo in _pair(workload):  # A B A B ...
                 run = _child([workload, algo, str(seed), str(timesteps), str(args.threads)])
                 runs.append(run)
                 print(
