@@ -241,6 +241,10 @@ class SingleProcess:
         """The gradients (``.grad``) and loss statistics of a minibatch, averaged over ranks."""
         return terms
 
+    def all_gather(self, array: np.ndarray) -> np.ndarray:
+        """Every rank's ``array`` (same shape on each), side by side along the last axis, in rank order."""
+        return array
+
     def end_rollout(self, model: Any, continue_training: bool) -> bool:
         """After a rollout: whether every rank goes on; statistics merged."""
         return continue_training
@@ -418,6 +422,13 @@ class DataParallel(SingleProcess):
         statistics = flat[offset:].clone()  # not a view: the history must not keep the gradient buffer alive
         return terms._replace(**{name: statistics[i].to(getattr(terms, name).dtype) for i, name in enumerate(names)})
 
+    def all_gather(self, array: np.ndarray) -> np.ndarray:
+        """Every rank's ``array``, concatenated along the last axis in rank order (one all-gather)."""
+        tensor = th.as_tensor(np.ascontiguousarray(array)).to(self._collective_device)
+        parts = [th.empty_like(tensor) for _ in range(self.world_size)]
+        self._collective("rollout all-gather", dist.all_gather, parts, tensor)
+        return np.concatenate([part.cpu().numpy() for part in parts], axis=-1)
+
     # -- the rollout -------------------------------------------------------------------------------
 
     def end_rollout(self, model: Any, continue_training: bool) -> bool:
@@ -546,6 +557,7 @@ class DataParallel(SingleProcess):
             if vec_normalize is None
             else [rms.mean.shape for rms in _running_stats(vec_normalize)],
             "advantage_normalization": self.config.advantage_normalization,
+            "normalize_value_targets": getattr(model, "normalize_value_targets", False),
         }
         everyone: list[Any] = [None] * self.world_size
         self._collective("settings check", dist.all_gather_object, everyone, settings)

@@ -600,7 +600,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
             self._adaptive_lr.apply(self.policy.optimizer)
         if self.value_normalizer is not None:
             head = self.policy.value_net if self.popart else None
-            self.value_normalizer.update(np.asarray(self.rollout_buffer.returns), head)
+            # several ranks: the returns of all of them, so that every rank's statistics (and PopArt head) agree
+            self.value_normalizer.update(self._dist.all_gather(np.asarray(self.rollout_buffer.returns)), head)
         clip_range = self._current_clip_range(self.clip_range, "clip_range")  # type: ignore[arg-type]
         clip_range_vf = None
         if self.clip_range_vf is not None:

@@ -173,12 +173,14 @@ def parameters(model: ClippedPPO) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy().copy() for name, t in model.policy.state_dict().items()}
 
 
+# value targets normalised over the returns of every rank (PopArt rescales the value head with those statistics)
+POPART = {"normalize_value_targets": True, "popart": True}
 LOGGED = ("train/approx_kl", "train/loss", "train/value_loss", "train/policy_gradient_loss", "train/clip_fraction")
 
 
-def train_fixed(rank: int | None, fast_update: bool, iterations: int = 3) -> dict[str, Any]:
+def train_fixed(rank: int | None, fast_update: bool, iterations: int = 3, **kwargs: Any) -> dict[str, Any]:
     """``iterations`` updates on the fixed data; parameters, logged statistics and update count."""
-    model = small_model(rank, fast_update=fast_update)
+    model = small_model(rank, fast_update=fast_update, **kwargs)
     for iteration in range(iterations):
         fill(model, fixed_data(iteration), rank)
         model.train()
@@ -224,6 +226,7 @@ def _two_ranks_worker(rank: int, out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for fast_update in (True, False):
         result[f"train_{fast_update}"] = train_fixed(rank, fast_update)
+    result["train_popart"] = train_fixed(rank, False, **POPART)
     result["kl_stop"] = train_until_kl_stop(rank)
     result["all_reduces"] = _count_all_reduces(rank)
 
@@ -387,10 +390,10 @@ def _killed_rank_worker(rank: int, out: Path) -> dict[str, Any]:
 def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path: Path) -> None:
     ranks = ok(launch(_two_ranks_worker, tmp_path))
     initial = parameters(small_model(None))
-    for fast_update in (True, False):
-        single = train_fixed(None, fast_update)
+    for variant in (True, False, "popart"):
+        single = train_fixed(None, False, **POPART) if variant == "popart" else train_fixed(None, variant)
         assert any(not np.array_equal(initial[name], value) for name, value in single["parameters"].items())
-        results = [r[f"train_{fast_update}"] for r in ranks]
+        results = [r[f"train_{variant}"] for r in ranks]
         for name, value in single["parameters"].items():
             # every rank holds exactly the same parameters, those of one process up to float rounding
             np.testing.assert_array_equal(results[0]["parameters"][name], results[1]["parameters"][name])
