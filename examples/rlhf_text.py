@@ -1,6 +1,6 @@
 """RLHF in miniature: a character-level language model pretrained on fables, fine-tuned with ClippedPPO and KL.
 
-    python examples/rlhf_text.py                      # about 3 min on one CPU core
+    python examples/rlhf_text.py                      # about 6 min on one busy CPU core
     python examples/rlhf_text.py --quick              # seconds: every stage at a toy budget
     python examples/rlhf_text.py --timesteps 30000    # or EXAMPLE_TIMESTEPS=30000 (fine-tuning steps per beta)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,27 @@ def test_distributed_train_runs_as_one_process_without_torchrun(tmp_path):
     assert "trained 512 env steps on 1 process(es); evaluation: mean return" in out
     assert (tmp_path / "logs" / "clipped_ppo_cartpole.zip").exists()
     assert (tmp_path / "logs" / "evaluations.npz").exists()
+
+
+def test_rlhf_control(tmp_path):
+    # every stage at a toy budget: pretraining, preferences, reward model, the four fine-tunings, summary, plot
+    args = ("--quick", "--seeds", "0", "--n-jobs", "1", "--out", "rlhf")
+    run_script(EXAMPLES / "rlhf_control.py", tmp_path, 1024, *args)
+    out = tmp_path / "rlhf"
+    assert (out / "curves.png").exists()
+    assert "| beta=0 |" in (out / "summary.md").read_text()
+    result = json.loads((out / "raw" / "seed_0.json").read_text())
+    assert len(result["runs"]) == 4  # beta = 0, 0.1, 1 and adaptive
+    for run in result["runs"].values():
+        first, last = run["curve"][0], run["curve"][-1]
+        assert first["step"] == 0 and first["kl"] == 0  # the fine-tuning starts from the reference's weights
+        assert last["step"] >= 1024
+        assert {"learned_return", "true_return", "original_return", "kl"} <= set(last)
+
+
+def test_rlhf_text(tmp_path):
+    out = run_script(EXAMPLES / "rlhf_text.py", tmp_path, 1024, "--quick").stdout
+    assert "pretrained on" in out
+    assert "KL to the pretrained model 0.00 nats" in out  # the pretrained model against itself
+    assert "after fine-tuning, beta = 0.05" in out
+    assert "beta = 0.05 |" in out  # the closing table
