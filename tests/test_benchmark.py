@@ -339,6 +339,23 @@ def test_each_stabilizer_variant_adds_only_its_switches(variant, changed):
     assert s.normalize == zoo.normalize
 
 
+def test_rpo_variant_turns_gsde_off_and_no_sde_control_runs_only_where_the_zoo_uses_gsde():
+    pendulum = zoo_settings("clipped_ppo", "Pendulum-v1")
+    assert pendulum.model_kwargs["use_sde"]
+    rpo = ablations.apply("stabilizers", "rpo", pendulum)
+    control = ablations.apply("stabilizers", "no_sde", pendulum)
+    assert rpo.model_kwargs["use_sde"] is False and rpo.model_kwargs["rpo_alpha"] == 0.5
+    assert {k: v for k, v in rpo.model_kwargs.items() if control.model_kwargs.get(k, "unset") != v} == {
+        "rpo_alpha": 0.5
+    }
+    variants = {
+        e: {s.variant for s in plan([e], ["clipped_ppo"], [0], {e: 10}, ablation="stabilizers")}
+        for e in ("Pendulum-v1", "HalfCheetah-v5")
+    }
+    assert "no_sde" in variants["Pendulum-v1"] and "no_sde" not in variants["HalfCheetah-v5"]
+    assert variants["Pendulum-v1"] - variants["HalfCheetah-v5"] == {"no_sde"}
+
+
 def test_stabilizer_ablation_runs_every_variant(tmp_path):
     (tmp_path / "clipped_ppo.yml").write_text(TINY_YAML)
     specs = plan(["Pendulum-v1"], ["clipped_ppo"], [0], {"Pendulum-v1": 128}, ablation="stabilizers", eval_episodes=1)

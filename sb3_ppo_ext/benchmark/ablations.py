@@ -18,8 +18,11 @@ Each other variant switches exactly one of them.
 ``stabilizers``: the robotics PPOs' stabilisers (issue 14), each switched on alone on top of the Zoo's
 settings (``zoo``), on continuous-action tasks (RPO perturbs a Gaussian mean): dual clip (c = 3), RPO
 (alpha = 0.5), the KL-adaptive learning rate (target 0.01, per epoch), value-target normalisation, and
-value-target normalisation with PopArt. The asymmetric critic needs Dict observations with privileged
-keys, which none of the ablation's tasks has, so it is not a variant.
+value-target normalisation with PopArt. RPO perturbs the Gaussian mean, which gSDE does not sample
+around, so where the Zoo samples with gSDE (Pendulum-v1) the ``rpo`` variant turns gSDE off and a
+``no_sde`` control (the Zoo's settings with gSDE off, nothing else) runs beside it; on the other tasks
+``no_sde`` would repeat ``zoo`` and is not planned. The asymmetric critic needs Dict observations with
+privileged keys, which none of the ablation's tasks has, so it is not a variant.
 """
 
 from __future__ import annotations
@@ -78,6 +81,15 @@ def _no_obs_norm(settings: Settings) -> Settings:
     return _with(settings, normalize=normalize if normalize.get("norm_reward", True) else None)
 
 
+def _without_sde(settings: Settings) -> Settings:
+    return _with(settings, use_sde=False, sde_sample_freq=-1) if uses_sde(settings) else settings
+
+
+def uses_sde(settings: Settings) -> bool:
+    """Whether these settings sample actions with gSDE."""
+    return bool(settings.model_kwargs.get("use_sde", False))
+
+
 def _no_ortho_init(settings: Settings) -> Settings:
     return _with(settings, policy_kwargs={**settings.model_kwargs["policy_kwargs"], "ortho_init": False})
 
@@ -102,7 +114,8 @@ ABLATIONS: dict[str, dict[str, Variant]] = {
     "stabilizers": {
         "zoo": lambda settings: settings,
         "dual_clip": lambda settings: _with(settings, dual_clip=3.0),
-        "rpo": lambda settings: _with(settings, rpo_alpha=0.5),
+        "rpo": lambda settings: _with(_without_sde(settings), rpo_alpha=0.5),
+        "no_sde": _without_sde,
         "adaptive_lr": lambda settings: _with(settings, adaptive_lr_kl=0.01),
         "value_norm": lambda settings: _with(settings, normalize_value_targets=True),
         "popart": lambda settings: _with(settings, normalize_value_targets=True, popart=True),
@@ -116,6 +129,17 @@ ABLATION_ALGOS: dict[str, tuple[str, ...]] = {
     "details": ("clipped_ppo",),
     "stabilizers": ("clipped_ppo",),
 }
+
+
+#: Variants planned only where a predicate on the Zoo settings holds (elsewhere they repeat the reference).
+APPLIES: dict[tuple[str, str], Callable[[Settings], bool]] = {("stabilizers", "no_sde"): uses_sde}
+
+
+def applies(ablation: str | None, variant: str, settings: Settings) -> bool:
+    """Whether ``variant`` of ``ablation`` is worth running on top of ``settings``."""
+    if ablation is None:
+        return True
+    return APPLIES.get((ablation, variant), lambda _: True)(settings)
 
 
 def apply(ablation: str | None, variant: str, settings: Settings) -> Settings:

@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 eval_freq=args.eval_freq,
                 eval_episodes=args.eval_episodes,
                 device=args.device,
+                hyperparams_dir=args.hyperparams,
             )
         except ValueError as exc:
             console.print(f"[red]error:[/red] {exc}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import queue
 import traceback
@@ -16,8 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sb3_ppo_ext import presets
-from sb3_ppo_ext.benchmark.ablations import ABLATION_ALGOS, ABLATIONS
-from sb3_ppo_ext.benchmark.runs import ALGOS, RunSpec, is_finished, train_and_evaluate
+from sb3_ppo_ext.benchmark.ablations import ABLATION_ALGOS, ABLATIONS, applies
+from sb3_ppo_ext.benchmark.runs import ALGOS, RunSpec, is_finished, run_settings, train_and_evaluate
 from sb3_ppo_ext.errors import DistributedError
 
 # Evaluations per run when --eval-freq is not given.
@@ -51,8 +52,11 @@ def plan(
     eval_freq: int | None = None,
     eval_episodes: int = 10,
     device: str = "cpu",
+    hyperparams_dir: Path | None = None,
 ) -> list[RunSpec]:
     """Every (env, algorithm or ablation variant, seed) run, as specs.
+
+    Ablation variants that would repeat the reference on an env (see ``ablations.applies``) are left out.
 
     :param budgets: training env steps per env id.
     :param eval_freq: env steps between evaluations; default: the budget / 20.
@@ -66,7 +70,7 @@ def plan(
         if len(algos) != 1 or algos[0] not in ABLATION_ALGOS[ablation]:
             raise ValueError(f"--ablation {ablation} runs one algorithm out of {ABLATION_ALGOS[ablation]}")
     variants = list(ABLATIONS[ablation]) if ablation is not None else [""]
-    return [
+    specs = [
         RunSpec(
             env_id=env_id,
             algo=algo,
@@ -83,6 +87,11 @@ def plan(
         for variant in variants
         for seed in seeds
     ]
+    if ablation is None:
+        return specs
+    # The predicate sees the Zoo settings, before the variant changes them.
+    zoo = [run_settings(dataclasses.replace(spec, ablation=None), hyperparams_dir) for spec in specs]
+    return [spec for spec, settings in zip(specs, zoo, strict=True) if applies(ablation, spec.variant, settings)]
 
 
 @dataclass
