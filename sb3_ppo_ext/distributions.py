@@ -29,6 +29,16 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 MASKED_LOGIT = -1e8
 
 
+def _softmaxes(logits: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """``(p, log p)`` along the last axis.
+
+    ``p`` comes from ``softmax``, not ``log_p.exp()``: with masked logits ``log p`` holds values near -1e8, where
+    PyTorch's CPU ``exp`` leaves its vectorised path and runs about 12x slower (0.65 vs 0.055 ms for 256 x 64);
+    ``softmax`` stays fast and gives exact zeros there.
+    """
+    return F.softmax(logits, dim=-1), F.log_softmax(logits, dim=-1)
+
+
 def gumbel_max_sample(logits: th.Tensor) -> th.Tensor:
     """Draw from ``Categorical(softmax(logits))`` along the last dim as ``argmax(logits + Gumbel noise)``.
 
@@ -110,9 +120,8 @@ class ActionHead:
 
 def _categorical_kl(logits: th.Tensor, other_logits: th.Tensor) -> th.Tensor:
     """``sum_a p(a) (log p(a) - log q(a))`` over the last axis; masked-out actions (p = 0) add nothing."""
-    log_p = F.log_softmax(logits, dim=-1)
-    log_q = F.log_softmax(other_logits, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    p, log_p = _softmaxes(logits)
+    return (p * (log_p - F.log_softmax(other_logits, dim=-1))).sum(dim=-1)
 
 
 class CategoricalHead(ActionHead):
@@ -147,14 +156,13 @@ class CategoricalHead(ActionHead):
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
         """``-sum p log p``."""
-        (logits,) = params
-        log_p = F.log_softmax(logits, dim=-1)
-        return -(log_p.exp() * log_p).sum(dim=-1)
+        p, log_p = _softmaxes(params[0])
+        return -(p * log_p).sum(dim=-1)
 
     def evaluate(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> HeadEvaluation:
         """Log-probability and entropy from one log-softmax."""
         log_prob, log_p, index = self._log_prob(params[0], actions)
-        probs = log_p.exp()
+        probs = F.softmax(params[0], dim=-1)  # not log_p.exp(): see _softmaxes
         return HeadEvaluation(log_prob, -(probs * log_p).sum(dim=-1), (log_p, probs, index))
 
     closed_form_grad = True
@@ -215,7 +223,8 @@ class MultiCategoricalHead(ActionHead):
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
         """Sum of the components' entropies."""
-        return sum(-(lp.exp() * lp).sum(dim=-1) for lp in self._log_softmaxes(params[0]))  # type: ignore[return-value]
+        pairs = (_softmaxes(chunk) for chunk in th.split(params[0], self.nvec, dim=-1))
+        return sum(-(p * log_p).sum(dim=-1) for p, log_p in pairs)  # type: ignore[return-value]
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
         """SB3 ``MultiCategoricalDistribution`` on the same logits."""
@@ -275,6 +284,27 @@ class BernoulliHead(ActionHead):
         log_ratio_one = F.logsigmoid(logits) - F.logsigmoid(other_logits)
         log_ratio_zero = F.logsigmoid(-logits) - F.logsigmoid(-other_logits)
         return (p * log_ratio_one + (1 - p) * log_ratio_zero).sum(dim=-1)
+
+
+class BinaryCategoricalHead(MultiCategoricalHead):
+    """``MultiBinary(n)`` as ``n`` two-class softmaxes (two logits per bit), sb3-contrib ``MaskablePPO``'s form.
+
+    The same family of distributions as :class:`BernoulliHead` (bit ``i`` is 1 with probability
+    ``sigmoid(l1 - l0)``), but each bit's log-odds is the difference of two outputs, so the optimizer moves it
+    about twice as far per step. Actions are returned as floats, like :class:`BernoulliHead`'s.
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__(np.full(n, 2))
+        self.n = n
+
+    def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
+        """One bit per softmax pair (the more likely one when ``deterministic``), as floats."""
+        return super().sample(params, deterministic).to(params[0].dtype)
+
+
+#: ``MultiBinary`` parametrisations (the policy keyword ``multibinary_head``)
+MULTIBINARY_HEADS = {"bernoulli": BernoulliHead, "categorical": BinaryCategoricalHead}
 
 
 class DiagGaussianHead(ActionHead):
@@ -355,14 +385,25 @@ class DiagGaussianHead(ActionHead):
         return per_dim.expand_as(th.broadcast_tensors(mean, other_mean)[0]).sum(dim=-1)
 
 
-def make_action_head(action_space: spaces.Space, state_dependent_std: bool = False) -> ActionHead:
-    """Return the head for ``action_space`` (gSDE is handled by the policy with SB3's own distribution)."""
+def make_action_head(
+    action_space: spaces.Space, state_dependent_std: bool = False, multibinary_head: str = "bernoulli"
+) -> ActionHead:
+    """Return the head for ``action_space`` (gSDE is handled by the policy with SB3's own distribution).
+
+    :param multibinary_head: ``MultiBinary`` actions only: ``"bernoulli"`` (one logit per bit, SB3's ``PPO``)
+        or ``"categorical"`` (two logits per bit, sb3-contrib's ``MaskablePPO``).
+    """
+    if multibinary_head not in MULTIBINARY_HEADS:
+        raise ValueError(
+            f"multibinary_head={multibinary_head!r} is not one of {sorted(MULTIBINARY_HEADS)}: 'bernoulli' is SB3 "
+            "PPO's one logit per bit, 'categorical' MaskablePPO's two logits per bit."
+        )
     if isinstance(action_space, spaces.Discrete):
         return CategoricalHead(int(action_space.n))
     if isinstance(action_space, spaces.MultiDiscrete):
         return MultiCategoricalHead(action_space.nvec)
     if isinstance(action_space, spaces.MultiBinary):
-        return BernoulliHead(int(np.prod(action_space.shape)))
+        return MULTIBINARY_HEADS[multibinary_head](int(np.prod(action_space.shape)))
     if isinstance(action_space, spaces.Box):
         return DiagGaussianHead(int(np.prod(action_space.shape)), state_dependent_std)
     raise TypeError(f"No action head for action space {action_space!r}.")

@@ -158,6 +158,9 @@ class ActorCriticPolicy(BasePolicy):
     :param optimizer_kwargs: optimizer keyword arguments, learning rate excluded.
     :param state_dependent_std: Box actions only: the head outputs ``[B, 2 * action_dim]`` (mean and
         log_std per state, the seed's layout) instead of a state-independent ``log_std`` parameter.
+    :param multibinary_head: MultiBinary actions only: ``"bernoulli"`` (default: one logit per bit, as SB3's
+        ``PPO``) or ``"categorical"`` (two logits per bit, a two-class softmax, as sb3-contrib's ``MaskablePPO``;
+        it learned faster on the masked MultiBinary task, see docs/benchmark.md).
     :param actor_keys: Dict observations only: the keys the actor reads (an asymmetric actor-critic); ``predict``
         then needs these keys alone. None: all keys.
     :param critic_keys: Dict observations only: the keys the critic reads, e.g. privileged simulator state. None:
@@ -194,6 +197,7 @@ class ActorCriticPolicy(BasePolicy):
         onednn_matmul: bool | None = None,
         actor_keys: list[str] | None = None,
         critic_keys: list[str] | None = None,
+        multibinary_head: str = "bernoulli",
     ) -> None:
         if optimizer_kwargs is None:
             # Adam's eps=1e-5 as in the reference PPO implementations (SB3, baselines)
@@ -214,6 +218,10 @@ class ActorCriticPolicy(BasePolicy):
             raise ValueError("squash_output=True is only available with use_sde=True (as in SB3).")
         if state_dependent_std and (use_sde or not isinstance(action_space, spaces.Box)):
             raise ValueError("state_dependent_std=True needs a Box action space and use_sde=False.")
+        if multibinary_head != "bernoulli" and not isinstance(action_space, spaces.MultiBinary):
+            raise ValueError(
+                f"multibinary_head={multibinary_head!r} applies to MultiBinary actions, not {action_space}."
+            )
         if isinstance(net_arch, list) and len(net_arch) > 0 and isinstance(net_arch[0], dict):
             warnings.warn("net_arch=[dict(pi=..., vf=...)] is deprecated (as in SB3): pass the dict directly.")
             net_arch = net_arch[0]
@@ -228,6 +236,7 @@ class ActorCriticPolicy(BasePolicy):
         self.full_std = full_std
         self.use_expln = use_expln
         self.state_dependent_std = state_dependent_std
+        self.multibinary_head = multibinary_head
         self.share_features_extractor = share_features_extractor
 
         self.actor_keys = None if actor_keys is None else list(actor_keys)
@@ -309,7 +318,7 @@ class ActorCriticPolicy(BasePolicy):
                 latent_dim=latent_pi, log_std_init=self.log_std_init, latent_sde_dim=latent_pi
             )
             return
-        self.action_head = make_action_head(self.action_space, self.state_dependent_std)
+        self.action_head = make_action_head(self.action_space, self.state_dependent_std, self.multibinary_head)
         self.action_net = nn.Linear(latent_pi, self.action_head.n_outputs)
         if isinstance(self.action_head, DiagGaussianHead) and not self.state_dependent_std:
             self.log_std = nn.Parameter(th.full((self.action_head.action_dim,), float(self.log_std_init)))
@@ -360,6 +369,7 @@ class ActorCriticPolicy(BasePolicy):
                 optimizer_class=self.optimizer_class,
                 optimizer_kwargs=self.optimizer_kwargs,
                 state_dependent_std=self.state_dependent_std,
+                multibinary_head=self.multibinary_head,
                 onednn_matmul=self._onednn_matmul_arg,
                 actor_keys=self.actor_keys,
                 critic_keys=self.critic_keys,

@@ -20,7 +20,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy as SB3ActorCriti
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.backends import AutogradBackend, ClosedFormBackend
-from sb3_ppo_ext.distributions import BernoulliHead, CategoricalHead, MultiCategoricalHead
+from sb3_ppo_ext.distributions import BernoulliHead, BinaryCategoricalHead, CategoricalHead, MultiCategoricalHead
 from sb3_ppo_ext.errors import ActionMaskError, ConfigurationError
 from sb3_ppo_ext.masking import check_action_masks, mask_groups
 
@@ -85,10 +85,36 @@ def test_masked_bernoulli_matches_sb3_contrib_on_the_equivalent_two_class_logits
     th.testing.assert_close(head.entropy(params), theirs.entropy(), atol=1e-5, rtol=1e-5)
 
 
+def test_two_logit_binary_head_is_maskableppos_multibinary_distribution() -> None:
+    """multibinary_head="categorical": the same 2 n logits give sb3-contrib's MaskableBernoulliDistribution."""
+    rng = np.random.default_rng(4)
+    n = 6
+    logits = th.tensor(rng.normal(size=(64, 2 * n)), dtype=th.float32)
+    masks = th.as_tensor(_random_masks(rng, 64, [2] * n))
+    head = BinaryCategoricalHead(n)
+    params = head.mask((logits,), masks)
+    actions = head.sample(params, deterministic=False)
+    assert actions.dtype == th.float32 and set(actions.unique().tolist()) <= {0.0, 1.0}
+    theirs = MaskableBernoulliDistribution(n).proba_distribution(logits)
+    theirs.apply_masking(masks)
+    th.testing.assert_close(head.log_prob(params, actions), theirs.log_prob(actions))
+    th.testing.assert_close(head.entropy(params), theirs.entropy())
+    # bit i is 1 with probability sigmoid(l1 - l0): the Bernoulli head on the logit differences agrees
+    unmasked = (logits,)
+    bernoulli = (logits[:, 1::2] - logits[:, 0::2],)
+    th.testing.assert_close(head.log_prob(unmasked, actions), BernoulliHead(n).log_prob(bernoulli, actions))
+    th.testing.assert_close(head.entropy(unmasked), BernoulliHead(n).entropy(bernoulli))
+
+
 @pytest.mark.parametrize(
     ("head", "groups"),
-    [(CategoricalHead(5), [5]), (MultiCategoricalHead(np.array([2, 4, 3])), [2, 4, 3]), (BernoulliHead(4), [2] * 4)],
-    ids=["discrete", "multidiscrete", "multibinary"],
+    [
+        (CategoricalHead(5), [5]),
+        (MultiCategoricalHead(np.array([2, 4, 3])), [2, 4, 3]),
+        (BernoulliHead(4), [2] * 4),
+        (BinaryCategoricalHead(4), [2] * 4),
+    ],
+    ids=["discrete", "multidiscrete", "multibinary", "multibinary-two-logits"],
 )
 def test_sampled_and_deterministic_actions_are_never_masked_out(head, groups) -> None:
     rng = np.random.default_rng(3)
@@ -162,6 +188,77 @@ def test_saved_masked_model_predicts_the_same(tmp_path) -> None:
     theirs, _ = loaded.predict(obs, action_masks=masks, deterministic=True)
     np.testing.assert_array_equal(ours, theirs)
     assert masks[np.arange(16), ours].all()
+
+
+def test_two_logit_multibinary_policy_trains_masked_and_survives_save_load(tmp_path) -> None:
+    env = InvalidActionEnvMultiBinary(dims=4, n_invalid_actions=2)
+    model = ClippedPPO("MlpPolicy", env, seed=0, policy_kwargs=dict(multibinary_head="categorical"), **TINY)
+    assert model.policy.action_net.out_features == 8
+    model.learn(64)
+    actions = model.rollout_buffer.actions.reshape(32, 4).astype(int)
+    masks = model.rollout_buffer.action_masks.reshape(32, 8)
+    for bit in range(4):
+        assert masks[np.arange(32), 2 * bit + actions[:, bit]].all()
+    model.save(tmp_path / "two_logits")
+    loaded = ClippedPPO.load(tmp_path / "two_logits", device="cpu")
+    assert loaded.policy.multibinary_head == "categorical"
+    obs = np.stack([env.observation_space.sample() for _ in range(16)])
+    masks = _random_masks(np.random.default_rng(0), 16, [2] * 4)
+    ours, _ = model.predict(obs, action_masks=masks, deterministic=True)
+    theirs, _ = loaded.predict(obs, action_masks=masks, deterministic=True)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "match"),
+    [
+        (InvalidActionEnvMultiBinary(dims=4, n_invalid_actions=2), "softmax", "is not one of"),
+        (InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4), "categorical", "applies to MultiBinary"),
+    ],
+)
+def test_bad_multibinary_head_is_refused(env, value, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        ClippedPPO("MlpPolicy", env, policy_kwargs=dict(multibinary_head=value), **TINY)
+
+
+class _ImageMaskedEnv(gym.Env):
+    """A 36x36 grey image showing which of 4 actions pays; the masks rule out 2 others at random."""
+
+    observation_space = spaces.Box(0, 255, (36, 36, 1), np.uint8)
+    action_space = spaces.Discrete(4)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self._observe(), {}
+
+    def _observe(self) -> np.ndarray:
+        self.target = int(self.np_random.integers(4))
+        others = self.np_random.permutation([a for a in range(4) if a != self.target])
+        self.masks = np.ones(4, dtype=bool)
+        self.masks[others[:2]] = False
+        return np.full((36, 36, 1), 60 * self.target, dtype=np.uint8)
+
+    def step(self, action):
+        if not self.masks[int(action)]:
+            raise AssertionError(f"masked action {action} taken with masks {self.masks}")
+        reward = float(int(action) == self.target)
+        return self._observe(), reward, False, False, {}
+
+    def action_masks(self) -> np.ndarray:
+        return self.masks.copy()
+
+
+def test_masks_with_cnn_policy() -> None:
+    env = make_vec_env(_ImageMaskedEnv, n_envs=2, seed=0)
+    model = ClippedPPO("CnnPolicy", env, seed=0, **TINY)
+    model.learn(128)  # the env raises on a masked action
+    masks = model.rollout_buffer.action_masks.reshape(64, 4)
+    assert masks[np.arange(64), model.rollout_buffer.actions.reshape(64).astype(int)].all()
+    obs = env.reset()
+    action_masks = np.array(env.env_method("action_masks"))
+    for _ in range(10):
+        actions, _ = model.predict(obs, action_masks=action_masks)
+        assert action_masks[np.arange(2), actions].all()
 
 
 def test_sb3_contrib_evaluate_policy_works_with_clippedppo() -> None:
