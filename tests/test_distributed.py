@@ -420,7 +420,8 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path: Path) ->
     assert stops[0]["minibatches"] == stops[1]["minibatches"] == single["minibatches"] == [3]
     assert stops[0]["n_updates"] == stops[1]["n_updates"] == single["n_updates"] == 1
     assert stops[0]["approx_kl"] == stops[1]["approx_kl"]
-    assert stops[0]["approx_kl"] == pytest.approx(single["approx_kl"], rel=1e-5)
+    # a KL of ~4e-5 from parameters equal to ~1e-7 carries float32 rounding of ~1e-9: absolute tolerance 1e-8
+    assert stops[0]["approx_kl"] == pytest.approx(single["approx_kl"], rel=1e-5, abs=1e-8)
     assert stops[0]["approx_kl"][-1] > 1.5 * 0.01
     for name, value in single["parameters"].items():
         np.testing.assert_array_equal(stops[0]["parameters"][name], stops[1]["parameters"][name])

@@ -1,0 +1,154 @@
+"""LeanAdamStep: the fused Adam kernel called directly gives optimizer.step()'s update, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_ppo_ext import ClippedPPO
+from sb3_ppo_ext.optim import LeanAdamStep
+
+pytestmark = pytest.mark.skipif(not hasattr(th, "_fused_adam_"), reason="this torch has no fused Adam kernel")
+
+
+def _params(seed: int = 0) -> list[th.nn.Parameter]:
+    generator = th.Generator().manual_seed(seed)
+    return [th.nn.Parameter(th.randn(shape, generator=generator)) for shape in [(16, 8), (16,), (4, 16), (4,)]]
+
+
+def _clone(params: list[th.nn.Parameter]) -> list[th.nn.Parameter]:
+    return [th.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def _set_grads(params: list[th.nn.Parameter], step: int) -> None:
+    generator = th.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = th.randn(p.shape, generator=generator)
+
+
+class _CountingStep:
+    """Counts the steps that went through ``optimizer.step()`` (each one is followed by LeanAdamStep._cache)."""
+
+    def __init__(self, lean: LeanAdamStep) -> None:
+        self.calls, cache = 0, lean._cache
+
+        def counting_cache() -> None:
+            self.calls += 1
+            cache()
+
+        lean._cache = counting_cache  # type: ignore[method-assign]
+
+
+def _assert_same(reference: th.optim.Optimizer, lean: th.optim.Optimizer) -> None:
+    for p, q in zip(reference.param_groups[0]["params"], lean.param_groups[0]["params"], strict=True):
+        assert th.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert th.equal(reference.state[p][key], lean.state[q][key])
+
+
+@pytest.mark.parametrize(
+    ("optimizer_class", "kwargs"),
+    [
+        (th.optim.Adam, dict(lr=3e-4, eps=1e-5)),
+        (th.optim.Adam, dict(lr=1e-3, weight_decay=0.1, maximize=True)),
+        (th.optim.AdamW, dict(lr=1e-3, weight_decay=0.05, betas=(0.8, 0.95))),
+    ],
+    ids=["adam", "adam-l2-maximize", "adamw"],
+)
+def test_lean_step_equals_optimizer_step_bit_for_bit(optimizer_class, kwargs) -> None:
+    reference_params = _params()
+    lean_params = _clone(reference_params)
+    reference = optimizer_class(reference_params, fused=True, **kwargs)
+    lean_optimizer = optimizer_class(lean_params, fused=True, **kwargs)
+    lean = LeanAdamStep(lean_optimizer)
+    assert lean.enabled
+    full_steps = _CountingStep(lean)
+    for step in range(12):
+        for group in (*reference.param_groups, *lean_optimizer.param_groups):
+            group["lr"] = kwargs["lr"] * (1.0 - step / 12)  # a schedule changes the rate between steps
+        _set_grads(reference_params, step)
+        _set_grads(lean_params, step)
+        reference.step()
+        lean.step()
+        _assert_same(reference, lean_optimizer)
+    assert full_steps.calls == 1  # only the first step, which creates the state, went through optimizer.step()
+
+
+def test_replaced_state_and_missing_gradients_fall_back_to_the_full_step() -> None:
+    reference_params, lean_params = _params(), _params()
+    reference = th.optim.Adam(reference_params, lr=1e-3, fused=True)
+    lean_optimizer = th.optim.Adam(lean_params, lr=1e-3, fused=True)
+    lean = LeanAdamStep(lean_optimizer)
+    for step in range(3):
+        _set_grads(reference_params, step)
+        _set_grads(lean_params, step)
+        reference.step()
+        lean.step()
+    # new state tensors (a deep copy: load_state_dict may keep the given tensors), the cached ones are stale
+    lean_optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
+    full_steps = _CountingStep(lean)
+    for step in range(3, 6):
+        _set_grads(reference_params, step)
+        _set_grads(lean_params, step)
+        reference.step()
+        lean.step()
+        _assert_same(reference, lean_optimizer)
+    assert full_steps.calls == 1
+    for params in (reference_params, lean_params):  # Adam skips a parameter without gradient
+        _set_grads(params, 6)
+        params[1].grad = None
+    reference.step()
+    lean.step()
+    _assert_same(reference, lean_optimizer)
+    assert full_steps.calls == 2
+
+
+def test_a_step_replaced_on_the_instance_is_called() -> None:
+    params = _params()
+    optimizer = th.optim.Adam(params, lr=1e-3, fused=True)
+    calls = []
+    original = optimizer.step
+    optimizer.step = lambda *a, **k: (calls.append(1), original(*a, **k))[1]  # type: ignore[method-assign]
+    lean = LeanAdamStep(optimizer)
+    for step in range(3):
+        _set_grads(params, step)
+        lean.step()
+    assert len(calls) == 3
+
+
+def test_hooks_and_unsupported_options_use_optimizer_step() -> None:
+    assert not LeanAdamStep.supports(th.optim.Adam(_params(), fused=False))
+    assert not LeanAdamStep.supports(th.optim.Adam(_params(), fused=True, amsgrad=True))
+    assert not LeanAdamStep.supports(th.optim.SGD(_params(), lr=0.1))
+    params = _params()
+    optimizer = th.optim.Adam(params, lr=1e-3, fused=True)
+    seen = []
+    optimizer.register_step_post_hook(lambda *_: seen.append(1))
+    lean = LeanAdamStep(optimizer)
+    for step in range(3):
+        _set_grads(params, step)
+        lean.step()
+    assert len(seen) == 3  # every step went through optimizer.step(), hooks included
+
+
+def test_clippedppo_trains_identically_with_and_without_the_lean_step(monkeypatch) -> None:
+    final = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SB3_PPO_EXT_LEAN_ADAM", flag)
+        model = ClippedPPO(
+            "MlpPolicy",
+            make_vec_env("CartPole-v1", n_envs=2, seed=0),
+            n_steps=64,
+            batch_size=32,
+            n_epochs=3,
+            seed=0,
+            device="cpu",
+        )
+        model.learn(256)
+        assert model._lean_step.enabled == (flag == "1")
+        final[flag] = [p.detach().clone() for p in model.policy.parameters()]
+    for lean, full in zip(final["1"], final["0"], strict=True):
+        assert th.equal(lean, full)
