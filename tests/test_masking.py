@@ -275,12 +275,12 @@ def test_learns_the_invalid_action_env_as_maskableppo_does() -> None:
     for algo in (ClippedPPO, MaskablePPO):
         env = make_vec_env(InvalidActionEnvDiscrete, n_envs=4, seed=0, env_kwargs=dict(dim=12, n_invalid_actions=8))
         model = algo("MlpPolicy", env, **kwargs)
-        model.learn(6_000)
+        model.learn(12_000)  # both at 100 on seeds 0-2; at 6k both sit at 86-96, seed to seed
         eval_env = InvalidActionEnvDiscrete(dim=12, n_invalid_actions=8)
         eval_env.reset(seed=0)  # the evaluation episodes are the same for both algorithms and every run
         scores[algo.__name__], _ = evaluate_policy(model, eval_env, n_eval_episodes=5, deterministic=True)
     # an episode is 100 steps with reward 1 per correct action; chance with the masks is 1 in 4
-    assert scores["ClippedPPO"] >= 90
+    assert scores["ClippedPPO"] >= 95
     assert scores["ClippedPPO"] >= scores["MaskablePPO"] - 5
 
 
