@@ -244,6 +244,17 @@ def test_masked_actions_equal_predict_with_masks_and_are_valid(tmp_path, name):
         assert np.take_along_axis(pairs, actions.astype(np.int64)[..., None], axis=2).all()
 
 
+@pytest.mark.parametrize("masks", [False, True], ids=["unmasked", "masked"])
+def test_two_logit_multibinary_head_exports_as_predict(tmp_path, masks):
+    env_class = MaskedSpacesEnv if masks else SpacesEnv
+    model = make_model(
+        env_class(OBS_SPACES["Box"], ACTION_SPACES["MultiBinary"]),
+        policy_kwargs=dict(multibinary_head="categorical"),
+    )
+    assert model.policy.action_net.out_features == 10
+    check_parity(model, tmp_path, masks=masks)
+
+
 def test_torchscript_accepts_float_masks(tmp_path):
     model = make_model(MaskedSpacesEnv(OBS_SPACES["Box"], spaces.Discrete(4)))
     module = th.jit.load(str(to_torchscript(model, tmp_path / "policy.pt", action_masks=True)))
