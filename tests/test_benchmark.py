@@ -363,6 +363,41 @@ def test_stabilizer_ablation_runs_every_variant(tmp_path):
     assert not outcome.failed and len(outcome.completed) == len(ablations.ABLATIONS["stabilizers"])
 
 
+def test_zoo_variant_reuses_a_plain_run_with_the_same_spec_and_hyperparameters(tmp_path):
+    (tmp_path / "clipped_ppo.yml").write_text(TINY_YAML)
+    plain_out, ablation_out = tmp_path / "plain", tmp_path / "ablation"
+    plain = plan(["Pendulum-v1"], ["clipped_ppo"], [0], {"Pendulum-v1": 128}, eval_episodes=1)
+    assert not execute(plain, plain_out, show_progress=False, hyperparams_dir=tmp_path).failed
+    specs = [
+        s
+        for s in plan(
+            ["Pendulum-v1"],
+            ["clipped_ppo"],
+            [0],
+            {"Pendulum-v1": 128},
+            ablation="stabilizers",
+            eval_episodes=1,
+            hyperparams_dir=tmp_path,
+        )
+        if s.variant in ("zoo", "dual_clip")
+    ]
+    outcome = execute(specs, ablation_out, show_progress=False, hyperparams_dir=tmp_path, reuse=[plain_out])
+    assert [s.variant for s in outcome.skipped] == ["zoo"] and [s.variant for s in outcome.completed] == ["dual_clip"]
+    zoo = next(s for s in specs if s.variant == "zoo")
+    reused, original = load_result(zoo.result_path(ablation_out)), load_result(plain[0].result_path(plain_out))
+    assert reused["reused_from"] == str(plain[0].result_path(plain_out))
+    assert reused["evaluations"] == original["evaluations"] and is_finished(zoo, ablation_out)
+
+    # a plain run with other hyperparameters does not stand in
+    other = load_result(plain[0].result_path(plain_out))
+    other["hyperparameters"]["gamma"] = 0.5
+    write_json(plain[0].result_path(plain_out), other)
+    zoo.result_path(ablation_out).unlink()
+    outcome = execute([zoo], ablation_out, show_progress=False, hyperparams_dir=tmp_path, reuse=[plain_out])
+    assert [s.variant for s in outcome.completed] == ["zoo"]
+    assert "reused_from" not in load_result(zoo.result_path(ablation_out))
+
+
 def test_env_without_a_zoo_budget_asks_for_one(tmp_path):
     (tmp_path / "clipped_ppo.yml").write_text("CartPole-v1:\n  n_steps: 64\n")
     with pytest.raises(ValueError, match="--timesteps or --budget"):

@@ -131,6 +131,9 @@ ABLATION_ALGOS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Variants that train exactly the Zoo settings: a plain run of the same spec can stand in for them (``--reuse``).
+ZOO_VARIANTS: dict[str, str] = {"stabilizers": "zoo"}
+
 #: Variants planned only where a predicate on the Zoo settings holds (elsewhere they repeat the reference).
 APPLIES: dict[tuple[str, str], Callable[[Settings], bool]] = {("stabilizers", "no_sde"): uses_sde}
 

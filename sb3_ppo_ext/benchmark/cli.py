@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-freq", type=int, default=None, help="env steps between evaluations (budget/20)")
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation (default 10)")
     parser.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="run an ablation's variants")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --ablation: folder of earlier plain runs whose finished runs stand in for the variant that trains "
+        "the Zoo settings (same spec and hyperparameters); repeatable",
+    )
     parser.add_argument("--n-jobs", type=int, default=1, help="runs in parallel, one process and thread each")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results, summary.md, plots)")
     parser.add_argument("--device", default="cpu", help="torch device for training (default cpu)")
@@ -144,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_jobs=args.n_jobs,
             hyperparams_dir=args.hyperparams,
             show_progress=not args.no_progress,
+            reuse=args.reuse,
             console=console,
         )
         if outcome.failed:

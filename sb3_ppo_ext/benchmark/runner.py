@@ -18,7 +18,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sb3_ppo_ext import presets
 from sb3_ppo_ext.benchmark.ablations import ABLATION_ALGOS, ABLATIONS, applies
-from sb3_ppo_ext.benchmark.runs import ALGOS, RunSpec, is_finished, run_settings, train_and_evaluate
+from sb3_ppo_ext.benchmark.runs import (
+    ALGOS,
+    RunSpec,
+    is_finished,
+    reusable_result,
+    run_settings,
+    train_and_evaluate,
+    write_json,
+)
 from sb3_ppo_ext.errors import DistributedError
 
 # Evaluations per run when --eval-freq is not given.
@@ -129,8 +137,13 @@ def execute(
     hyperparams_dir: Path | None = None,
     show_progress: bool = True,
     console: Console | None = None,
+    reuse: Sequence[Path] = (),
 ) -> Outcome:
     """Run every spec whose result is not already in ``out``; ``n_jobs`` runs at a time.
+
+    ``reuse``: folders of earlier plain runs (``--out`` of a run without ``--ablation``). An ablation variant that
+    trains exactly the Zoo settings (``ablations.ZOO_VARIANTS``) takes a finished run with the same spec and
+    hyperparameters from there instead of training it again; its result file records ``reused_from``.
 
     Each run writes its result file as soon as it finishes and saves a checkpoint after each
     evaluation, so an interrupted call loses only the steps each run in flight made since its last
@@ -142,7 +155,17 @@ def execute(
     outcome = Outcome()
     todo = []
     for spec in specs:
-        (outcome.skipped if is_finished(spec, out) else todo).append(spec)
+        if not is_finished(spec, out):
+            reused = next(
+                (r for source in reuse if (r := reusable_result(spec, Path(source), hyperparams_dir)) is not None),
+                None,
+            )
+            if reused is None:
+                todo.append(spec)
+                continue
+            write_json(spec.result_path(out), reused)
+            console.print(f"reused {spec.key} from {reused['reused_from']}")
+        outcome.skipped.append(spec)
     if outcome.skipped:
         console.print(f"resuming: {len(outcome.skipped)} of {len(specs)} runs already finished in {out}")
     if not todo:

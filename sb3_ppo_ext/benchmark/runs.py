@@ -124,6 +124,29 @@ def is_finished(spec: RunSpec, out: Path) -> bool:
     return result is not None and result["spec"] == dataclasses.asdict(spec)
 
 
+def reusable_result(spec: RunSpec, source: Path, hyperparams_dir: Path | None = None) -> dict[str, Any] | None:
+    """A finished plain run in ``source`` that trained exactly what ``spec`` (a Zoo-settings variant) would.
+
+    The plain run must match ``spec`` in everything but the ablation fields (env, algorithm, seed, budget,
+    evaluation protocol, device) and must have trained with the same hyperparameters. Its result is returned
+    with ``spec`` as its spec and ``reused_from`` naming the file; None when there is no such run.
+    """
+    if spec.ablation is None or ablations.ZOO_VARIANTS.get(spec.ablation) != spec.variant:
+        return None
+    plain = dataclasses.replace(spec, ablation=None, variant="")
+    path = plain.result_path(source)
+    result = load_result(path)
+    if result is None or result["spec"] != dataclasses.asdict(plain):
+        return None
+    settings = run_settings(spec, hyperparams_dir)
+    expected = _jsonable(
+        {"policy": settings.policy, "n_envs": settings.n_envs, "normalize": settings.normalize, **settings.model_kwargs}
+    )
+    if result.get("hyperparameters") != expected:
+        return None
+    return {**result, "spec": dataclasses.asdict(spec), "reused_from": str(path)}
+
+
 def run_settings(spec: RunSpec, hyperparams_dir: Path | None = None) -> presets.Settings:
     """The settings this run trains with: the Zoo's for its algorithm and env, then its ablation variant."""
     path = None if hyperparams_dir is None else Path(hyperparams_dir) / presets.HYPERPARAMS_FILES[spec.algo]
