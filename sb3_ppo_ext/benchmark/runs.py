@@ -19,10 +19,9 @@ import sb3_contrib
 import stable_baselines3
 import torch
 from sb3_contrib.common.maskable.evaluation import evaluate_policy as evaluate_masked
-from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+from sb3_contrib.common.maskable.utils import is_masking_supported
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import sb3_ppo_ext
@@ -30,6 +29,7 @@ from sb3_ppo_ext import distributed, presets
 from sb3_ppo_ext.benchmark import ablations
 from sb3_ppo_ext.checkpoints import atomic_write
 from sb3_ppo_ext.envs import is_atari, make_env
+from sb3_ppo_ext.evaluation import evaluate_policy as evaluate_policy_with_states
 from sb3_ppo_ext.recurrent_policies import RecurrentActorCriticPolicy
 
 #: Benchmark algorithm name -> dotted class path (the seed's algorithm table, plus ClippedPPO).
@@ -279,42 +279,15 @@ def evaluate_returns(model: Any, env: VecEnv, n_episodes: int, deterministic: bo
 
 
 def evaluate_masked_recurrent(model: Any, env: VecEnv, n_episodes: int, deterministic: bool) -> list[float]:
-    """sb3-contrib's masked ``evaluate_policy`` (same episode split over envs, Monitor's returns), with LSTM states.
+    """Episode returns from :func:`sb3_ppo_ext.evaluation.evaluate_policy` (masks and LSTM states together).
 
-    sb3-contrib 2.9's version assigns ``predict``'s new states to ``state`` and passes ``states`` (always
-    ``None``) back in, so a recurrent policy would start from zero states at every step.
+    sb3-contrib 2.9's masked ``evaluate_policy`` assigns ``predict``'s new states to ``state`` and passes ``states``
+    (always ``None``) back in, so a recurrent policy would start from zero states at every step.
     """
-    n_envs = env.num_envs
-    targets = np.array([(n_episodes + i) // n_envs for i in range(n_envs)])
-    counts = np.zeros(n_envs, dtype=int)
-    monitored = env.env_is_wrapped(Monitor)[0]
-    current = np.zeros(n_envs)
-    returns: list[float] = []
-    observations = env.reset()
-    states = None
-    episode_starts = np.ones(n_envs, dtype=bool)
-    while (counts < targets).any():
-        actions, states = model.predict(
-            observations,
-            state=states,
-            episode_start=episode_starts,
-            deterministic=deterministic,
-            action_masks=get_action_masks(env),
-        )
-        observations, rewards, dones, infos = env.step(actions)
-        current += rewards
-        episode_starts = dones
-        for i in np.flatnonzero(dones):
-            if counts[i] < targets[i]:
-                # as in SB3: with a Monitor, only its episode ends count (Atari's life losses do not)
-                if not monitored:
-                    returns.append(float(current[i]))
-                    counts[i] += 1
-                elif "episode" in infos[i]:
-                    returns.append(float(infos[i]["episode"]["r"]))
-                    counts[i] += 1
-            current[i] = 0
-    return returns
+    returns, _ = evaluate_policy_with_states(
+        model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True, warn=False
+    )
+    return list(returns)
 
 
 def _versions() -> dict[str, str]:
