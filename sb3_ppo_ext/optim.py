@@ -139,14 +139,20 @@ class LeanAdamStep:
             return False
         if "step" in optimizer.__dict__:  # step replaced on this instance (a wrapper, a test's counter): call it
             return False
-        for group, (params, exp_avgs, _, _) in zip(optimizer.param_groups, self._groups, strict=True):
+        for group, (params, exp_avgs, exp_avg_sqs, steps) in zip(optimizer.param_groups, self._groups, strict=True):
             if len(group["params"]) != len(params) or any(
                 a is not b for a, b in zip(group["params"], params, strict=True)
             ):
                 return False
-            for param, exp_avg in zip(params, exp_avgs, strict=True):
+            for param, exp_avg, exp_avg_sq, step in zip(params, exp_avgs, exp_avg_sqs, steps, strict=True):
                 state = optimizer.state.get(param)
-                if param.grad is None or state is None or state.get("exp_avg") is not exp_avg:
+                if (
+                    param.grad is None
+                    or state is None
+                    or state.get("exp_avg") is not exp_avg
+                    or state.get("exp_avg_sq") is not exp_avg_sq
+                    or state.get("step") is not step
+                ):
                     return False
         return True
 

@@ -97,13 +97,21 @@ def test_replaced_state_and_missing_gradients_fall_back_to_the_full_step() -> No
         lean.step()
         _assert_same(reference, lean_optimizer)
     assert full_steps.calls == 1
-    for params in (reference_params, lean_params):  # Adam skips a parameter without gradient
-        _set_grads(params, 6)
-        params[1].grad = None
+    # one state entry replaced in place of the optimizer (same values, new tensor): the next step is a full one
+    lean_optimizer.state[lean_params[2]]["exp_avg_sq"] = lean_optimizer.state[lean_params[2]]["exp_avg_sq"].clone()
+    _set_grads(reference_params, 6)
+    _set_grads(lean_params, 6)
     reference.step()
     lean.step()
     _assert_same(reference, lean_optimizer)
     assert full_steps.calls == 2
+    for params in (reference_params, lean_params):  # Adam skips a parameter without gradient
+        _set_grads(params, 7)
+        params[1].grad = None
+    reference.step()
+    lean.step()
+    _assert_same(reference, lean_optimizer)
+    assert full_steps.calls == 3
 
 
 def test_a_step_replaced_on_the_instance_is_called() -> None:
