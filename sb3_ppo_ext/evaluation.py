@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -29,9 +30,10 @@ def evaluate_policy(
 ) -> tuple[float, float] | tuple[list[float], list[int]]:
     """SB3's ``evaluate_policy`` (same arguments, episode accounting and return values), plus masks and LSTM states.
 
-    The env's invalid-action masks are applied when it has ``action_masks()`` and ``use_masking`` is on (an env
-    without them is evaluated as by SB3's function), and a recurrent policy's states returned by ``predict`` are
-    passed back at the next step, reset where an episode starts. sb3-contrib 2.9's masked ``evaluate_policy``
+    The env's invalid-action masks are applied when it has ``action_masks()``, ``use_masking`` is on and the
+    model's ``predict`` takes ``action_masks`` (otherwise the env is evaluated as by SB3's function), and a
+    recurrent policy's states returned by ``predict`` are passed back at the next step, reset where an episode
+    starts. sb3-contrib 2.9's masked ``evaluate_policy``
     passes ``None`` back as the state at every step (an LSTM policy restarts from zeros each step), and SB3's
     applies no masks: for a ClippedPPO LSTM policy with masks, use this one.
 
@@ -49,7 +51,10 @@ def evaluate_policy(
             UserWarning,
             stacklevel=2,
         )
-    apply_masks = use_masking and is_masking_supported(env)
+    # masks go to models whose predict takes them (ClippedPPO, MaskablePPO), not to e.g. SB3's PPO or RecurrentPPO
+    apply_masks = (
+        use_masking and is_masking_supported(env) and "action_masks" in inspect.signature(model.predict).parameters
+    )
     n_envs = env.num_envs
     # episodes spread over the envs as evenly as possible, as SB3 does
     targets = np.array([(n_eval_episodes + i) // n_envs for i in range(n_envs)], dtype=int)

@@ -75,6 +75,17 @@ def test_use_masking_false_and_envs_without_masks_pass_no_masks() -> None:
     assert get_action_masks(make_vec_env(lambda: masked, n_envs=1)).shape == (1, 8)
 
 
+def test_a_model_whose_predict_takes_no_masks_is_evaluated_without_them() -> None:
+    from stable_baselines3 import PPO
+
+    def masked_env():
+        return InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4)
+
+    model = PPO("MlpPolicy", make_vec_env(masked_env, n_envs=1, seed=0), n_steps=32, batch_size=16, device="cpu")
+    returns, _ = evaluate_policy(model, make_vec_env(masked_env, n_envs=1, seed=1), 1, return_episode_rewards=True)
+    assert len(returns) == 1
+
+
 def test_reward_threshold_and_the_monitor_warning() -> None:
     model = ClippedPPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1, seed=0), **TINY)
     with pytest.raises(AssertionError, match="below threshold"):
