@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from sb3_contrib.common.maskable.utils import get_action_masks
+from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy as sb3_evaluate_policy
 
@@ -76,8 +77,6 @@ def test_use_masking_false_and_envs_without_masks_pass_no_masks() -> None:
 
 
 def test_a_model_whose_predict_takes_no_masks_is_evaluated_without_them() -> None:
-    from stable_baselines3 import PPO
-
     def masked_env():
         return InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4)
 
