@@ -13,7 +13,12 @@ from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_suppo
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor, is_vecenv_wrapped
 
-__all__ = ["evaluate_policy"]
+__all__ = ["evaluate_policy", "predict_takes_masks"]
+
+
+def predict_takes_masks(model: Any) -> bool:
+    """Whether ``model.predict`` takes ``action_masks`` (ClippedPPO, MaskablePPO; not SB3's PPO or RecurrentPPO)."""
+    return "action_masks" in inspect.signature(model.predict).parameters
 
 
 def evaluate_policy(
@@ -51,10 +56,7 @@ def evaluate_policy(
             UserWarning,
             stacklevel=2,
         )
-    # masks go to models whose predict takes them (ClippedPPO, MaskablePPO), not to e.g. SB3's PPO or RecurrentPPO
-    apply_masks = (
-        use_masking and is_masking_supported(env) and "action_masks" in inspect.signature(model.predict).parameters
-    )
+    apply_masks = use_masking and is_masking_supported(env) and predict_takes_masks(model)
     n_envs = env.num_envs
     # episodes spread over the envs as evenly as possible, as SB3 does
     targets = np.array([(n_eval_episodes + i) // n_envs for i in range(n_envs)], dtype=int)

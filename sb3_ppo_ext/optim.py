@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import torch as th
+from torch.optim import optimizer as optimizer_module
 
 # torch._foreach_norm (in torch since 1.13) computes every tensor's norm in one call; the public
 # get_total_norm/clip_grads_with_norm_ pair regroups the tensors by device and dtype on every call,
@@ -182,8 +183,6 @@ class LeanAdamStep:
 
 def _optimizer_hooks(optimizer: th.optim.Optimizer) -> bool:
     """Whether any step hook (this optimizer's or a global one) is registered."""
-    from torch.optim import optimizer as optimizer_module
-
     return bool(
         getattr(optimizer, "_optimizer_step_pre_hooks", None)
         or getattr(optimizer, "_optimizer_step_post_hooks", None)

@@ -97,9 +97,10 @@ def plan(
     ]
     if ablation is None:
         return specs
-    # The predicate sees the Zoo settings, before the variant changes them.
-    zoo = [run_settings(dataclasses.replace(spec, ablation=None), hyperparams_dir) for spec in specs]
-    return [spec for spec, settings in zip(specs, zoo, strict=True) if applies(ablation, spec.variant, settings)]
+    # The predicate sees the Zoo settings, before the variant changes them: one per (env, algorithm).
+    first = {(spec.env_id, spec.algo): spec for spec in reversed(specs)}
+    zoo = {key: run_settings(dataclasses.replace(spec, ablation=None), hyperparams_dir) for key, spec in first.items()}
+    return [spec for spec in specs if applies(ablation, spec.variant, zoo[spec.env_id, spec.algo])]
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import pickle
 import platform
@@ -30,6 +29,7 @@ from sb3_ppo_ext.benchmark import ablations
 from sb3_ppo_ext.checkpoints import atomic_write
 from sb3_ppo_ext.envs import is_atari, make_env
 from sb3_ppo_ext.evaluation import evaluate_policy as evaluate_policy_with_states
+from sb3_ppo_ext.evaluation import predict_takes_masks
 from sb3_ppo_ext.recurrent_policies import RecurrentActorCriticPolicy
 
 #: Benchmark algorithm name -> dotted class path (the seed's algorithm table, plus ClippedPPO).
@@ -138,13 +138,16 @@ def reusable_result(spec: RunSpec, source: Path, hyperparams_dir: Path | None = 
     result = load_result(path)
     if result is None or result["spec"] != dataclasses.asdict(plain):
         return None
-    settings = run_settings(spec, hyperparams_dir)
-    expected = _jsonable(
-        {"policy": settings.policy, "n_envs": settings.n_envs, "normalize": settings.normalize, **settings.model_kwargs}
-    )
-    if result.get("hyperparameters") != expected:
+    if result.get("hyperparameters") != recorded_hyperparameters(run_settings(spec, hyperparams_dir)):
         return None
     return {**result, "spec": dataclasses.asdict(spec), "reused_from": str(path)}
+
+
+def recorded_hyperparameters(settings: presets.Settings) -> dict[str, Any]:
+    """The settings as a result file records them (readable JSON: schedules and classes by name)."""
+    return _jsonable(
+        {"policy": settings.policy, "n_envs": settings.n_envs, "normalize": settings.normalize, **settings.model_kwargs}
+    )
 
 
 def run_settings(spec: RunSpec, hyperparams_dir: Path | None = None) -> presets.Settings:
@@ -253,11 +256,6 @@ class EvalRecorder(BaseCallback):
         self._next_eval = (self.num_timesteps // self.spec.eval_freq + 1) * self.spec.eval_freq
 
 
-def _takes_masks(model: Any) -> bool:
-    # MaskablePPO and ClippedPPO; RecurrentPPO's predict has no action_masks (it trains without masks too)
-    return "action_masks" in inspect.signature(model.predict).parameters
-
-
 def evaluate_returns(model: Any, env: VecEnv, n_episodes: int, deterministic: bool) -> list[float]:
     """Episode returns of ``model`` on ``env``, with the env's action masks where both support them.
 
@@ -265,7 +263,7 @@ def evaluate_returns(model: Any, env: VecEnv, n_episodes: int, deterministic: bo
     masked ``evaluate_policy``, except for recurrent policies, which it would run without memory (it
     drops the states ``predict`` returns), so those go through :func:`evaluate_masked_recurrent`.
     """
-    if not (is_masking_supported(env) and _takes_masks(model)):
+    if not (is_masking_supported(env) and predict_takes_masks(model)):
         returns, _ = evaluate_policy(
             model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True
         )
@@ -442,14 +440,7 @@ def train_and_evaluate(
     result = {
         "version": RESULT_VERSION,
         "spec": dataclasses.asdict(spec),
-        "hyperparameters": _jsonable(
-            {
-                "policy": settings.policy,
-                "n_envs": settings.n_envs,
-                "normalize": settings.normalize,
-                **settings.model_kwargs,
-            }
-        ),
+        "hyperparameters": recorded_hyperparameters(settings),
         "zoo_timesteps": settings.n_timesteps,
         "evaluations": history,
         "final_return": history["mean_return"][-1],
