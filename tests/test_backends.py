@@ -466,6 +466,27 @@ def test_module_hook_forces_autograd(hook: str, where: str) -> None:
         assert calls
 
 
+def test_backend_is_chosen_once_per_learn_call_and_again_at_the_next() -> None:
+    model = _tiny("MlpPolicy")
+    chosen: list[Any] = []
+    backend = model._backend
+    model._backend = lambda: (chosen.append(1), backend())[1]  # type: ignore[method-assign]
+    model.learn(96)  # three rollouts and three updates
+    assert len(chosen) == 1
+    assert isinstance(model._learn_backend(), ClosedFormBackend)
+    # a hook registered between two learn() calls: the next one chooses again, and autograd runs the hook
+    calls: list[int] = []
+    model.policy.mlp_extractor.value_net[0].register_forward_hook(lambda *a: calls.append(1))
+    model.learn(32, reset_num_timesteps=False)
+    assert len(chosen) == 2
+    assert type(model._learn_backend()) is AutogradBackend
+    assert calls
+    model.fast_update = False  # switched by hand between updates: chosen again at the next use
+    model.policy.mlp_extractor.value_net[0]._forward_hooks.clear()
+    assert type(model._learn_backend()) is AutogradBackend
+    assert len(chosen) == 3
+
+
 @pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook"])
 def test_parameter_gradient_hook_is_honoured(hook: str) -> None:
     """A hook on a parameter's gradient (here: freezing it) runs under autograd; the kernel would skip it."""

@@ -114,6 +114,44 @@ def test_replaced_state_and_missing_gradients_fall_back_to_the_full_step() -> No
     assert full_steps.calls == 3
 
 
+def test_update_steps_check_once_per_update_and_equal_optimizer_step() -> None:
+    reference_params, lean_params = _params(), _params()
+    reference = th.optim.Adam(reference_params, lr=1e-3, fused=True)
+    lean_optimizer = th.optim.Adam(lean_params, lr=1e-3, fused=True)
+    lean = LeanAdamStep(lean_optimizer)
+    full_steps = _CountingStep(lean)
+    checks = []
+    can_shortcut = lean._can_shortcut
+    lean._can_shortcut = lambda: (checks.append(1), can_shortcut())[1]  # type: ignore[method-assign]
+    step = 0
+    for update in range(3):  # three train() calls of four minibatch steps
+        lean_step = lean.update_steps()
+        for _ in range(4):
+            _set_grads(reference_params, step)
+            _set_grads(lean_params, step)
+            reference.step()
+            lean_step()
+            _assert_same(reference, lean_optimizer)
+            step += 1
+        # the first step creates the state (a check, a full step, a check); each later update checks once
+        assert full_steps.calls == 1
+        assert len(checks) == 2 + update
+    # a parameter without gradient within an update: that step goes through optimizer.step(), as Adam skips it
+    lean_step = lean.update_steps()
+    lean_step_count = full_steps.calls
+    for params in (reference_params, lean_params):
+        _set_grads(params, step)
+    reference.step()
+    lean_step()
+    for params in (reference_params, lean_params):
+        _set_grads(params, step + 1)
+        params[1].grad = None
+    reference.step()
+    lean_step()
+    _assert_same(reference, lean_optimizer)
+    assert full_steps.calls == lean_step_count + 1
+
+
 def test_a_step_replaced_on_the_instance_is_called() -> None:
     params = _params()
     optimizer = th.optim.Adam(params, lr=1e-3, fused=True)

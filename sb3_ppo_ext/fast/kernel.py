@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch as th
+import torch.nn.functional as F  # noqa: N812
 from gymnasium import spaces
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
@@ -87,7 +88,8 @@ def _tanh(z: th.Tensor) -> th.Tensor:
 
 
 def _addmm(bias: th.Tensor, x: th.Tensor, weight: th.Tensor, onednn: bool) -> th.Tensor:
-    return addmm(bias, x, weight) if onednn else th.addmm(bias, x, weight.t())
+    # F.linear is addmm(bias, x, weight.t()) in one call from Python (the transpose happens in C++)
+    return addmm(bias, x, weight) if onednn else F.linear(x, weight, bias)
 
 
 def _mm(a: th.Tensor, b: th.Tensor, onednn: bool) -> th.Tensor:
@@ -106,29 +108,48 @@ def _write_grad(param: th.Tensor, a: th.Tensor, b: th.Tensor, onednn: bool) -> N
         param.grad = _mm(a, b, onednn)
 
 
-def _forward(x: th.Tensor, layers: list[tuple[nn.Linear, str]], onednn: bool) -> list[th.Tensor]:
+class _Layer(NamedTuple):
+    """One layer of a stack: its parameters (held directly: ``Module.__getattr__`` costs on every access)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter
+    kind: str  # "tanh" | "relu"
+
+
+def _layers(sequential: nn.Sequential) -> list[_Layer]:
+    stack = _stack_layers(sequential)
+    assert stack is not None, "use MLPActorCriticKernel.supports() first"
+    return [_Layer(linear.weight, linear.bias, kind) for linear, kind in stack]
+
+
+def _write_bias_grad(bias: th.Tensor, grad: th.Tensor, onednn: bool) -> None:
+    """``bias.grad = grad.sum(0)``, into the existing ``.grad`` tensor when there is one."""
+    if bias.grad is not None and not onednn:
+        th.sum(grad, 0, out=bias.grad)
+    else:
+        bias.grad = grad.sum(0)
+
+
+def _forward(x: th.Tensor, layers: list[_Layer], onednn: bool) -> list[th.Tensor]:
     """Inputs of every layer plus the final output: ``[x, h1, ..., hL]``."""
     outs = [x]
-    for linear, kind in layers:
-        z = _addmm(linear.bias, outs[-1], linear.weight, onednn)
+    for weight, bias, kind in layers:
+        z = _addmm(bias, outs[-1], weight, onednn)
         outs.append(_tanh(z) if kind == "tanh" else th.relu_(z))
     return outs
 
 
-def _backward(grad: th.Tensor, outs: list[th.Tensor], layers: list[tuple[nn.Linear, str]], onednn: bool) -> None:
+def _backward(grad: th.Tensor, outs: list[th.Tensor], layers: list[_Layer], onednn: bool) -> None:
     """Backpropagate ``dL/dh_L`` through the stack, writing ``.grad`` of every weight and bias."""
     for i in range(len(layers) - 1, -1, -1):
-        linear, kind = layers[i]
+        weight, bias, kind = layers[i]
         h = outs[i + 1]
         # tanh' = 1 - h^2, as grad - (grad h) h: one op fewer than grad * (1 - h * h)
         grad = th.addcmul(grad, grad * h, h, value=-1.0) if kind == "tanh" else grad * (h > 0)
-        _write_grad(linear.weight, grad.t(), outs[i], onednn)
-        if linear.bias.grad is not None and not onednn:
-            th.sum(grad, 0, out=linear.bias.grad)
-        else:
-            linear.bias.grad = grad.sum(0)
+        _write_grad(weight, grad.t(), outs[i], onednn)
+        _write_bias_grad(bias, grad, onednn)
         if i > 0:
-            grad = _mm(grad, linear.weight, onednn)
+            grad = _mm(grad, weight, onednn)
 
 
 class Activations(NamedTuple):
@@ -164,10 +185,11 @@ class MLPActorCriticKernel:
 
     def __init__(self, policy: ActorCriticPolicy) -> None:
         self.policy = policy
-        pi_layers = _stack_layers(policy.mlp_extractor.policy_net)
-        vf_layers = _stack_layers(policy.mlp_extractor.value_net)
-        assert pi_layers is not None and vf_layers is not None, "use MLPActorCriticKernel.supports() first"
-        self.pi_layers, self.vf_layers = pi_layers, vf_layers
+        self.pi_layers = _layers(policy.mlp_extractor.policy_net)
+        self.vf_layers = _layers(policy.mlp_extractor.value_net)
+        # the heads: (weight, bias)
+        self.action_net = (policy.action_net.weight, policy.action_net.bias)
+        self.value_net = (policy.value_net.weight, policy.value_net.bias)
         assert policy.action_head is not None
         self.head = policy.action_head
         self.onednn = bool(getattr(policy, "onednn_matmul", False))
@@ -235,8 +257,8 @@ class MLPActorCriticKernel:
         features, vf_features = self._features(obs)
         pi_outs = _forward(features, self.pi_layers, self.onednn)
         vf_outs = _forward(vf_features, self.vf_layers, self.onednn)
-        head_out = th.addmm(policy.action_net.bias, pi_outs[-1], policy.action_net.weight.t())
-        values = th.addmm(policy.value_net.bias, vf_outs[-1], policy.value_net.weight.t())
+        head_out = F.linear(pi_outs[-1], *self.action_net)
+        values = F.linear(vf_outs[-1], *self.value_net)
         params = policy.split_head_output(head_out)
         if action_masks is not None:
             params = self.head.mask(params, policy.mask_tensor(action_masks))
@@ -268,11 +290,12 @@ class MLPActorCriticKernel:
             # the inverse of policy.split_head_output: one gradient row per head output
             grad_head = th.cat(param_grads, dim=1) if len(param_grads) > 1 else param_grads[0]
         grad_values = grads.values.unsqueeze(1)
-        _write_grad(policy.action_net.weight, grad_head.t(), pi_outs[-1], False)
-        policy.action_net.bias.grad = grad_head.sum(0)
-        _write_grad(policy.value_net.weight, grad_values.t(), vf_outs[-1], False)
-        policy.value_net.bias.grad = grad_values.sum(0)
+        (action_weight, action_bias), (value_weight, value_bias) = self.action_net, self.value_net
+        _write_grad(action_weight, grad_head.t(), pi_outs[-1], False)
+        _write_bias_grad(action_bias, grad_head, False)
+        _write_grad(value_weight, grad_values.t(), vf_outs[-1], False)
+        _write_bias_grad(value_bias, grad_values, False)
         if self.pi_layers:
-            _backward(grad_head @ policy.action_net.weight, pi_outs, self.pi_layers, self.onednn)
+            _backward(grad_head @ action_weight, pi_outs, self.pi_layers, self.onednn)
         if self.vf_layers:
-            _backward(grad_values @ policy.value_net.weight, vf_outs, self.vf_layers, self.onednn)
+            _backward(grad_values @ value_weight, vf_outs, self.vf_layers, self.onednn)
