@@ -34,6 +34,7 @@ balancing skill) and the KL to the reference per step. ``--out DIR`` writes ``ra
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -107,6 +108,7 @@ class Run:
     coef: float | str
     mode: str = "loss"
     target: float | None = None
+    alive_bonus: float = 0.0  # added to every step's reward while fine-tuning (a control for the reward mode)
 
 
 RUNS = (
@@ -114,6 +116,11 @@ RUNS = (
     Run("loss, beta=0.1", 0.1),
     Run("loss, beta=1", 1.0),
     Run("loss, adaptive (KL 1)", "adaptive", target=1.0),
+)
+# the penalty in the reward (the default mode), run with ``--runs reward``: see the module docstring
+REWARD_RUNS = (
+    Run("reward, beta=0.1", 0.1, mode="reward"),
+    Run("reward, beta=0.1, +1 alive", 0.1, mode="reward", alive_bonus=1.0),
 )
 
 
@@ -233,20 +240,45 @@ class PeriodicMetrics(BaseCallback):
         self.measure, self.every, self.next = measure, every, every
         self.history: list[dict[str, float]] = []
 
+        self.rollouts: list[dict[str, float]] = []
+
     def _on_step(self) -> bool:
         return True
 
     def _on_rollout_end(self) -> None:
+        self.rollouts.append(rollout_rewards(self.model))
         if self.num_timesteps >= self.next:
             self.next += self.every
-            self.history.append({"step": self.num_timesteps, **self.measure(), "beta": self.model.ref_kl_coef})
+            since = {key: float(np.mean([r[key] for r in self.rollouts])) for key in self.rollouts[0]}
+            self.rollouts.clear()
+            self.history.append(
+                {"step": self.num_timesteps, **self.measure(), "beta": self.model.ref_kl_coef, "rollout": since}
+            )
+
+
+def rollout_rewards(model: ClippedPPO) -> dict[str, float]:
+    """What the fine-tuning was paid in the last rollout: the rewards GAE saw (penalty included, if in them).
+
+    ``negative``: the share of steps paid less than nothing, where ending the episode sooner pays more.
+    """
+    rewards = model.rollout_buffer.rewards
+    return {
+        "reward": float(rewards.mean()),
+        "negative": float((rewards < 0).mean()),
+        "lowest": float(rewards.min()),
+        "episode_starts": float(model.rollout_buffer.episode_starts.mean()),
+    }
 
 
 def finetune(
-    run: Run, reference: ClippedPPO, reward_model: RewardModel, goal: Goal, seed: int, budget: Budget
+    run: Run, reference: ClippedPPO, reward_model: ShiftedRewardModel, goal: Goal, seed: int, budget: Budget
 ) -> list[dict[str, float]]:
     """ClippedPPO from the reference's weights on ``env reward + r(s)``, KL-penalised to the reference."""
-    env = LearnedRewardWrapper(make_vec_env(ENV_ID, n_envs=8, seed=seed + 10), reward_model, mode="add")
+    paid = reward_model
+    if run.alive_bonus:
+        paid = copy.deepcopy(reward_model)
+        paid.offset -= run.alive_bonus
+    env = LearnedRewardWrapper(make_vec_env(ENV_ID, n_envs=8, seed=seed + 10), paid, mode="add")
     model = ClippedPPO(
         "MlpPolicy",
         env,
@@ -357,7 +389,7 @@ def summarise(results: list[dict[str, Any]], out: Path, budget: Budget) -> str:
             "ClippedPPO on `env reward + r(s)` (r floored at its minimum over the reference's states and centred "
             "on them) from the reference's weights, "
             f"{budget.finetune_steps // 1000}k steps, lr 1e-3, 8 envs x 64 steps, 10 epochs, the KL penalty in the "
-            "loss.",
+            "loss or in the reward, as the row says (a row without either has none).",
             "",
             f"Each number: the last evaluation ({budget.eval_episodes} sampled episodes) unless marked peak; "
             "mean ± std over seeds. Returns are undiscounted sums over an episode of at most 500 steps: "
@@ -449,6 +481,13 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=int(os.environ.get("EXAMPLE_TIMESTEPS", 0)) or None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-jobs", type=int, default=2, help="seeds run in parallel processes")
+    parser.add_argument(
+        "--runs",
+        choices=("loss", "reward"),
+        default="loss",
+        help="loss: beta 0, 0.1, 1 and adaptive, the penalty in the loss; reward: the penalty in the reward "
+        "(beta 0.1), with and without an alive bonus of 1 per step",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write raw results, the summary and the plot here")
     parser.add_argument("--summarise", action="store_true", help="only rewrite the summary and plot from OUT/raw")
     args = parser.parse_args()
@@ -461,11 +500,12 @@ def main() -> None:
     if args.timesteps:
         budget = replace(budget, finetune_steps=args.timesteps, eval_every=max(args.timesteps // 10, 512))
 
+    runs = RUNS if args.runs == "loss" else REWARD_RUNS
     if args.n_jobs > 1 and len(args.seeds) > 1:
         with ProcessPoolExecutor(min(args.n_jobs, len(args.seeds))) as pool:
-            results = list(pool.map(run_seed, args.seeds, [budget] * len(args.seeds)))
+            results = list(pool.map(run_seed, args.seeds, [budget] * len(args.seeds), [runs] * len(args.seeds)))
     else:
-        results = [run_seed(seed, budget) for seed in args.seeds]
+        results = [run_seed(seed, budget, runs) for seed in args.seeds]
     if args.out is not None:
         (args.out / "raw").mkdir(parents=True, exist_ok=True)
         for result in results:
