@@ -140,7 +140,9 @@ class LeanAdamStep:
             zip(self.optimizer.param_groups, self._groups, strict=True)
         ):
             kernel = th._fused_adamw_ if group.get("decoupled_weight_decay", False) else th._fused_adam_
-            th._foreach_add_(steps, 1)
+            if not params:
+                continue
+            steps[0]._base.add_(1)  # every counter of the group at once: see _shared_step_counters
             beta1, beta2 = group["betas"]
             kernel(
                 params,
@@ -207,10 +209,31 @@ class LeanAdamStep:
                     params,
                     [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states],
-                    [s["step"] for s in states],
+                    _shared_step_counters(states),
                 )
             )
         self._groups, self._state = groups, self.optimizer.state
+
+
+def _shared_step_counters(states: list[dict[str, Any]]) -> list[th.Tensor]:
+    """Each state's ``step`` counter replaced by a 0-d view of one shared 1-d tensor (same values); returns them.
+
+    The fused kernel reads one counter per parameter, and ``_foreach_add_(counters, 1)`` costs about 35 us for
+    the 13 counters of a PPO policy here, against 7 us for one ``add_`` on the tensor they all view.
+    ``optimizer.step()`` and ``state_dict()`` see ordinary 0-d tensors.
+    """
+    counters = [state["step"] for state in states]
+    if not counters:
+        return counters
+    base = counters[0]._base
+    if base is not None and base.dim() == 1 and len(base) == len(counters):
+        if all(c._base is base and c.data_ptr() == base[i].data_ptr() for i, c in enumerate(counters)):
+            return counters  # already shared (cached again after a fallback step)
+    shared = th.stack([c.detach() for c in counters])
+    views = list(shared.unbind(0))
+    for state, view in zip(states, views, strict=True):
+        state["step"] = view
+    return views
 
 
 def _optimizer_hooks(optimizer: th.optim.Optimizer) -> bool:

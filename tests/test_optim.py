@@ -152,6 +152,33 @@ def test_update_steps_check_once_per_update_and_equal_optimizer_step() -> None:
     assert full_steps.calls == lean_step_count + 1
 
 
+def test_step_counters_are_shared_and_survive_a_save_and_load(tmp_path) -> None:
+    reference_params, lean_params = _params(), _params()
+    reference = th.optim.Adam(reference_params, lr=1e-3, fused=True)
+    lean_optimizer = th.optim.Adam(lean_params, lr=1e-3, fused=True)
+    lean = LeanAdamStep(lean_optimizer)
+    for step in range(3):
+        _set_grads(reference_params, step)
+        _set_grads(lean_params, step)
+        reference.step()
+        lean.step()
+    counters = [lean_optimizer.state[p]["step"] for p in lean_params]
+    assert all(c.dim() == 0 and c._base is counters[0]._base for c in counters)  # one add_ moves them all
+    _assert_same(reference, lean_optimizer)
+    th.save(lean_optimizer.state_dict(), tmp_path / "optimizer.pt")
+    restored = th.optim.Adam(lean_params, lr=1e-3, fused=True)
+    restored.load_state_dict(th.load(tmp_path / "optimizer.pt"))
+    lean = LeanAdamStep(restored)
+    for step in range(3, 6):
+        _set_grads(reference_params, step)
+        _set_grads(lean_params, step)
+        reference.step()
+        lean.step()
+        _assert_same(reference, restored)
+        # each counter is its own 0-d tensor to optimizer.step() (a fallback step moves each once)
+        assert all(restored.state[p]["step"].item() == step + 1 for p in lean_params)
+
+
 def test_a_step_replaced_on_the_instance_is_called() -> None:
     params = _params()
     optimizer = th.optim.Adam(params, lr=1e-3, fused=True)

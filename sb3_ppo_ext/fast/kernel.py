@@ -71,7 +71,6 @@ def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | No
     return layers
 
 
-_TANH_BACKWARD = th.ops.aten.tanh_backward.default
 _RELU_BACKWARD = th.ops.aten.threshold_backward.default
 
 # below this many elements torch.tanh_ (one op) beats the four ops of the sigmoid form
@@ -147,9 +146,13 @@ def _backward(grad: th.Tensor, outs: list[th.Tensor], layers: list[_Layer], oned
     for i in range(len(layers) - 1, -1, -1):
         weight, bias, kind = layers[i]
         h = outs[i + 1]
-        # autograd's own fused kernels: grad * (1 - h^2) and grad * (h > 0) each in one op (the mask product took
-        # 4x as long here); ReLU's is exact, tanh's rounds differently from the two-op form by ~1 ulp
-        grad = _TANH_BACKWARD(grad, h) if kind == "tanh" else _RELU_BACKWARD(grad, h, 0)
+        if kind == "tanh":
+            # tanh' = 1 - h^2, as grad - (grad h) h: one op fewer than grad * (1 - h * h). (autograd's fused
+            # tanh_backward is one op, but rounds differently: it would change every committed result by ~1 ulp)
+            grad = th.addcmul(grad, grad * h, h, value=-1.0)
+        else:
+            # grad * (h > 0) as autograd's fused kernel: same values, 10 instead of 42-54 us for 64 x 256 here
+            grad = _RELU_BACKWARD(grad, h, 0)
         _write_grad(weight, grad.t(), outs[i], onednn)
         _write_bias_grad(bias, grad, onednn)
         if i > 0:
