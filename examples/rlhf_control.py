@@ -121,6 +121,8 @@ RUNS = (
 REWARD_RUNS = (
     Run("reward, beta=0.1", 0.1, mode="reward"),
     Run("reward, beta=0.1, +1 alive", 0.1, mode="reward", alive_bonus=1.0),
+    Run("reward, beta=1", 1.0, mode="reward"),
+    Run("reward, adaptive (KL 1)", "adaptive", mode="reward", target=1.0),
 )
 
 
@@ -475,6 +477,22 @@ def plot(results: list[dict[str, Any]], labels: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _earlier_result(out: Path | None, seed: int, budget: Budget) -> dict[str, Any]:
+    """``OUT/raw/seed_N.json`` when it was written with this budget (its runs need not be trained again), else {}."""
+    path = None if out is None else out / "raw" / f"seed_{seed}.json"
+    if path is None or not path.exists():
+        return {}
+    result = json.loads(path.read_text())
+    if result.get("budget") not in (None, asdict(budget)):
+        return {}
+    # files from before the budget was recorded: trust the summary's budget
+    summary = path.parent.parent / "summary.json"
+    if result.get("budget") is None and summary.exists():
+        if json.loads(summary.read_text()).get("budget") != asdict(budget):
+            return {}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a toy budget: checks that every stage runs")
@@ -501,14 +519,25 @@ def main() -> None:
         budget = replace(budget, finetune_steps=args.timesteps, eval_every=max(args.timesteps // 10, 512))
 
     runs = RUNS if args.runs == "loss" else REWARD_RUNS
-    if args.n_jobs > 1 and len(args.seeds) > 1:
-        with ProcessPoolExecutor(min(args.n_jobs, len(args.seeds))) as pool:
-            results = list(pool.map(run_seed, args.seeds, [budget] * len(args.seeds), [runs] * len(args.seeds)))
+    # runs already in OUT/raw (same seed, same budget) are kept, not trained again: a run list can grow
+    earlier = {seed: _earlier_result(args.out, seed, budget) for seed in args.seeds}
+    todo = {seed: tuple(r for r in runs if r.label not in earlier[seed].get("runs", {})) for seed in args.seeds}
+    seeds = [seed for seed in args.seeds if todo[seed]]
+    if args.n_jobs > 1 and len(seeds) > 1:
+        with ProcessPoolExecutor(min(args.n_jobs, len(seeds))) as pool:
+            fresh = list(pool.map(run_seed, seeds, [budget] * len(seeds), [todo[seed] for seed in seeds]))
     else:
-        results = [run_seed(seed, budget, runs) for seed in args.seeds]
+        fresh = [run_seed(seed, budget, todo[seed]) for seed in seeds]
+    results = []
+    for seed in args.seeds:
+        result = next((r for r in fresh if r["seed"] == seed), earlier[seed])
+        if earlier[seed] and result is not earlier[seed]:
+            result = {**result, "runs": {**earlier[seed]["runs"], **result["runs"]}}
+        results.append(result)
     if args.out is not None:
         (args.out / "raw").mkdir(parents=True, exist_ok=True)
         for result in results:
+            result["budget"] = asdict(budget)
             (args.out / "raw" / f"seed_{result['seed']}.json").write_text(json.dumps(result, indent=1))
         print(summarise(results, args.out, budget))
     else:
