@@ -1,9 +1,11 @@
 """Throughput benchmark: ClippedPPO vs SB3's PPO at identical hyperparameters, in one run.
 
 Workloads with a ``counterpart`` compare against sb3-contrib instead: ``masked`` against MaskablePPO,
-``recurrent`` (LSTM policies) against RecurrentPPO. ``distributed`` and ``distributed_halfcheetah`` compare
-ClippedPPO on 1 process against 2 processes launched by ``torchrun`` (data-parallel, 1 thread each, the same
-per-rank settings and the same total env steps): weak scaling, global env-steps/s.
+``recurrent`` (LSTM policies) against RecurrentPPO; ``reference_reward`` and ``reference_loss`` (the KL
+penalty to a reference policy, in the reward or in the loss) against plain ClippedPPO. ``distributed`` and
+``distributed_halfcheetah`` compare ClippedPPO on 1 process against 2 processes launched by ``torchrun``
+(data-parallel, 1 thread each, the same per-rank settings and the same total env steps): weak scaling, global
+env-steps/s.
 
 Each (workload, algorithm, seed) trains in a fresh subprocess so that peak RSS is measured per run;
 runs alternate A B A B to cancel slow machine drift. Results go to ``benchmarks/results/throughput.md``
@@ -34,6 +36,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "cartpole": dict(env_id="CartPole-v1", timesteps=100_000, eval_episodes=10),
     "halfcheetah": dict(env_id="HalfCheetah-v5", timesteps=20_480, eval_episodes=3),
     "pong": dict(env_id="ALE/Pong-v5", timesteps=16_384, eval_episodes=1),
+    # SB3's constructor defaults (PPO("MlpPolicy", env): 1 env, n_steps 2048, batch 64, 10 epochs, lr 3e-4)
+    "cartpole_defaults": dict(env_id="CartPole-v1", timesteps=50_000, eval_episodes=10, block=dict(n_envs=1)),
+    "halfcheetah_defaults": dict(env_id="HalfCheetah-v5", timesteps=20_480, eval_episodes=3, block=dict(n_envs=1)),
     # invalid-action masking against sb3-contrib's MaskablePPO: 64 actions, 48 of them invalid at each step
     "masked": dict(
         env_id="InvalidActionEnvDiscrete-v0",
@@ -50,6 +55,22 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         eval_episodes=10,
         counterpart="recurrent_ppo",
         settings="clipped_ppo_lstm",
+    ),
+    # the KL penalty to a reference policy (issue 13) against plain ClippedPPO, both at the Zoo's CartPole settings;
+    # the reference is the model's own initial policy (fine-tuning starts from it), beta = 0.1
+    "reference_reward": dict(
+        env_id="CartPole-v1",
+        timesteps=100_000,
+        eval_episodes=10,
+        counterpart="clipped_ppo",
+        candidate="clipped_ppo_ref_reward",
+    ),
+    "reference_loss": dict(
+        env_id="CartPole-v1",
+        timesteps=100_000,
+        eval_episodes=10,
+        counterpart="clipped_ppo",
+        candidate="clipped_ppo_ref_loss",
     ),
     # data-parallel ClippedPPO: 1 process against 2 ranks under torchrun, the Zoo's settings per rank
     "distributed": dict(
@@ -68,6 +89,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     ),
 }
 COUNTERPARTS = ("ppo", "maskable_ppo", "recurrent_ppo")
+# ClippedPPO fine-tuned against a reference: algorithm name -> ref_kl_mode
+REFERENCE_MODES = {"clipped_ppo_ref_reward": "reward", "clipped_ppo_ref_loss": "loss"}
 # algorithm name -> number of torchrun ranks (the others run as one plain process)
 RANKS = {"clipped_ppo_2ranks": 2}
 
@@ -128,11 +151,26 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     th.set_num_threads(threads)
     spec, settings = WORKLOADS[workload], _settings(workload)
     classes = {"clipped_ppo": ClippedPPO, "ppo": PPO, "maskable_ppo": MaskablePPO, "recurrent_ppo": RecurrentPPO}
-    cls = ClippedPPO if algo in RANKS else classes[algo]  # under torchrun ClippedPPO finds its ranks by itself
+    # under torchrun ClippedPPO finds its ranks by itself
+    cls = ClippedPPO if algo in RANKS or algo in REFERENCE_MODES else classes[algo]
     if spec.get("counterpart") == "maskable_ppo":
         evaluate_policy = evaluate_masked  # noqa: N806 - both apply the env's masks when it has them
     env = _make_env(workload, seed)
-    model = cls(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
+    if algo in REFERENCE_MODES:
+        reference = ClippedPPO(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
+        model = cls(
+            settings.policy,
+            env,
+            seed=seed,
+            device="cpu",
+            ref_policy=reference,
+            ref_kl_coef=0.1,
+            ref_kl_mode=REFERENCE_MODES[algo],
+            **settings.model_kwargs,
+        )
+        model.policy.load_state_dict(reference.policy.state_dict())
+    else:
+        model = cls(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
 
     timers = {"rollout": 0.0, "train": 0.0}
 
@@ -269,7 +307,8 @@ def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], th
             ratios.append((workload, fps[candidate] / fps[baseline], cpu_fps[candidate] / cpu_fps[baseline]))
     lines += [
         "",
-        "| workload | ClippedPPO / counterpart (distributed: 2 ranks / 1) env-steps/s (wall) | same, per CPU-second "
+        "| workload | ClippedPPO / counterpart (distributed: 2 ranks / 1; reference: with / without) env-steps/s "
+        "(wall) | same, per CPU-second "
         "| env-only steps/s "
         "| env + policy forward steps/s |",
         "|---|---|---|---|---|",

@@ -566,8 +566,9 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         if self.policy.squash_output:
             return self.policy.unscale_action(actions)
         # an unbounded Gaussian sample must be clipped to the env's bounds; the buffer keeps the unclipped
-        # action so that its log-probability stays consistent
-        return np.clip(actions, self.action_space.low, self.action_space.high)
+        # action so that its log-probability stays consistent. np.clip's values, without its Python layers
+        # (~10 us per step at batch 1)
+        return np.minimum(np.maximum(actions, self.action_space.low), self.action_space.high)
 
     def _masks_in_use(self, env: VecEnv, rollout_buffer: RolloutBuffer) -> bool:
         """Whether this rollout applies the env's invalid-action masks (``learn(use_masking=True)``, the default)."""
