@@ -416,13 +416,51 @@ def summarise(results: list[dict[str, Any]], out: Path, budget: Budget) -> str:
             "",
             "![curves](curves.png)",
             "",
+            "The balancing skill against the drift from the reference: every evaluation after the start, by the "
+            "KL per step at that evaluation (`drift.png` plots them one by one).",
+            "",
+            *drift_rows(results, labels),
+            "",
+            "![drift](drift.png)",
+            "",
         ]
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({"budget": asdict(budget), "final": table}, indent=1))
     plot(results, labels, out / "curves.png")
+    plot_drift(results, labels, out / "drift.png")
     return md
+
+
+DRIFT_BINS = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
+
+
+def drift_rows(results: list[dict[str, Any]], labels: list[str]) -> list[str]:
+    """A markdown table: per KL bin and penalty mode, how many evaluations dropped the pole (return < 500)."""
+
+    def mode(label: str) -> str:
+        return label.split(",")[0] if label.startswith(("loss", "reward")) else "none"
+
+    modes = list(dict.fromkeys(mode(label) for label in labels))
+    bins = list(zip(DRIFT_BINS[:-1], DRIFT_BINS[1:], strict=True))
+    header = "| KL per step | " + " | ".join(f"penalty: {m}" for m in modes) + " |"
+    rows = [header, "|---|" + "---:|" * len(modes)]
+    for low, high in bins:
+        cells = []
+        for m in modes:
+            lengths = [
+                p["original_return"]
+                for r in results
+                for label in labels
+                if mode(label) == m
+                for p in r["runs"][label]["curve"][1:]
+                if low <= p["kl"] < high
+            ]
+            dropped = sum(length < 500 for length in lengths)
+            cells.append(f"{dropped} of {len(lengths)} dropped" if lengths else "")
+        rows.append(f"| {low:g} to {high:g} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def per_seed_rows(results: list[dict[str, Any]], labels: list[str]) -> list[str]:
@@ -459,7 +497,8 @@ def plot(results: list[dict[str, Any]], labels: list[str], path: Path) -> None:
         colour = colours.get(coefficient.split(" ")[0])
         for ax, (key, _) in zip(axes, METRICS, strict=True):
             values = np.array([[p[key] for p in c[:n]] for c in curves])
-            ax.plot(steps, values.mean(0), color=colour, label=label)
+            style = "--" if label.startswith("reward") else "-"  # the penalty in the reward: dashed
+            ax.plot(steps, values.mean(0), color=colour, linestyle=style, label=label)
             ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.1)
     for ax, (key, title) in zip(axes, METRICS, strict=True):
         start = np.mean([r["runs"][labels[0]]["curve"][0][key] for r in results])
@@ -491,6 +530,30 @@ def _earlier_result(out: Path | None, seed: int, budget: Budget) -> dict[str, An
         if json.loads(summary.read_text()).get("budget") != asdict(budget):
             return {}
     return result
+
+
+def plot_drift(results: list[dict[str, Any]], labels: list[str], path: Path) -> None:
+    """Every evaluation of every run: its KL to the reference against its episode length (the balancing skill)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in labels:
+        points = [(p["kl"], p["original_return"]) for r in results for p in r["runs"][label]["curve"][1:]]
+        kl, length = np.array(points).T
+        marker = "x" if label.startswith("reward") else "o"
+        ax.scatter(np.maximum(kl, 1e-3), length, marker=marker, alpha=0.6, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(pi || pi_ref) per step at the evaluation (nats)")
+    ax.set_ylabel("original return (500 = balances)")
+    ax.set_title("Does the pole drop with the drift from the reference, whatever the mode?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
