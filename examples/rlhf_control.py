@@ -1,6 +1,7 @@
 """RLHF on a control task: fine-tune a pretrained CartPole policy on a reward learned from preferences, KL-penalised.
 
-    python examples/rlhf_control.py --out results/          # 3 seeds x 4 fine-tunings: 15 min on 2 busy cores
+    python examples/rlhf_control.py --out results/          # 3 seeds x 4 fine-tunings: 25 min on 2 busy cores
+    python examples/rlhf_control.py --runs all --out results/   # and the penalty in the reward: 8 fine-tunings
     python examples/rlhf_control.py --quick                 # seconds: every stage at a toy budget
     python examples/rlhf_control.py --timesteps 50000 --seeds 0   # or EXAMPLE_TIMESTEPS=50000
 
@@ -25,7 +26,7 @@ The seed's RLHF setting (section 7), with a cart instead of a language model:
    the pole drops lets the policy avoid by dropping it (prototypes of this script with the penalty in the
    reward, at beta 0.03 and 0.1, lost the balancing skill late in training).
 
-Each evaluation (8 sampled episodes, every 10k steps) records the learned-reward return (what the fine-tuning
+Each evaluation (8 sampled episodes, every 15k steps) records the learned-reward return (what the fine-tuning
 maximises, without the penalty), the true return, the original task's return (the episode length: the
 balancing skill) and the KL to the reference per step. ``--out DIR`` writes ``raw/seed_*.json``,
 ``summary.json``, ``summary.md`` and ``curves.png``.
@@ -131,8 +132,8 @@ class Budget:
     """Sizes of every stage (the full run's defaults; ``--quick`` shrinks them)."""
 
     pretrain_steps: int = 50_000
-    finetune_steps: int = 100_000
-    eval_every: int = 10_000
+    finetune_steps: int = 150_000
+    eval_every: int = 15_000
     eval_episodes: int = 8
     preference_steps: int = 1_000
     pairs: int = 300
@@ -564,10 +565,10 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=2, help="seeds run in parallel processes")
     parser.add_argument(
         "--runs",
-        choices=("loss", "reward"),
+        choices=("loss", "reward", "all"),
         default="loss",
         help="loss: beta 0, 0.1, 1 and adaptive, the penalty in the loss; reward: the penalty in the reward "
-        "(beta 0.1), with and without an alive bonus of 1 per step",
+        "(beta 0.1 with and without an alive bonus of 1 per step, beta 1, adaptive); all: both",
     )
     parser.add_argument("--out", type=Path, default=None, help="write raw results, the summary and the plot here")
     parser.add_argument("--summarise", action="store_true", help="only rewrite the summary and plot from OUT/raw")
@@ -581,7 +582,7 @@ def main() -> None:
     if args.timesteps:
         budget = replace(budget, finetune_steps=args.timesteps, eval_every=max(args.timesteps // 10, 512))
 
-    runs = RUNS if args.runs == "loss" else REWARD_RUNS
+    runs = {"loss": RUNS, "reward": REWARD_RUNS, "all": RUNS + REWARD_RUNS}[args.runs]
     # runs already in OUT/raw (same seed, same budget) are kept, not trained again: a run list can grow
     earlier = {seed: _earlier_result(args.out, seed, budget) for seed in args.seeds}
     todo = {seed: tuple(r for r in runs if r.label not in earlier[seed].get("runs", {})) for seed in args.seeds}

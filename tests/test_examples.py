@@ -142,6 +142,16 @@ def test_rlhf_control(tmp_path):
         assert first["step"] == 0 and first["kl"] == 0  # the fine-tuning starts from the reference's weights
         assert last["step"] >= 1024
         assert {"learned_return", "true_return", "original_return", "kl"} <= set(last)
+    # the penalty in the reward: its runs are added to the same results, the four above kept as they are
+    run_script(EXAMPLES / "rlhf_control.py", tmp_path, 1024, *args, "--runs", "reward")
+    merged = json.loads((out / "raw" / "seed_0.json").read_text())
+    assert len(merged["runs"]) == 8
+    assert all(merged["runs"][label] == run for label, run in result["runs"].items())
+    assert merged["runs"]["reward, beta=0.1"]["config"]["mode"] == "reward"
+    summary = (out / "summary.md").read_text()
+    assert "| reward, beta=1 |" in summary
+    assert "| KL per step | penalty: none | penalty: loss | penalty: reward |" in summary
+    assert (out / "drift.png").exists()
 
 
 def test_rlhf_text(tmp_path):
