@@ -93,13 +93,22 @@ class ClosedFormBackend:
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Closed-form gradients when every active loss term has one, else this step goes through autograd."""
-        if not loss.has_closed_form or batch.sequences is not None or batch.reference is not None:
+        reference = batch.reference
+        if not loss.has_closed_form or batch.sequences is not None or not self._closed_form_reference(reference):
             return self.autograd.loss_and_grad(loss, batch)
         with th.no_grad():
-            evaluation, activations = self.kernel.evaluate(batch.observations, batch.actions, batch.action_masks)
+            evaluation, activations = self.kernel.evaluate(
+                batch.observations, batch.actions, batch.action_masks, None if reference is None else reference.params
+            )
             terms, grads = loss.with_gradients(evaluation, batch)
             self.kernel.backward(activations, grads)
         return terms
+
+    def _closed_form_reference(self, reference: Any) -> bool:
+        """No reference-KL term, or one whose gradient the head gives in closed form (the reference has a head)."""
+        if reference is None:
+            return True
+        return reference.params is not None and self.kernel.head.closed_form_kl_grad
 
 
 def select_backend(policy: Any, fast_update: bool) -> Backend:

@@ -117,6 +117,18 @@ class ActionHead:
         """``KL(pi_params || pi_other)`` in closed form, shape ``[B]`` (the reference-KL term's divergence)."""
         raise NotImplementedError(f"{type(self).__name__} has no closed-form KL")
 
+    #: whether :meth:`kl_grads` is implemented
+    closed_form_kl_grad: bool = False
+
+    def kl_grads(
+        self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...], grad_kl: th.Tensor
+    ) -> tuple[th.Tensor, ...]:
+        """``dL/d params`` through ``KL(pi_params || pi_other)`` per sample, given ``dL/dKL`` (``[B]``).
+
+        Same shapes as :meth:`param_grads`; ``other`` (the reference's parameters) gets no gradient.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form KL gradient; use autograd")
+
 
 def _categorical_kl(logits: th.Tensor, other_logits: th.Tensor) -> th.Tensor:
     """``sum_a p(a) (log p(a) - log q(a))`` over the last axis; masked-out actions (p = 0) add nothing."""
@@ -189,6 +201,17 @@ class CategoricalHead(ActionHead):
     def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
         """``sum_a p(a) (log p(a) - log q(a))``."""
         return _categorical_kl(params[0], other[0])
+
+    closed_form_kl_grad = True
+
+    def kl_grads(
+        self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...], grad_kl: th.Tensor
+    ) -> tuple[th.Tensor, ...]:
+        """``dKL / d logit_j = p_j (log p_j - log q_j - KL)``; a masked-out action (p = 0) gets none."""
+        p, log_p = _softmaxes(params[0])
+        log_ratio = log_p - F.log_softmax(other[0], dim=-1)
+        kl = (p * log_ratio).sum(dim=-1, keepdim=True)
+        return (p * (log_ratio - kl) * grad_kl.unsqueeze(1),)
 
 
 class MultiCategoricalHead(ActionHead):
@@ -383,6 +406,19 @@ class DiagGaussianHead(ActionHead):
         scaled_gap = (mean - other_mean) * th.exp(-other_log_std)
         per_dim = other_log_std - log_std + 0.5 * (variance_ratio + scaled_gap * scaled_gap) - 0.5
         return per_dim.expand_as(th.broadcast_tensors(mean, other_mean)[0]).sum(dim=-1)
+
+    closed_form_kl_grad = True
+
+    def kl_grads(
+        self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...], grad_kl: th.Tensor
+    ) -> tuple[th.Tensor, ...]:
+        """``dKL / d mean = (m_p - m_q) / s_q^2``, ``dKL / d log_std = s_p^2 / s_q^2 - 1`` (per sample and dim)."""
+        mean, log_std = params
+        other_mean, other_log_std = other
+        grad_kl = grad_kl.unsqueeze(1)
+        grad_mean = (mean - other_mean) * th.exp(-2 * other_log_std) * grad_kl
+        grad_log_std = (th.exp(2 * (log_std - other_log_std)) - 1.0) * grad_kl
+        return grad_mean, grad_log_std.expand_as(grad_mean)
 
 
 def make_action_head(

@@ -67,11 +67,12 @@ class PolicyEvaluation(NamedTuple):
 
 
 class OutputGradients(NamedTuple):
-    """``dL/dV``, ``dL/dlog_prob`` (each ``[B]``) and ``dL/dH`` (``[B]``; None when no term uses H)."""
+    """``dL/dV``, ``dL/dlog_prob`` (each ``[B]``), ``dL/dH`` and ``dL/dKL_ref`` (``[B]``; None when no term uses it)."""
 
     values: th.Tensor
     log_prob: th.Tensor
     entropy: th.Tensor | None
+    ref_kl: th.Tensor | None = None
 
 
 class LossTerms(NamedTuple):
@@ -142,6 +143,11 @@ def clipped_surrogate_grad(
 def reference_kl_loss(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
     """``beta * E[KL(pi_theta(.|s) || pi_ref(.|s))]``: keeps the fine-tuned policy near the reference."""
     return ref_kl_coef * ref_kl.mean()
+
+
+def reference_kl_loss_grad(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
+    """``d reference_kl_loss / d KL_i`` per sample: ``beta / n`` (the head turns it into parameter gradients)."""
+    return th.full_like(ref_kl, ref_kl_coef / ref_kl.shape[0])
 
 
 def sampled_kl(log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
@@ -274,9 +280,12 @@ class PPOLoss:
 
     @property
     def has_closed_form(self) -> bool:
-        """True when every active term has a closed-form derivative in :meth:`_output_gradients`."""
-        # the reference-KL term differentiates through the head's parameters, not (V, log pi, H)
-        return self.ref_kl_coef == 0
+        """True when every active term has a closed-form derivative in :meth:`_output_gradients`.
+
+        The reference-KL term's is ``dL/dKL_i``; the head's :meth:`~sb3_ppo_ext.distributions.ActionHead.kl_grads`
+        carries it to the head's parameters (heads without it send such updates through autograd).
+        """
+        return True
 
     def __call__(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> LossTerms:
         """The loss terms of one minibatch; ``loss`` keeps the autograd graph of ``evaluation``."""
@@ -333,4 +342,7 @@ class PPOLoss:
                 grad_log_prob = grad_log_prob + self.ent_coef / grad_log_prob.shape[0]
             else:
                 grad_entropy = entropy_loss_grad(evaluation.entropy, self.ent_coef)
-        return OutputGradients(grad_values, grad_log_prob, grad_entropy)
+        grad_ref_kl = None
+        if evaluation.ref_kl is not None and self.ref_kl_coef != 0:
+            grad_ref_kl = reference_kl_loss_grad(evaluation.ref_kl, self.ref_kl_coef)
+        return OutputGradients(grad_values, grad_log_prob, grad_entropy, grad_ref_kl)

@@ -254,6 +254,71 @@ def test_train_is_the_same_with_both_backends(env_id: str, kwargs: dict[str, Any
         assert not th.equal(param, initial[name]), f"{name} did not move"
 
 
+@pytest.mark.parametrize(
+    ("env_id", "policy_kwargs"),
+    [("CartPole-v1", {}), ("Pendulum-v1", {}), ("Pendulum-v1", dict(state_dependent_std=True))],
+)
+def test_reference_kl_in_the_loss_keeps_the_closed_form_and_trains_as_autograd(
+    env_id: str, policy_kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = dict(n_steps=64, batch_size=32, n_epochs=2, learning_rate=1e-3, device="cpu")
+    reference = ClippedPPO("MlpPolicy", env_id, seed=9, policy_kwargs=policy_kwargs, **settings)
+    with th.no_grad():  # a reference far from the fresh policy: its head is not the near-uniform 0.01-gain one
+        reference.policy.action_net.weight.normal_(0.0, 1.0, generator=th.Generator().manual_seed(0))
+        if hasattr(reference.policy, "log_std"):
+            reference.policy.log_std.fill_(-1.0)
+    model = ClippedPPO(
+        "MlpPolicy", env_id, seed=5, ent_coef=0.01, ref_policy=reference, ref_kl_coef=0.5, ref_kl_mode="loss",
+        policy_kwargs=policy_kwargs, **settings,
+    )  # fmt: skip
+    _collect(model)
+    policy_state = copy.deepcopy(model.policy.state_dict())
+    optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
+    fallbacks: list[int] = []
+    backend = model._learn_backend()
+    assert isinstance(backend, ClosedFormBackend)
+    autograd_step = backend.autograd.loss_and_grad
+    monkeypatch.setattr(backend.autograd, "loss_and_grad", lambda *a: (fallbacks.append(1), autograd_step(*a))[1])
+    fast_logs, fast_params = _train(model, fast_update=True)
+    assert not fallbacks  # the KL term's gradient came from the head, not from autograd
+    model.policy.load_state_dict(policy_state)
+    model.policy.optimizer.load_state_dict(optimizer_state)
+    slow_logs, slow_params = _train(model, fast_update=False)
+
+    assert fast_logs["train/ref_kl"] > 0.01
+    for key, value in slow_logs.items():
+        assert fast_logs[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for name, param in slow_params.items():
+        np.testing.assert_allclose(fast_params[name].numpy(), param.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("head", ["categorical", "gaussian"])
+def test_head_kl_gradient_equals_autograd(head: str) -> None:
+    from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead
+
+    generator = th.Generator().manual_seed(3)
+    if head == "categorical":
+        action_head: Any = CategoricalHead(5)
+        mine = (th.randn(6, 5, generator=generator, dtype=th.float64).requires_grad_(),)
+        theirs = (th.randn(6, 5, generator=generator, dtype=th.float64),)
+        mine[0].data[0, 1] = -1e8  # a masked-out action, in both
+        theirs[0][0, 1] = -1e8
+    else:
+        action_head = DiagGaussianHead(3)
+        mine = (
+            th.randn(6, 3, generator=generator, dtype=th.float64).requires_grad_(),
+            th.randn(3, generator=generator, dtype=th.float64).mul(0.3).requires_grad_(),
+        )
+        theirs = (th.randn(6, 3, generator=generator, dtype=th.float64), th.randn(3, generator=generator).double())
+    weights = th.rand(6, generator=generator, dtype=th.float64)
+    (action_head.kl(mine, theirs) * weights).sum().backward()
+    closed = action_head.kl_grads(tuple(p.detach() for p in mine), theirs, weights)
+    for by_hand, param in zip(closed, mine, strict=True):
+        expected = param.grad
+        got = by_hand if by_hand.shape == expected.shape else by_hand.sum(0)  # a shared log_std sums over samples
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
+
+
 # -- a loss without closed form falls back to autograd --------------------------------------------------------
 
 

@@ -78,7 +78,11 @@ def test_the_loss_adds_beta_times_the_mean_kl() -> None:
     with_term = PPOLoss(0.2, ref_kl_coef=0.7)(evaluation, batch)
     assert with_term.loss.item() == pytest.approx(without.loss.item() + 0.7 * evaluation.ref_kl.mean().item())
     assert with_term.ref_kl.item() == pytest.approx(evaluation.ref_kl.mean().item())
-    assert not PPOLoss(0.2, ref_kl_coef=0.7).has_closed_form and PPOLoss(0.2).has_closed_form
+    # its derivative with respect to each sample's KL: beta / n (the head carries it to its parameters)
+    terms, grads = PPOLoss(0.2, ref_kl_coef=0.7).with_gradients(evaluation, batch)
+    assert terms.loss.item() == pytest.approx(with_term.loss.item())
+    assert th.allclose(grads.ref_kl, th.full((8,), 0.7 / 8))
+    assert PPOLoss(0.2, ref_kl_coef=0.0).with_gradients(evaluation, batch)[1].ref_kl is None
 
 
 # -- the controller ------------------------------------------------------------------------------------------------

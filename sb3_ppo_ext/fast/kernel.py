@@ -166,6 +166,7 @@ class Activations(NamedTuple):
     vf_outs: list[th.Tensor]
     head_params: tuple[th.Tensor, ...]
     head_evaluation: HeadEvaluation
+    reference_params: tuple[th.Tensor, ...] | None = None  # the reference's head parameters (the KL term)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -278,18 +279,33 @@ class MLPActorCriticKernel:
         log_prob = self.head.log_prob(params, actions)
         return actions.reshape((-1, *self.policy.action_space.shape)), values, log_prob
 
-    def evaluate(self, obs: Any, actions: th.Tensor, action_masks: Any = None) -> tuple[PolicyEvaluation, Activations]:
-        """``policy.evaluate_actions`` (values flattened) and the activations :meth:`backward` needs."""
+    def evaluate(
+        self,
+        obs: Any,
+        actions: th.Tensor,
+        action_masks: Any = None,
+        reference_params: tuple[th.Tensor, ...] | None = None,
+    ) -> tuple[PolicyEvaluation, Activations]:
+        """``policy.evaluate_actions`` (values flattened) and the activations :meth:`backward` needs.
+
+        :param reference_params: the reference policy's head parameters on the same observations: the evaluation
+            then carries ``KL(pi || pi_ref)`` per sample (the reference-KL term, ``ref_kl_mode="loss"``).
+        """
         pi_outs, vf_outs, params, values = self._forward(obs, action_masks)
         head_evaluation = self.head.evaluate(params, actions)
-        evaluation = PolicyEvaluation(values.squeeze(1), head_evaluation.log_prob, head_evaluation.entropy)
-        return evaluation, Activations(pi_outs, vf_outs, params, head_evaluation)
+        ref_kl = None if reference_params is None else self.head.kl(params, reference_params)
+        evaluation = PolicyEvaluation(values.squeeze(1), head_evaluation.log_prob, head_evaluation.entropy, ref_kl)
+        return evaluation, Activations(pi_outs, vf_outs, params, head_evaluation, reference_params)
 
     def backward(self, activations: Activations, grads: OutputGradients) -> None:
         """Set ``.grad`` of every policy parameter from ``dL/d(V, log pi, H)`` (chain rule, by hand)."""
         policy = self.policy
-        pi_outs, vf_outs, params, head_evaluation = activations
+        pi_outs, vf_outs, params, head_evaluation, reference_params = activations
         param_grads = self.head.param_grads(params, head_evaluation, grads.log_prob, grads.entropy)
+        if grads.ref_kl is not None:
+            assert reference_params is not None, "evaluate() without reference_params has no KL term"
+            kl_grads = self.head.kl_grads(params, reference_params, grads.ref_kl)
+            param_grads = tuple(g + k for g, k in zip(param_grads, kl_grads, strict=True))
         if isinstance(self.head, DiagGaussianHead) and not self.head.state_dependent_std:
             grad_head, (grad_log_std,) = param_grads[0], param_grads[1:]
             policy.log_std.grad = grad_log_std.sum(0)
