@@ -58,20 +58,16 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     ),
     # the KL penalty to a reference policy (issue 13) against plain ClippedPPO, both at the Zoo's CartPole settings;
     # the reference is the model's own initial policy (fine-tuning starts from it), beta = 0.1
-    "reference_reward": dict(
-        env_id="CartPole-v1",
-        timesteps=100_000,
-        eval_episodes=10,
-        counterpart="clipped_ppo",
-        candidate="clipped_ppo_ref_reward",
-    ),
-    "reference_loss": dict(
-        env_id="CartPole-v1",
-        timesteps=100_000,
-        eval_episodes=10,
-        counterpart="clipped_ppo",
-        candidate="clipped_ppo_ref_loss",
-    ),
+    **{
+        f"reference_{mode}": dict(
+            env_id="CartPole-v1",
+            timesteps=100_000,
+            eval_episodes=10,
+            counterpart="clipped_ppo",
+            candidate=f"clipped_ppo_ref_{mode}",
+        )
+        for mode in ("reward", "loss")
+    },
     # data-parallel ClippedPPO: 1 process against 2 ranks under torchrun, the Zoo's settings per rank
     "distributed": dict(
         env_id="CartPole-v1",

@@ -78,15 +78,7 @@ def test_lean_step_equals_optimizer_step_bit_for_bit(optimizer_class, kwargs) ->
 
 
 def test_replaced_state_and_missing_gradients_fall_back_to_the_full_step() -> None:
-    reference_params, lean_params = _params(), _params()
-    reference = th.optim.Adam(reference_params, lr=1e-3, fused=True)
-    lean_optimizer = th.optim.Adam(lean_params, lr=1e-3, fused=True)
-    lean = LeanAdamStep(lean_optimizer)
-    for step in range(3):
-        _set_grads(reference_params, step)
-        _set_grads(lean_params, step)
-        reference.step()
-        lean.step()
+    reference_params, lean_params, reference, lean_optimizer, lean = _adam_pair()
     # new state tensors (a deep copy: load_state_dict may keep the given tensors), the cached ones are stale
     lean_optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
     full_steps = _CountingStep(lean)
@@ -152,7 +144,8 @@ def test_update_steps_check_once_per_update_and_equal_optimizer_step() -> None:
     assert full_steps.calls == lean_step_count + 1
 
 
-def test_step_counters_are_shared_and_survive_a_save_and_load(tmp_path) -> None:
+def _adam_pair() -> tuple[list[th.nn.Parameter], list[th.nn.Parameter], th.optim.Adam, th.optim.Adam, LeanAdamStep]:
+    """Two identical parameter sets with their Adams, the second stepped by LeanAdamStep, after 3 steps each."""
     reference_params, lean_params = _params(), _params()
     reference = th.optim.Adam(reference_params, lr=1e-3, fused=True)
     lean_optimizer = th.optim.Adam(lean_params, lr=1e-3, fused=True)
@@ -162,6 +155,11 @@ def test_step_counters_are_shared_and_survive_a_save_and_load(tmp_path) -> None:
         _set_grads(lean_params, step)
         reference.step()
         lean.step()
+    return reference_params, lean_params, reference, lean_optimizer, lean
+
+
+def test_step_counters_are_shared_and_survive_a_save_and_load(tmp_path) -> None:
+    reference_params, lean_params, reference, lean_optimizer, lean = _adam_pair()
     counters = [lean_optimizer.state[p]["step"] for p in lean_params]
     assert all(c.dim() == 0 and c._base is counters[0]._base for c in counters)  # one add_ moves them all
     _assert_same(reference, lean_optimizer)
