@@ -672,6 +672,7 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         # the reference's view of each minibatch, for the loss's KL term (only when it weighs something, so that
         # beta = 0 trains exactly as without a reference)
         reference = self._reference if loss.ref_kl_coef != 0 else None
+        reference_memo: tuple[Any, Any] | None = None
         optimizer_step = self._optimizer_step()
         for epoch in range(self.n_epochs):
             history.append([])
@@ -697,8 +698,12 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
                     getattr(batch, "sequences", None),
                 )
                 if reference is not None:
-                    targets = reference.targets(inputs.observations, actions, inputs.action_masks)
-                    inputs = inputs._replace(reference=targets)
+                    if reference_memo is None or reference_memo[0] is not batch.observations:
+                        targets = reference.targets(inputs.observations, actions, inputs.action_masks)
+                        reference_memo = (batch.observations, targets)
+                    # one minibatch holding the whole rollout is the same tensor at every epoch, and the reference
+                    # is frozen: its outputs are computed once per update, not once per epoch
+                    inputs = inputs._replace(reference=reference_memo[1])
                 terms = backend.loss_and_grad(loss, inputs)  # sets .grad of every policy parameter
                 terms = self._dist.reduce_update(parameters, terms)  # several ranks: mean gradient, KL and losses
                 history[-1].append(terms)

@@ -137,6 +137,36 @@ def test_a_large_beta_holds_the_policy_at_the_reference_while_plain_ppo_drifts(c
     assert kls[50.0] < 0.2 * kls[0.0]
 
 
+@pytest.mark.parametrize(("batch_size", "calls_per_update"), [(128, 1), (32, 4 * 3)])
+def test_loss_mode_asks_the_reference_once_per_update_when_one_minibatch_holds_the_rollout(
+    cartpole_reference, monkeypatch, batch_size, calls_per_update
+) -> None:
+    settings = dict(n_steps=64, n_envs=2, n_epochs=3, batch_size=batch_size, seed=0)
+    env = make_vec_env("CartPole-v1", n_envs=settings.pop("n_envs"), seed=0)
+    model = ClippedPPO("MlpPolicy", env, ref_policy=cartpole_reference, ref_kl_mode="loss", **settings)
+    calls = []
+    targets = model._reference.targets
+    monkeypatch.setattr(model._reference, "targets", lambda *a: (calls.append(1), targets(*a))[1])
+    model.learn(256)  # two updates
+    assert len(calls) == 2 * calls_per_update  # the whole rollout: once per update, not once per epoch
+    # and the memo changes nothing: the same run asking the reference at every epoch ends with the same weights
+    if batch_size == 128:
+        fresh = ClippedPPO(
+            "MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=0), ref_policy=cartpole_reference,
+            ref_kl_mode="loss", **settings,
+        )  # fmt: skip
+        get = fresh.rollout_buffer.get
+        # new observation tensors at every epoch: the memo misses, the reference is asked every time
+        fresh.rollout_buffer.get = lambda *a: (b._replace(observations=b.observations.clone()) for b in get(*a))
+        fresh_calls = []
+        fresh_targets = fresh._reference.targets
+        monkeypatch.setattr(fresh._reference, "targets", lambda *a: (fresh_calls.append(1), fresh_targets(*a))[1])
+        fresh.learn(256)
+        assert len(fresh_calls) == 2 * 3
+        for a, b in zip(model.policy.parameters(), fresh.policy.parameters(), strict=True):
+            assert th.equal(a, b)
+
+
 def test_reward_mode_subtracts_beta_times_the_log_ratio_of_each_step(cartpole_reference) -> None:
     model = ClippedPPO("MlpPolicy", "CartPole-v1", seed=0, ref_policy=cartpole_reference, ref_kl_coef=0.5, **SMALL)
     _, callback = model._setup_learn(128)
