@@ -50,7 +50,6 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import VecEnvWrapper
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.preferences import (
@@ -102,36 +101,6 @@ class ShiftedRewardModel(RewardModel):
         return (np.maximum(super().predict_reward(obs, actions), self.floor) - self.offset).astype(np.float32)
 
 
-class ExactKLPenalty(VecEnvWrapper):
-    """``r_t - beta * KL(pi(.|s_t) || pi_ref(.|s_t))``: the penalty in the reward with the exact per-state KL.
-
-    ClippedPPO's ``ref_kl_mode="reward"`` subtracts the sampled ``log pi(a_t|s_t) - log pi_ref(a_t|s_t)`` (its
-    expectation over ``a_t``); this control removes the sampling noise and keeps the penalty in the reward.
-    ``policy`` is set once the model exists (the one acting: during a rollout it is ``pi_old``).
-    """
-
-    def __init__(self, venv: Any, reference: ClippedPPO, beta: float) -> None:
-        super().__init__(venv)
-        self.reference, self.beta = reference, beta
-        self.policy: Any = None
-        self._obs: np.ndarray | None = None
-
-    def reset(self) -> np.ndarray:
-        self._obs = self.venv.reset()
-        return self._obs
-
-    def step_wait(self) -> Any:
-        obs, rewards, dones, infos = self.venv.step_wait()
-        if self.policy is not None and self._obs is not None:
-            with th.no_grad():
-                states = th.as_tensor(self._obs)
-                pi = self.policy.get_distribution(states).distribution
-                pi_ref = self.reference.policy.get_distribution(states).distribution
-                rewards = rewards - self.beta * th.distributions.kl_divergence(pi, pi_ref).numpy()
-        self._obs = obs
-        return obs, rewards.astype(np.float32), dones, infos
-
-
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning: a label, the KL coefficient (a float or "adaptive") and where the penalty goes."""
@@ -155,7 +124,6 @@ REWARD_RUNS = (
     Run("reward, beta=0.1, +1 alive", 0.1, mode="reward", alive_bonus=1.0),
     Run("reward, beta=1", 1.0, mode="reward"),
     Run("reward, adaptive (KL 1)", "adaptive", mode="reward", target=1.0),
-    Run("reward (exact KL), beta=0.1", 0.1, mode="exact"),
 )
 
 
@@ -314,10 +282,6 @@ def finetune(
         paid = copy.deepcopy(reward_model)
         paid.offset -= run.alive_bonus
     env = LearnedRewardWrapper(make_vec_env(ENV_ID, n_envs=8, seed=seed + 10), paid, mode="add")
-    exact = run.mode == "exact"
-    if exact:  # the penalty in the reward, but the exact KL of each state instead of the action's log-ratio
-        env = ExactKLPenalty(env, reference, float(run.coef))
-    reference_kwargs = dict(ref_policy=reference, ref_kl_coef=run.coef, ref_kl_mode=run.mode, ref_kl_target=run.target)
     model = ClippedPPO(
         "MlpPolicy",
         env,
@@ -325,12 +289,13 @@ def finetune(
         batch_size=256,
         n_epochs=10,
         learning_rate=1e-3,
+        ref_policy=reference,
+        ref_kl_coef=run.coef,
+        ref_kl_mode=run.mode,
+        ref_kl_target=run.target,
         seed=seed,
-        **({} if exact else reference_kwargs),
     )
     model.policy.load_state_dict(reference.policy.state_dict())
-    if exact:
-        env.policy = model.policy
 
     def measure() -> dict[str, float]:
         # the same start states at every evaluation
@@ -606,8 +571,7 @@ def main() -> None:
         choices=("loss", "reward", "all"),
         default="loss",
         help="loss: beta 0, 0.1, 1 and adaptive, the penalty in the loss; reward: the penalty in the reward "
-        "(beta 0.1 with and without an alive bonus of 1 per step, beta 1, adaptive; and beta 0.1 with the exact "
-        "per-state KL instead of the sampled log-ratio); all: both",
+        "(beta 0.1 with and without an alive bonus of 1 per step, beta 1, adaptive); all: both",
     )
     parser.add_argument("--out", type=Path, default=None, help="write raw results, the summary and the plot here")
     parser.add_argument("--summarise", action="store_true", help="only rewrite the summary and plot from OUT/raw")
