@@ -50,6 +50,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnvWrapper
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.preferences import (
@@ -101,6 +102,37 @@ class ShiftedRewardModel(RewardModel):
         return (np.maximum(super().predict_reward(obs, actions), self.floor) - self.offset).astype(np.float32)
 
 
+class StateKLCost(VecEnvWrapper):
+    """``r_t - beta * KL(pi(.|s_t) || pi_ref(.|s_t))``: the exact per-state KL as a cost in the rewards.
+
+    With the penalty also in the loss (which pulls the policy towards the reference at each state), this is the
+    sampled reward-mode penalty without its noise: the loss term gives the current state's gradient, this cost
+    the future states' KL through the returns. Alone it would be no regulariser at all (a state-only cost does
+    not pull the policy where it is charged). ``policy`` is set once the model exists.
+    """
+
+    def __init__(self, venv: Any, reference: ClippedPPO, beta: float) -> None:
+        super().__init__(venv)
+        self.reference, self.beta = reference, beta
+        self.policy: Any = None
+        self._obs: np.ndarray | None = None
+
+    def reset(self) -> np.ndarray:
+        self._obs = self.venv.reset()
+        return self._obs
+
+    def step_wait(self) -> Any:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        if self.policy is not None and self._obs is not None:
+            with th.no_grad():
+                states = th.as_tensor(self._obs)
+                pi = self.policy.get_distribution(states).distribution
+                pi_ref = self.reference.policy.get_distribution(states).distribution
+                rewards = rewards - self.beta * th.distributions.kl_divergence(pi, pi_ref).numpy()
+        self._obs = obs
+        return obs, rewards.astype(np.float32), dones, infos
+
+
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning: a label, the KL coefficient (a float or "adaptive") and where the penalty goes."""
@@ -110,6 +142,7 @@ class Run:
     mode: str = "loss"
     target: float | None = None
     alive_bonus: float = 0.0  # added to every step's reward while fine-tuning (a control for the reward mode)
+    state_kl_cost: bool = False  # also subtract beta * KL(pi || pi_ref)(s_t) from the rewards (StateKLCost)
 
 
 RUNS = (
@@ -124,6 +157,7 @@ REWARD_RUNS = (
     Run("reward, beta=0.1, +1 alive", 0.1, mode="reward", alive_bonus=1.0),
     Run("reward, beta=1", 1.0, mode="reward"),
     Run("reward, adaptive (KL 1)", "adaptive", mode="reward", target=1.0),
+    Run("loss + exact KL cost in the reward, beta=0.1", 0.1, state_kl_cost=True),
 )
 
 
@@ -282,6 +316,8 @@ def finetune(
         paid = copy.deepcopy(reward_model)
         paid.offset -= run.alive_bonus
     env = LearnedRewardWrapper(make_vec_env(ENV_ID, n_envs=8, seed=seed + 10), paid, mode="add")
+    if run.state_kl_cost:
+        env = StateKLCost(env, reference, float(run.coef))
     model = ClippedPPO(
         "MlpPolicy",
         env,
@@ -296,6 +332,8 @@ def finetune(
         seed=seed,
     )
     model.policy.load_state_dict(reference.policy.state_dict())
+    if run.state_kl_cost:
+        env.policy = model.policy
 
     def measure() -> dict[str, float]:
         # the same start states at every evaluation
@@ -501,7 +539,8 @@ def plot(results: list[dict[str, Any]], labels: list[str], path: Path) -> None:
         colour = colours.get(coefficient.split(" ")[0])
         for ax, (key, _) in zip(axes, METRICS, strict=True):
             values = np.array([[p[key] for p in c[:n]] for c in curves])
-            style = "--" if label.startswith("reward") else "-"  # the penalty in the reward: dashed
+            # the penalty in the reward: dashed; in the loss with a state-KL cost in the reward: dotted
+            style = "--" if label.startswith("reward") else ":" if label.startswith("loss +") else "-"
             ax.plot(steps, values.mean(0), color=colour, linestyle=style, label=label)
             ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.1)
     for ax, (key, title) in zip(axes, METRICS, strict=True):
@@ -571,7 +610,8 @@ def main() -> None:
         choices=("loss", "reward", "all"),
         default="loss",
         help="loss: beta 0, 0.1, 1 and adaptive, the penalty in the loss; reward: the penalty in the reward "
-        "(beta 0.1 with and without an alive bonus of 1 per step, beta 1, adaptive); all: both",
+        "(beta 0.1 with and without an alive bonus of 1 per step, beta 1, adaptive; and beta 0.1 in the loss plus "
+        "the exact per-state KL as a cost in the rewards); all: both",
     )
     parser.add_argument("--out", type=Path, default=None, help="write raw results, the summary and the plot here")
     parser.add_argument("--summarise", action="store_true", help="only rewrite the summary and plot from OUT/raw")

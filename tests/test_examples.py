@@ -145,7 +145,7 @@ def test_rlhf_control(tmp_path):
     # the penalty in the reward: its runs are added to the same results, the four above kept as they are
     run_script(EXAMPLES / "rlhf_control.py", tmp_path, 1024, *args, "--runs", "reward")
     merged = json.loads((out / "raw" / "seed_0.json").read_text())
-    assert len(merged["runs"]) == 8
+    assert len(merged["runs"]) == 9  # and the loss + exact state-KL cost control
     assert all(merged["runs"][label] == run for label, run in result["runs"].items())
     assert merged["runs"]["reward, beta=0.1"]["config"]["mode"] == "reward"
     summary = (out / "summary.md").read_text()
