@@ -29,6 +29,14 @@ def _set_grads(params: list[th.nn.Parameter], step: int) -> None:
         p.grad = th.randn(p.shape, generator=generator)
 
 
+def _step_both(reference, lean_step, reference_params, lean_params, step: int) -> None:
+    """The same gradients on both parameter sets, then one step of each optimizer."""
+    _set_grads(reference_params, step)
+    _set_grads(lean_params, step)
+    reference.step()
+    lean_step()
+
+
 class _CountingStep:
     """Counts the steps that went through ``optimizer.step()`` (each one is followed by LeanAdamStep._cache)."""
 
@@ -83,10 +91,7 @@ def test_replaced_state_and_missing_gradients_fall_back_to_the_full_step() -> No
     lean_optimizer.load_state_dict(copy.deepcopy(reference.state_dict()))
     full_steps = _CountingStep(lean)
     for step in range(3, 6):
-        _set_grads(reference_params, step)
-        _set_grads(lean_params, step)
-        reference.step()
-        lean.step()
+        _step_both(reference, lean.step, reference_params, lean_params, step)
         _assert_same(reference, lean_optimizer)
     assert full_steps.calls == 1
     # one state entry replaced in place of the optimizer (same values, new tensor): the next step is a full one
@@ -168,10 +173,7 @@ def test_step_counters_are_shared_and_survive_a_save_and_load(tmp_path) -> None:
     restored.load_state_dict(th.load(tmp_path / "optimizer.pt"))
     lean = LeanAdamStep(restored)
     for step in range(3, 6):
-        _set_grads(reference_params, step)
-        _set_grads(lean_params, step)
-        reference.step()
-        lean.step()
+        _step_both(reference, lean.step, reference_params, lean_params, step)
         _assert_same(reference, restored)
         # each counter is its own 0-d tensor to optimizer.step() (a fallback step moves each once)
         assert all(restored.state[p]["step"].item() == step + 1 for p in lean_params)
