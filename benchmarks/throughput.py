@@ -152,21 +152,13 @@ def run_single(workload: str, algo: str, seed: int, timesteps: int, threads: int
     if spec.get("counterpart") == "maskable_ppo":
         evaluate_policy = evaluate_masked  # noqa: N806 - both apply the env's masks when it has them
     env = _make_env(workload, seed)
+    reference_kwargs: dict[str, Any] = {}
     if algo in REFERENCE_MODES:
         reference = ClippedPPO(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
-        model = cls(
-            settings.policy,
-            env,
-            seed=seed,
-            device="cpu",
-            ref_policy=reference,
-            ref_kl_coef=0.1,
-            ref_kl_mode=REFERENCE_MODES[algo],
-            **settings.model_kwargs,
-        )
-        model.policy.load_state_dict(reference.policy.state_dict())
-    else:
-        model = cls(settings.policy, env, seed=seed, device="cpu", **settings.model_kwargs)
+        reference_kwargs = dict(ref_policy=reference, ref_kl_coef=0.1, ref_kl_mode=REFERENCE_MODES[algo])
+    model = cls(settings.policy, env, seed=seed, device="cpu", **reference_kwargs, **settings.model_kwargs)
+    if reference_kwargs:  # fine-tuning starts from the reference
+        model.policy.load_state_dict(reference_kwargs["ref_policy"].policy.state_dict())
 
     timers = {"rollout": 0.0, "train": 0.0}
 

@@ -565,14 +565,7 @@ def _earlier_result(out: Path | None, seed: int, budget: Budget) -> dict[str, An
     if path is None or not path.exists():
         return {}
     result = json.loads(path.read_text())
-    if result.get("budget") not in (None, asdict(budget)):
-        return {}
-    # files from before the budget was recorded: trust the summary's budget
-    summary = path.parent.parent / "summary.json"
-    if result.get("budget") is None and summary.exists():
-        if json.loads(summary.read_text()).get("budget") != asdict(budget):
-            return {}
-    return result
+    return result if result.get("budget") == asdict(budget) else {}
 
 
 def plot_drift(results: list[dict[str, Any]], labels: list[str], path: Path) -> None:

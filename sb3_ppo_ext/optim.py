@@ -101,11 +101,16 @@ class LeanAdamStep:
 
     def step(self) -> None:
         """One Adam step on every parameter with a gradient."""
-        if not self.enabled or not self._can_shortcut():
-            self.optimizer.step()
-            self._cache()
-            return
-        self._fused_steps()
+        self._checked_step()
+
+    def _checked_step(self) -> bool:
+        """:meth:`step` after the full check; returns whether the shortcut holds for the next step."""
+        if self.enabled and self._can_shortcut():
+            self._fused_steps()
+            return True
+        self.optimizer.step()  # the first step (it creates the state), or one the shortcut must not take
+        self._cache()
+        return self.enabled and self._can_shortcut()
 
     def update_steps(self) -> Callable[[], None]:
         """:meth:`step` for the minibatches of one update (one ``train()`` call), checked once.
@@ -123,13 +128,7 @@ class LeanAdamStep:
                 if all(g is not None for group in grads for g in group):
                     self._fused_steps(grads)
                     return
-            if self.enabled and self._can_shortcut():
-                self._fused_steps()
-                checked = True
-            else:  # the first step (it creates the state), or one the shortcut must not take
-                self.optimizer.step()
-                self._cache()
-                checked = self.enabled and self._can_shortcut()
+            checked = self._checked_step()
 
         return step
 
@@ -139,9 +138,9 @@ class LeanAdamStep:
         for index, (group, (params, exp_avgs, exp_avg_sqs, steps)) in enumerate(
             zip(self.optimizer.param_groups, self._groups, strict=True)
         ):
-            kernel = th._fused_adamw_ if group.get("decoupled_weight_decay", False) else th._fused_adam_
             if not params:
                 continue
+            kernel = th._fused_adamw_ if group.get("decoupled_weight_decay", False) else th._fused_adam_
             steps[0]._base.add_(1)  # every counter of the group at once: see _shared_step_counters
             beta1, beta2 = group["betas"]
             kernel(
