@@ -100,6 +100,10 @@ def test_result_records_evaluations_timesteps_returns_and_wall_clock(finished):
     assert np.all(np.diff(evaluations["wall_s"]) > 0)
     assert 0 < result["train_s"] <= result["wall_s"]
     assert result["steps_per_s"] == pytest.approx(256 / result["train_s"])
+    # one thread per run: the process's CPU time cannot exceed its wall-clock by much
+    assert 0 < result["cpu_s"] <= 1.5 * result["wall_s"]
+    assert result["cpu_share"] == pytest.approx(result["cpu_s"] / result["wall_s"])
+    assert result["host"].endswith(f" x{os.cpu_count()}")
     hyper = result["hyperparameters"]
     assert (hyper["n_envs"], hyper["n_steps"], hyper["batch_size"]) == (2, 64, 64)
     assert hyper["learning_rate"] == repr(LinearDecay(1e-3))
@@ -546,6 +550,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, env_id, a
     assert result["total_timesteps"] == 2048 and sum(resumed_report) == 2048
     walls = result["evaluations"]["wall_s"]
     assert walls == sorted(walls) and result["wall_s"] >= walls[-1] > state["wall_s"]
+    assert result["cpu_s"] > state["cpu_s"] > 0  # both segments' CPU time
     assert not spec.partial_dir(tmp_path).exists()
     assert is_finished(spec, tmp_path)
 

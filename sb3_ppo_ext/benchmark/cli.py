@@ -106,7 +106,9 @@ def report(out: Path, *, title: str, command: str, reps: int, console: Console) 
     rows = statistics.summarize(results, reps)
     aggregates = statistics.aggregate(results, reps) if len(results) > 1 else None
     names = plots.plot_all(out, results, aggregates, reps)
-    markdown = statistics.summary_markdown(results, rows, aggregates, title=title, command=command, plots=names)
+    markdown = statistics.summary_markdown(
+        results, rows, aggregates, title=title, command=command, plots=names, reps=reps
+    )
     md_path, _ = statistics.write_summary(out, rows, markdown)
     console.print(f"wrote {md_path} and {len(names)} plots")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import platform
 import shutil
@@ -191,21 +192,37 @@ class EvalRecorder(BaseCallback):
         self.eval_s = 0.0
         #: wall-clock of the earlier segments of a resumed run
         self.prior_wall_s = 0.0
+        #: CPU seconds of the earlier segments; None when a segment did not record them
+        self.prior_cpu_s: float | None = 0.0
         if resumed is not None:
             self.history = resumed["history"]
             self.eval_s = resumed["eval_s"]
             self.prior_wall_s = resumed["wall_s"]
+            self.prior_cpu_s = resumed.get("cpu_s")
         self._next_eval = 0
         self._checkpointed_evals = len(self.history["timesteps"])
         self._last_reported = 0
         self._start = 0.0
+        self._cpu_start = 0.0
 
     def elapsed(self) -> float:
         """Wall-clock of the whole run so far, earlier segments included."""
         return self.prior_wall_s + time.perf_counter() - self._start
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time of this process over the whole run so far (all its threads, earlier segments included).
+
+        With one thread per run, ``cpu_seconds() / elapsed()`` is the share of a core the run had: about 1
+        when it ran alone on its core, lower when other processes shared the CPU or the run was paused.
+        None when an earlier segment did not record its CPU time.
+        """
+        if self.prior_cpu_s is None:
+            return None
+        return self.prior_cpu_s + time.process_time() - self._cpu_start
+
     def _on_training_start(self) -> None:
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
         if self.history["timesteps"]:  # resumed: the earlier segments' steps count as done
             if self.report is not None:
                 self.report(self.spec.key, min(self.num_timesteps, self.spec.timesteps))
@@ -299,6 +316,17 @@ def _versions() -> dict[str, str]:
     }
 
 
+def host_description() -> str:
+    """The machine a run trained on: CPU model and logical CPU count (e.g. ``"Intel(R) Xeon(R) Processor x2"``)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
 def _jsonable(value: Any) -> Any:
     # Hyperparameters as readable JSON: schedules and classes by repr/name.
     if isinstance(value, dict):
@@ -341,6 +369,7 @@ def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: 
         "history": recorder.history,
         "eval_s": recorder.eval_s,
         "wall_s": recorder.elapsed(),
+        "cpu_s": recorder.cpu_seconds(),
         "segments": segments,
     }
     write_json(folder / _STATE_FILE, state)
@@ -431,7 +460,7 @@ def train_and_evaluate(
         env.close()
         eval_env.close()
         return {}
-    wall_s = recorder.elapsed()
+    wall_s, cpu_s = recorder.elapsed(), recorder.cpu_seconds()
     env.close()
     eval_env.close()
 
@@ -448,6 +477,10 @@ def train_and_evaluate(
         "wall_s": wall_s,
         "train_s": train_s,
         "steps_per_s": model.num_timesteps / train_s if train_s > 0 else float("nan"),
+        # share of a core the run had over its wall-clock (None: not recorded); see EvalRecorder.cpu_seconds
+        "cpu_s": cpu_s,
+        "cpu_share": cpu_s / wall_s if cpu_s is not None and wall_s > 0 else None,
+        "host": host_description(),
         # >1: resumed from a checkpoint this many times minus one (each segment restarts its episodes)
         "segments": segments,
         "versions": _versions(),

@@ -3,7 +3,9 @@
 Score of a run = the mean return of its last evaluation. Per env and algorithm the summary gives the
 mean +- std over seeds and the interquartile mean (IQM) with a 95% percentile-bootstrap CI over seeds
 (Agarwal et al. 2021, via ``rliable``); across envs, scores are normalized to
-``(score - random) / (reference - random)`` with :data:`REFERENCE_SCORES`.
+``(score - random) / (reference - random)`` with :data:`REFERENCE_SCORES`. The probability of improvement
+``P(X > Y)`` (rliable's Mann-Whitney form) compares ClippedPPO with each other algorithm, or each ablation
+variant with the ablation's reference; runs trained at 1M env steps are set beside :data:`PUBLISHED_1M`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ REFERENCE_SCORES: dict[str, tuple[float, float]] = {
     # random actions are invalid 7 times in 8 at once: -1; reference: the optimal return
     "MaskedMemory-v0": (-1.0, 1.0),
 }
+
+#: Published PPO returns at 1M env steps: env -> source -> return (issue 16's anchors). Each source's own
+#: protocol differs from ours; :data:`PUBLISHED_CAVEATS` says how.
+PUBLISHED_1M: dict[str, dict[str, float]] = {
+    "HalfCheetah-v5": {"RL Zoo": 5819.0, "CleanRL": 1443.0},
+    "Hopper-v5": {"RL Zoo": 2410.0, "CleanRL": 2383.0},
+    "Walker2d-v5": {"RL Zoo": 3479.0, "CleanRL": 2288.0},
+    "Ant-v5": {"RL Zoo": 1327.0},
+}
+PUBLISHED_CAVEATS: dict[str, str] = {
+    "RL Zoo": "rl-baselines3-zoo benchmark.md, SB3 PPO with the Zoo's tuned settings on the v3 envs, one training "
+    "run, its mean return over 150k steps of deterministic evaluation",
+    "CleanRL": "CleanRL's ppo_continuous_action on the v4 envs with CleanRL's own settings (not the Zoo's), 3 seeds, "
+    "returns of its training episodes (stochastic actions)",
+}
+#: A run with less than this share of a core over its wall-clock shared the CPU with other work (or was paused).
+SHARED_CPU_BELOW = 0.9
 
 AGGREGATE_METRICS = ("Median", "IQM", "Mean", "Optimality Gap")
 _AGGREGATE_FUNCS = (
@@ -117,6 +136,11 @@ class Row:
     iqm_high: float
     wall_min: float
     steps_per_s: float
+    #: runs that had less than :data:`SHARED_CPU_BELOW` of a core, and runs that did not record it
+    shared_cpu: int
+    cpu_unrecorded: int
+    #: the machines the runs trained on (empty where the result files do not say)
+    hosts: list[str]
 
 
 def summarize(results: Results, reps: int = 2000) -> list[Row]:
@@ -140,8 +164,69 @@ def summarize(results: Results, reps: int = 2000) -> list[Row]:
                     iqm_high=high,
                     wall_min=float(np.mean([run["wall_s"] for run in runs]) / 60),
                     steps_per_s=float(np.mean([run["steps_per_s"] for run in runs])),
+                    shared_cpu=sum(shared_cpu(run) is True for run in runs),
+                    cpu_unrecorded=sum(shared_cpu(run) is None for run in runs),
+                    hosts=sorted({run["host"] for run in runs if run.get("host")}),
                 )
             )
+    return rows
+
+
+def shared_cpu(run: dict[str, Any]) -> bool | None:
+    """Whether a run shared the CPU (had less than :data:`SHARED_CPU_BELOW` of a core); None if not recorded."""
+    share = run.get("cpu_share")
+    return None if share is None else bool(share < SHARED_CPU_BELOW)
+
+
+def improvement_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(X, Y)`` pairs whose ``P(X > Y)`` the summary reports.
+
+    Algorithms: ClippedPPO (or the first label) over each other one. Ablation variants: each variant over
+    the ablation's reference, the first label.
+    """
+    if len(labels) < 2:
+        return []
+    variants = {variant for variants in ABLATIONS.values() for variant in variants}
+    first, others = labels[0], labels[1:]
+    if first in variants:
+        return [(label, first) for label in others]
+    if "clipped_ppo" in labels:
+        first, others = "clipped_ppo", [label for label in labels if label != "clipped_ppo"]
+    return [(first, label) for label in others]
+
+
+def probability_of_improvement(
+    results: Results, reps: int = 2000, seed: int = 0
+) -> list[tuple[str, str, str, float, float, float, int, int]]:
+    """``P(X > Y)`` with its 95% stratified-bootstrap CI, per env and, with several envs, over them.
+
+    ``P(X > Y)`` is the probability that a run of X scores higher than a run of Y (ties count half),
+    averaged over envs (rliable's ``probability_of_improvement``, Agarwal et al. 2021). Over several envs each
+    label keeps its first common seeds, as for the aggregate metrics.
+
+    :return: rows ``(env or "all envs", X, Y, p, low, high, runs of X, runs of Y)``.
+    """
+    rows = []
+    labels = sorted({label for by_label in results.values() for label in by_label}, key=_label_order)
+
+    def estimate(scope: str, x: np.ndarray, y: np.ndarray, label_x: str, label_y: str) -> None:
+        points, intervals = interval_estimates(
+            {"pair": [x, y]}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps, seed
+        )
+        low, high = intervals["pair"][:, 0]
+        rows.append((scope, label_x, label_y, float(points["pair"][0]), float(low), float(high), len(x), len(y)))
+
+    for label_x, label_y in improvement_pairs(labels):
+        both = {env: runs for env, runs in results.items() if label_x in runs and label_y in runs}
+        for env_id, by_label in both.items():
+            estimate(env_id, final_scores(by_label[label_x])[:, None], final_scores(by_label[label_y])[:, None],
+                     label_x, label_y)  # fmt: skip
+        if len(both) > 1:
+            n_x = min(len(by_label[label_x]) for by_label in both.values())
+            n_y = min(len(by_label[label_y]) for by_label in both.values())
+            x = np.stack([final_scores(by_label[label_x][:n_x]) for by_label in both.values()], axis=1)
+            y = np.stack([final_scores(by_label[label_y][:n_y]) for by_label in both.values()], axis=1)
+            estimate(f"all {len(both)} envs", x, y, label_x, label_y)
     return rows
 
 
@@ -196,6 +281,7 @@ def summary_markdown(
     title: str,
     command: str,
     plots: Sequence[str] = (),
+    reps: int = 2000,
 ) -> str:
     """The text of ``summary.md``."""
     lines = [f"# {title}", "", "Reproduce with:", "", "```", command, "```", ""]
@@ -205,10 +291,13 @@ def summary_markdown(
         "interquartile mean with a 95% percentile-bootstrap CI over seeds (rliable). Env steps: the",
         "budget run (the RL Zoo's budget in brackets when it differs). Wall-clock: mean per run,",
         "training and evaluation; env-steps/s: training steps per second of training time, one CPU thread.",
+        f"Shared CPU: runs that had less than {SHARED_CPU_BELOW:.0%} of a core over their wall-clock (other work",
+        "on the machine, or paused), so their wall-clock and env-steps/s are slower than the machine's;",
+        "'n/r': not recorded (result files written before the harness measured it).",
         "",
         "| env | algorithm | seeds | env steps | final return (mean ± std) | IQM [95% CI] "
-        "| wall-clock / run | env-steps/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| wall-clock / run | env-steps/s | shared CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         budget = _k(row.timesteps)
@@ -217,8 +306,11 @@ def summary_markdown(
         lines.append(
             f"| {row.env_id} | {row.label} | {row.seeds} | {budget} | {row.mean:.1f} ± {row.std:.1f} "
             f"| {row.iqm:.1f} [{row.iqm_low:.1f}, {row.iqm_high:.1f}] | {row.wall_min:.1f} min "
-            f"| {row.steps_per_s:.0f} |"
+            f"| {row.steps_per_s:.0f} | {_shared_cell(row)} |"
         )
+    hosts = sorted({host for row in rows for host in row.hosts})
+    if hosts:
+        lines += ["", "Machines (where recorded): " + "; ".join(hosts) + "."]
     if aggregates is not None:
         points, intervals = aggregates
         lines += [
@@ -238,9 +330,64 @@ def summary_markdown(
             low, high = REFERENCE_SCORES.get(env_id, (float("nan"), float("nan")))
             note = "" if env_id in REFERENCE_SCORES else " (min-max over these runs)"
             lines.append(f"| {env_id}{note} | {low:g} | {high:g} |")
+    lines += _improvement_lines(results, reps)
+    lines += _published_lines(rows)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _shared_cell(row: Row) -> str:
+    recorded = row.seeds - row.cpu_unrecorded
+    if recorded == 0:
+        return "n/r"
+    cell = f"{row.shared_cpu} of {recorded}"
+    return cell + (f" (+{row.cpu_unrecorded} n/r)" if row.cpu_unrecorded else "")
+
+
+def _improvement_lines(results: Results, reps: int) -> list[str]:
+    rows = probability_of_improvement(results, reps)
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Probability of improvement",
+        "",
+        "P(X > Y): the probability that a run of X ends with a higher score than a run of Y (ties count half;",
+        "over several envs, the mean over envs), with a 95% stratified-bootstrap CI (rliable). 0.5: no difference;",
+        "a CI that excludes 0.5 is a difference beyond seed noise.",
+        "",
+        "| envs | X | Y | P(X > Y) [95% CI] | runs (X / Y) |",
+        "|---|---|---|---:|---:|",
+    ]
+    for scope, label_x, label_y, p, low, high, n_x, n_y in rows:
+        lines.append(f"| {scope} | {label_x} | {label_y} | {p:.2f} [{low:.2f}, {high:.2f}] | {n_x} / {n_y} |")
+    return lines
+
+
+def _published_lines(rows: Sequence[Row]) -> list[str]:
+    # only runs trained at the anchors' budget (1M env steps) are comparable with them
+    at_1m = [row for row in rows if row.env_id in PUBLISHED_1M and abs(row.timesteps - 1e6) <= 0.01e6]
+    if not at_1m:
+        return []
+    sources = list(dict.fromkeys(source for row in at_1m for source in PUBLISHED_1M[row.env_id]))
+    lines = [
+        "",
+        "## Beside published PPO results at 1M env steps",
+        "",
+        "| env | algorithm | seeds | final return (mean ± std) | IQM | " + " | ".join(sources) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(sources),
+    ]
+    for row in at_1m:
+        anchors = [f"{PUBLISHED_1M[row.env_id][s]:.0f}" if s in PUBLISHED_1M[row.env_id] else "" for s in sources]
+        lines.append(
+            f"| {row.env_id} | {row.label} | {row.seeds} | {row.mean:.0f} ± {row.std:.0f} | {row.iqm:.0f} | "
+            + " | ".join(anchors)
+            + " |"
+        )
+    lines += ["", "Caveats: ours are v5 envs, final deterministic evaluation of each seed (see above)."]
+    lines += [f"{source}: {PUBLISHED_CAVEATS[source]}." for source in sources]
+    return lines
 
 
 def write_summary(out: Path, rows: Sequence[Row], markdown: str) -> tuple[Path, Path]:

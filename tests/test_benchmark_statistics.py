@@ -1,0 +1,116 @@
+"""The benchmark summary's statistics: probability of improvement, CPU-sharing marks, published anchors."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rliable", reason="the benchmark extra (requirements-benchmark.txt) is not installed")
+
+from sb3_ppo_ext.benchmark import runs, statistics  # noqa: E402
+from sb3_ppo_ext.benchmark.runs import EvalRecorder, RunSpec  # noqa: E402
+
+
+def _run(env_id: str, label: str, seed: int, score: float, **extra: object) -> dict:
+    algo, variant = (label, "") if label in runs.ALGOS else ("clipped_ppo", label)
+    return {
+        "spec": {"env_id": env_id, "algo": algo, "seed": seed, "variant": variant},
+        "final_return": score,
+        "total_timesteps": extra.pop("total_timesteps", 1_000_448),
+        "zoo_timesteps": 1_000_000,
+        "wall_s": 600.0,
+        "steps_per_s": 2000.0,
+        **extra,
+    }
+
+
+def _results(scores: dict[str, dict[str, list[float]]], **extra: object) -> statistics.Results:
+    return {
+        env: {label: [_run(env, label, i, s, **extra) for i, s in enumerate(values)] for label, values in by.items()}
+        for env, by in scores.items()
+    }
+
+
+def _pairwise(x: list[float], y: list[float]) -> float:
+    # the definition, counted over every pair of runs: wins 1, ties 1/2
+    return np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(x, y)])
+
+
+def test_probability_of_improvement_counts_the_pairs_of_runs_x_wins():
+    x, y = [3.0, 5.0, 7.0, 4.0], [4.0, 4.0, 6.0]
+    rows = statistics.probability_of_improvement(_results({"A-v0": {"clipped_ppo": x, "ppo": y}}), reps=200)
+    assert len(rows) == 1
+    scope, label_x, label_y, p, low, high, n_x, n_y = rows[0]
+    assert (scope, label_x, label_y, n_x, n_y) == ("A-v0", "clipped_ppo", "ppo", 4, 3)
+    assert p == pytest.approx(_pairwise(x, y)) == pytest.approx(6 / 12)  # 3: 0, 5: 2, 7: 3, 4: two ties
+    assert 0.0 <= low <= p <= high <= 1.0 and low < high
+
+
+def test_probability_of_improvement_over_envs_is_the_mean_of_the_envs():
+    scores = {
+        "A-v0": {"ppo": [1.0, 2.0, 3.0], "clipped_ppo": [2.5, 3.5, 0.5]},
+        "B-v0": {"ppo": [10.0, 11.0, 12.0], "clipped_ppo": [20.0, 21.0, 22.0]},
+    }
+    rows = {row[0]: row for row in statistics.probability_of_improvement(_results(scores), reps=200)}
+    assert set(rows) == {"A-v0", "B-v0", "all 2 envs"}
+    per_env = [_pairwise(scores[env]["clipped_ppo"], scores[env]["ppo"]) for env in ("A-v0", "B-v0")]
+    assert rows["B-v0"][3] == 1.0 and rows["B-v0"][4:6] == (1.0, 1.0)  # every resample: X wins every pair
+    assert rows["A-v0"][3] == pytest.approx(per_env[0])
+    assert rows["all 2 envs"][1:4] == ("clipped_ppo", "ppo", pytest.approx(np.mean(per_env)))
+
+
+@pytest.mark.parametrize(
+    ("labels", "pairs"),
+    [
+        (["clipped_ppo", "ppo", "a2c"], [("clipped_ppo", "ppo"), ("clipped_ppo", "a2c")]),
+        (["ppo", "a2c"], [("ppo", "a2c")]),
+        (["zoo", "dual_clip", "popart"], [("dual_clip", "zoo"), ("popart", "zoo")]),
+        (["all_on", "no_adv_norm"], [("no_adv_norm", "all_on")]),
+        (["clipped_ppo"], []),
+    ],
+)
+def test_improvement_pairs_put_clipped_ppo_or_the_variant_first(labels, pairs):
+    assert statistics.improvement_pairs(labels) == pairs
+
+
+def test_recorder_adds_the_cpu_time_of_earlier_segments(monkeypatch):
+    spec = RunSpec("Pendulum-v1", "clipped_ppo", 0, 100, 50)
+    resumed = {"history": {"timesteps": [0, 50]}, "eval_s": 1.0, "wall_s": 10.0, "cpu_s": 4.0}
+    recorder = EvalRecorder(None, spec, True, None, resumed=resumed)
+    recorder._start, recorder._cpu_start = 100.0, 30.0
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: 110.0)  # 10 s of wall-clock this segment
+    monkeypatch.setattr(runs.time, "process_time", lambda: 35.0)  # ... with 5 s of CPU: half a core
+    assert recorder.elapsed() == 20.0 and recorder.cpu_seconds() == 9.0
+    # a checkpoint written before CPU time was recorded leaves the whole run's CPU time unknown
+    old = EvalRecorder(None, spec, True, None, resumed={k: v for k, v in resumed.items() if k != "cpu_s"})
+    assert old.cpu_seconds() is None
+
+
+@pytest.mark.parametrize(("share", "shared"), [(0.99, False), (0.9, False), (0.89, True), (0.3, True), (None, None)])
+def test_a_run_below_the_threshold_shared_the_cpu(share, shared):
+    assert statistics.shared_cpu({"cpu_share": share}) is shared
+
+
+def test_summary_counts_shared_runs_and_names_the_machines():
+    results = _results({"A-v0": {"clipped_ppo": [1.0, 2.0, 3.0]}})
+    for run, share in zip(results["A-v0"]["clipped_ppo"], [0.98, 0.5, None], strict=True):
+        run.update(cpu_share=share, host="CPU Z x2" if share else None)
+    rows = statistics.summarize(results, reps=100)
+    assert (rows[0].shared_cpu, rows[0].cpu_unrecorded, rows[0].hosts) == (1, 1, ["CPU Z x2"])
+    text = statistics.summary_markdown(results, rows, None, title="t", command="c", reps=100)
+    row = next(line for line in text.splitlines() if line.startswith("| A-v0 | clipped_ppo |"))
+    assert row.rstrip().endswith("| 1 of 2 (+1 n/r) |")
+    assert "Machines (where recorded): CPU Z x2." in text
+
+
+def test_published_anchors_appear_beside_runs_at_one_million_steps_only():
+    at_1m = _results({"Hopper-v5": {"clipped_ppo": [2000.0, 3000.0], "ppo": [2500.0, 2600.0]}})
+    text = statistics.summary_markdown(at_1m, statistics.summarize(at_1m, 100), None, title="t", command="c", reps=100)
+    section = text.split("## Beside published PPO results at 1M env steps")[1]
+    assert "| Hopper-v5 | clipped_ppo | 2 | 2500 ± 500 |" in section and "| 2410 | 2383 |" in section
+    assert "CleanRL: " in section and "RL Zoo: " in section
+    short = _results({"Hopper-v5": {"clipped_ppo": [900.0, 950.0]}}, total_timesteps=50_000)
+    text = statistics.summary_markdown(short, statistics.summarize(short, 100), None, title="t", command="c", reps=100)
+    assert "published" not in text
