@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import pickle
@@ -306,7 +307,7 @@ def evaluate_masked_recurrent(model: Any, env: VecEnv, n_episodes: int, determin
 
 
 def _versions() -> dict[str, str]:
-    return {
+    versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "stable_baselines3": stable_baselines3.__version__,
@@ -314,6 +315,11 @@ def _versions() -> dict[str, str]:
         "gymnasium": gym.__version__,
         "sb3_ppo_ext": getattr(sb3_ppo_ext, "__version__", "unknown"),
     }
+    try:  # the physics engine of the MuJoCo tasks, where installed
+        versions["mujoco"] = importlib.metadata.version("mujoco")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return versions
 
 
 def host_description() -> str:
