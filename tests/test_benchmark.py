@@ -140,6 +140,13 @@ def test_summary_md_has_a_row_per_env_and_algorithm(finished):
         assert f"]({name})" in text
 
 
+def test_report_only_rebuilds_the_summary_with_the_command_that_reproduces_it(finished, hyperparams_dir):
+    before = (finished / "summary.md").read_text()
+    assert cli.main([*_args(finished, hyperparams_dir), "--report-only"]) == 0
+    after = (finished / "summary.md").read_text()
+    assert "--report-only" not in after and after == before
+
+
 def test_summary_json_matches_the_result_files(finished):
     rows = json.loads((finished / "summary.json").read_text())
     row = next(r for r in rows if (r["env_id"], r["label"]) == ("CartPole-v1", "ppo"))

@@ -114,3 +114,13 @@ def test_published_anchors_appear_beside_runs_at_one_million_steps_only():
     short = _results({"Hopper-v5": {"clipped_ppo": [900.0, 950.0]}}, total_timesteps=50_000)
     text = statistics.summary_markdown(short, statistics.summarize(short, 100), None, title="t", command="c", reps=100)
     assert "published" not in text
+
+
+def test_the_probability_of_improvement_interval_reproduces_and_leaves_numpy_s_generator_alone():
+    results = _results({"A-v0": {"clipped_ppo": [1.0, 2.0, 3.0], "ppo": [1.5, 0.5, 2.5]}})
+    np.random.seed(123)
+    expected_next = np.random.random()
+    np.random.seed(123)
+    first = statistics.probability_of_improvement(results, reps=100)
+    assert np.random.random() == expected_next
+    assert statistics.probability_of_improvement(results, reps=100) == first

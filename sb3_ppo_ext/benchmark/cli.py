@@ -119,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     console = Console()
-    command = "python -m sb3_ppo_ext.benchmark " + shlex.join(argv)
+    # the same command without --report-only trains what is missing and rebuilds this very summary
+    command = "python -m sb3_ppo_ext.benchmark " + shlex.join(a for a in argv if a != "--report-only")
     title = args.title or (f"Ablation: {args.ablation}" if args.ablation else "Benchmark")
     if not args.report_only:
         default = [algo for algo in ALGOS if algo not in RECURRENT_ALGOS]

@@ -106,10 +106,17 @@ def interval_estimates(
     :param scores: label -> scores ``[n_runs, n_tasks, ...]``.
     :param func: scores -> array of statistics.
     """
-    with warnings.catch_warnings():
-        # arch deprecates RandomState seeding; rliable 1.2 still passes one
-        warnings.simplefilter("ignore", FutureWarning)
-        return rly.get_interval_estimates(scores, func, reps=reps, random_state=np.random.RandomState(seed))
+    global_state = np.random.get_state()
+    # rliable 1.2's bootstrap over pairs of score arrays (probability of improvement) draws from NumPy's
+    # global generator, not from random_state: seeded here, and restored after, so summaries reproduce
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():
+            # arch deprecates RandomState seeding; rliable 1.2 still passes one
+            warnings.simplefilter("ignore", FutureWarning)
+            return rly.get_interval_estimates(scores, func, reps=reps, random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(global_state)
 
 
 def iqm_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
