@@ -339,6 +339,7 @@ def summary_markdown(
             lines.append(f"| {env_id}{note} | {low:g} | {high:g} |")
     lines += _improvement_lines(results, reps)
     lines += _published_lines(rows)
+    lines += _run_lines(results)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -394,6 +395,32 @@ def _published_lines(rows: Sequence[Row]) -> list[str]:
         )
     lines += ["", "Caveats: ours are v5 envs, final deterministic evaluation of each seed (see above)."]
     lines += [f"{source}: {PUBLISHED_CAVEATS[source]}." for source in sources]
+    return lines
+
+
+def _run_lines(results: Results) -> list[str]:
+    runs = [(env_id, label, run) for env_id, by in results.items() for label, rs in by.items() for run in rs]
+    hosts = sorted({run["host"] for _, _, run in runs if run.get("host")})
+    letters = {host: chr(ord("A") + i) for i, host in enumerate(hosts)}
+    legend = "".join(f" {letters[host]}: {host}." for host in hosts)
+    lines = [
+        "",
+        "## Each run",
+        "",
+        "Core share: CPU time / wall-clock of the run (1.00: a core to itself); segments > 1: resumed from a",
+        f"checkpoint. Machines:{legend or ' not recorded.'}",
+        "",
+        "| env | algorithm | seed | final return | wall-clock | env-steps/s | core share | segments | machine |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for env_id, label, run in runs:
+        share = run.get("cpu_share")
+        share_cell = "n/r" if share is None else f"{share:.2f}" + (" (shared)" if shared_cpu(run) else "")
+        machine = letters.get(run.get("host"), "n/r")
+        lines.append(
+            f"| {env_id} | {label} | {run['spec']['seed']} | {run['final_return']:.1f} | {run['wall_s'] / 60:.1f} min "
+            f"| {run['steps_per_s']:.0f} | {share_cell} | {run.get('segments', 1)} | {machine} |"
+        )
     return lines
 
 
