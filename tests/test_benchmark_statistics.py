@@ -67,6 +67,8 @@ def test_probability_of_improvement_over_envs_is_the_mean_of_the_envs():
         (["clipped_ppo", "ppo", "a2c"], [("clipped_ppo", "ppo"), ("clipped_ppo", "a2c")]),
         (["ppo", "a2c"], [("ppo", "a2c")]),
         (["zoo", "dual_clip", "popart"], [("dual_clip", "zoo"), ("popart", "zoo")]),
+        # where gSDE is on, rpo also turns it off: its control no_sde isolates RPO
+        (["zoo", "rpo", "no_sde"], [("rpo", "zoo"), ("no_sde", "zoo"), ("rpo", "no_sde")]),
         (["all_on", "no_adv_norm"], [("no_adv_norm", "all_on")]),
         (["clipped_ppo"], []),
     ],

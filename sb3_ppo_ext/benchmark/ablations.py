@@ -134,6 +134,10 @@ ABLATION_ALGOS: dict[str, tuple[str, ...]] = {
 #: Variants that train exactly the Zoo settings: a plain run of the same spec can stand in for them (``--reuse``).
 ZOO_VARIANTS: dict[str, str] = {"stabilizers": "zoo"}
 
+#: Variants that change more than their own switch on some envs, and the control that isolates the switch there:
+#: where gSDE is on, ``rpo`` also turns it off, so ``rpo`` against ``no_sde`` (both without gSDE) measures RPO alone.
+CONTROLS: dict[str, str] = {"rpo": "no_sde"}
+
 #: Variants planned only where a predicate on the Zoo settings holds (elsewhere they repeat the reference).
 APPLIES: dict[tuple[str, str], Callable[[Settings], bool]] = {("stabilizers", "no_sde"): uses_sde}
 

@@ -20,7 +20,7 @@ import numpy as np
 from rliable import library as rly
 from rliable import metrics
 
-from sb3_ppo_ext.benchmark.ablations import ABLATIONS
+from sb3_ppo_ext.benchmark.ablations import ABLATIONS, CONTROLS
 from sb3_ppo_ext.benchmark.runs import ALGOS, load_result, write_json
 from sb3_ppo_ext.checkpoints import atomic_write
 
@@ -189,14 +189,15 @@ def improvement_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
     """The ``(X, Y)`` pairs whose ``P(X > Y)`` the summary reports.
 
     Algorithms: ClippedPPO (or the first label) over each other one. Ablation variants: each variant over
-    the ablation's reference, the first label.
+    the ablation's reference, the first label, and over its control (``ablations.CONTROLS``) where that ran.
     """
     if len(labels) < 2:
         return []
     variants = {variant for variants in ABLATIONS.values() for variant in variants}
     first, others = labels[0], labels[1:]
     if first in variants:
-        return [(label, first) for label in others]
+        controls = [(label, CONTROLS[label]) for label in others if CONTROLS.get(label) in others]
+        return [(label, first) for label in others] + controls
     if "clipped_ppo" in labels:
         first, others = "clipped_ppo", [label for label in labels if label != "clipped_ppo"]
     return [(first, label) for label in others]
