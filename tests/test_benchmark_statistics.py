@@ -142,3 +142,20 @@ def test_each_run_has_a_line_with_its_core_share_segments_and_machine():
         "| A-v0 | clipped_ppo | 1 | 2.0 | 10.0 min | 2000 | 0.40 (shared) | 3 | A |",
         "| A-v0 | ppo | 0 | 3.0 | 10.0 min | 2000 | n/r | 1 | n/r |",
     ]
+
+
+def test_speed_ratios_use_only_unshared_runs_on_the_same_machine():
+    results = _results({"A-v0": {"clipped_ppo": [1.0, 2.0, 3.0], "ppo": [1.0, 2.0]}})
+    fast, shared, elsewhere = results["A-v0"]["clipped_ppo"]
+    fast.update(cpu_share=0.99, host="M x2", steps_per_s=900.0)
+    shared.update(cpu_share=0.5, host="M x2", steps_per_s=100.0)  # left out: shared the CPU
+    elsewhere.update(cpu_share=0.99, host="N x8", steps_per_s=5000.0)  # another machine: its own row
+    for run in results["A-v0"]["ppo"]:
+        run.update(cpu_share=0.95, host="M x2", steps_per_s=300.0)
+    speeds = statistics.unshared_speeds(results)
+    assert speeds == {("A-v0", "M x2", "clipped_ppo"): [900.0], ("A-v0", "N x8", "clipped_ppo"): [5000.0],
+                      ("A-v0", "M x2", "ppo"): [300.0, 300.0]}  # fmt: skip
+    text = statistics.summary_markdown(results, statistics.summarize(results, 100), None, title="t", command="c")
+    section = text.split("## Speed on one machine")[1].split("##")[0]
+    assert "| A-v0 | M x2 | clipped_ppo | 1 | 900 | 3.00x ppo |" in section
+    assert "| A-v0 | N x8 | clipped_ppo | 1 | 5000 |  |" in section

@@ -340,6 +340,7 @@ def summary_markdown(
             lines.append(f"| {env_id}{note} | {low:g} | {high:g} |")
     lines += _improvement_lines(results, reps)
     lines += _published_lines(rows)
+    lines += _speed_lines(results)
     lines += _run_lines(results)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
@@ -396,6 +397,46 @@ def _published_lines(rows: Sequence[Row]) -> list[str]:
         )
     lines += ["", "Caveats: ours are v5 envs, final deterministic evaluation of each seed (see above)."]
     lines += [f"{source}: {PUBLISHED_CAVEATS[source]}." for source in sources]
+    return lines
+
+
+def unshared_speeds(results: Results) -> dict[tuple[str, str, str], list[float]]:
+    """Env-steps/s of the runs that had a core to themselves, by ``(env, machine, label)``.
+
+    Only these compare across algorithms: a run that shared the CPU, or did not record whether it did,
+    or ran on another machine, says how busy the machine was as much as how fast the code is.
+    """
+    speeds: dict[tuple[str, str, str], list[float]] = {}
+    for env_id, by_label in results.items():
+        for label, runs in by_label.items():
+            for run in runs:
+                if shared_cpu(run) is False and run.get("host"):
+                    speeds.setdefault((env_id, run["host"], label), []).append(float(run["steps_per_s"]))
+    return speeds
+
+
+def _speed_lines(results: Results) -> list[str]:
+    speeds = unshared_speeds(results)
+    if not speeds:
+        return []
+    lines = [
+        "",
+        "## Speed on one machine",
+        "",
+        "Median env-steps/s of the runs that had a core to themselves, per machine; the ratio is to the",
+        "second label's median on the same env and machine (improvement pairs as above).",
+        "",
+        "| env | machine | algorithm | unshared runs | env-steps/s (median) | ratio |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    pairs = improvement_pairs(sorted({label for _, _, label in speeds}, key=_label_order))
+    for (env_id, host, label), values in speeds.items():
+        ratios = [
+            f"{np.median(values) / np.median(speeds[env_id, host, y]):.2f}x {y}"
+            for x, y in pairs
+            if x == label and (env_id, host, y) in speeds
+        ]
+        lines.append(f"| {env_id} | {host} | {label} | {len(values)} | {np.median(values):.0f} | {', '.join(ratios)} |")
     return lines
 
 
