@@ -226,15 +226,11 @@ def probability_of_improvement(
 
     for label_x, label_y in improvement_pairs(labels):
         both = {env: runs for env, runs in results.items() if label_x in runs and label_y in runs}
-        for env_id, by_label in both.items():
-            estimate(env_id, final_scores(by_label[label_x])[:, None], final_scores(by_label[label_y])[:, None],
-                     label_x, label_y)  # fmt: skip
+        scopes = [(env_id, {env_id: by_label}) for env_id, by_label in both.items()]
         if len(both) > 1:
-            n_x = min(len(by_label[label_x]) for by_label in both.values())
-            n_y = min(len(by_label[label_y]) for by_label in both.values())
-            x = np.stack([final_scores(by_label[label_x][:n_x]) for by_label in both.values()], axis=1)
-            y = np.stack([final_scores(by_label[label_y][:n_y]) for by_label in both.values()], axis=1)
-            estimate(f"all {len(both)} envs", x, y, label_x, label_y)
+            scopes.append((f"all {len(both)} envs", both))
+        for scope, envs in scopes:
+            estimate(scope, score_matrix(envs, label_x), score_matrix(envs, label_y), label_x, label_y)
     return rows
 
 
@@ -248,21 +244,26 @@ def normalize(env_id: str, scores: np.ndarray, all_env_scores: Iterable[float]) 
     return (scores - low) / (high - low) if high != low else np.zeros_like(scores)
 
 
-def normalized_score_matrices(results: Results) -> dict[str, np.ndarray]:
-    """Normalized final scores per label, ``[n_runs, n_envs]`` over the envs every label ran on.
+def score_matrix(results: Results, label: str, *, normalized: bool = False) -> np.ndarray:
+    """Final scores of ``label``, ``[n_runs, n_envs]`` over the envs of ``results`` (each must have run it).
 
-    rliable needs the same number of runs per env, so each label keeps its first common seeds.
+    rliable needs the same number of runs per env, so the label keeps its first common seeds. With
+    ``normalized``, each env's column is put on the :func:`normalize` scale.
     """
+    n_runs = min(len(by_label[label]) for by_label in results.values())
+    columns = []
+    for env_id, by_label in results.items():
+        scores = final_scores(by_label[label][:n_runs])
+        if normalized:
+            scores = normalize(env_id, scores, np.concatenate([final_scores(runs) for runs in by_label.values()]))
+        columns.append(scores)
+    return np.stack(columns, axis=1)
+
+
+def normalized_score_matrices(results: Results) -> dict[str, np.ndarray]:
+    """Normalized final scores per label (:func:`score_matrix`) over the envs every label ran on."""
     labels = [label for label in next(iter(results.values()), {}) if all(label in r for r in results.values())]
-    matrices = {}
-    for label in labels:
-        n_runs = min(len(by_label[label]) for by_label in results.values())
-        columns = []
-        for env_id, by_label in results.items():
-            all_scores = np.concatenate([final_scores(runs) for runs in by_label.values()])
-            columns.append(normalize(env_id, final_scores(by_label[label][:n_runs]), all_scores))
-        matrices[label] = np.stack(columns, axis=1)
-    return matrices
+    return {label: score_matrix(results, label, normalized=True) for label in labels}
 
 
 def aggregate(results: Results, reps: int = 2000) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
