@@ -558,8 +558,24 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, env_id, a
     walls = result["evaluations"]["wall_s"]
     assert walls == sorted(walls) and result["wall_s"] >= walls[-1] > state["wall_s"]
     assert result["cpu_s"] > state["cpu_s"] > 0  # both segments' CPU time
+    assert state["hosts"] == [runs.host_description()]
+    assert result["hosts"] == [runs.host_description()] * 2 and result["host"] == runs.host_description()
     assert not spec.partial_dir(tmp_path).exists()
     assert is_finished(spec, tmp_path)
+
+
+def test_a_run_resumed_on_another_machine_has_no_single_host(monkeypatch):
+    """Checkpoints travel between sessions' machines: a run's speed then belongs to no one machine."""
+    from sb3_ppo_ext.benchmark import runs
+
+    monkeypatch.setattr(runs, "host_description", lambda: "CPU B x2")
+    assert runs.segment_hosts(None) == ["CPU B x2"]
+    assert runs.segment_hosts({"segments": 2, "hosts": ["CPU A x2", "CPU A x2"]}) == ["CPU A x2"] * 2 + ["CPU B x2"]
+    # a checkpoint from before per-segment hosts: its segments' machines are unknown
+    assert runs.segment_hosts({"segments": 1}) == [None, "CPU B x2"]
+    assert runs.single_host(["CPU B x2", "CPU B x2"]) == "CPU B x2"
+    assert runs.single_host(["CPU A x2", "CPU B x2"]) is None
+    assert runs.single_host([None, "CPU B x2"]) is None
 
 
 def test_a_checkpoint_of_another_spec_is_ignored(tmp_path):

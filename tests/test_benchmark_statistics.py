@@ -129,19 +129,25 @@ def test_the_probability_of_improvement_interval_reproduces_and_leaves_numpy_s_g
 
 
 def test_each_run_has_a_line_with_its_core_share_segments_and_machine():
-    results = _results({"A-v0": {"clipped_ppo": [1.0, 2.0], "ppo": [3.0]}})
-    first, second = results["A-v0"]["clipped_ppo"]
+    results = _results({"A-v0": {"clipped_ppo": [1.0, 2.0, 4.0], "ppo": [3.0]}})
+    first, second, moved = results["A-v0"]["clipped_ppo"]
     first.update(cpu_share=0.97, host="CPU Z x2", segments=1)
     second.update(cpu_share=0.4, host="CPU Y x4", segments=3)
-    text = statistics.summary_markdown(results, statistics.summarize(results, 100), None, title="t", command="c")
+    # resumed on another machine: no single host, each segment's machine named
+    moved.update(cpu_share=0.95, host=None, hosts=["CPU Z x2", "CPU Z x2", "CPU W x2"], segments=3)
+    rows = statistics.summarize(results, 100)
+    assert rows[0].hosts == ["CPU W x2", "CPU Y x4", "CPU Z x2"]
+    text = statistics.summary_markdown(results, rows, None, title="t", command="c")
     section = text.split("## Each run")[1]
-    assert "Machines: A: CPU Y x4. B: CPU Z x2." in section
+    assert "Machines: A: CPU W x2. B: CPU Y x4. C: CPU Z x2." in section
     lines = [line for line in section.splitlines() if line.startswith("| A-v0 |")]
     assert lines == [
-        "| A-v0 | clipped_ppo | 0 | 1.0 | 10.0 min | 2000 | 0.97 | 1 | B |",
-        "| A-v0 | clipped_ppo | 1 | 2.0 | 10.0 min | 2000 | 0.40 (shared) | 3 | A |",
+        "| A-v0 | clipped_ppo | 0 | 1.0 | 10.0 min | 2000 | 0.97 | 1 | C |",
+        "| A-v0 | clipped_ppo | 1 | 2.0 | 10.0 min | 2000 | 0.40 (shared) | 3 | B |",
+        "| A-v0 | clipped_ppo | 2 | 4.0 | 10.0 min | 2000 | 0.95 | 3 | C+A |",
         "| A-v0 | ppo | 0 | 3.0 | 10.0 min | 2000 | n/r | 1 | n/r |",
     ]
+    assert statistics.unshared_speeds(results) == {("A-v0", "CPU Z x2", "clipped_ppo"): [2000.0]}
 
 
 def test_speed_ratios_use_only_unshared_runs_on_the_same_machine():

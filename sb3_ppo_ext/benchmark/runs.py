@@ -10,7 +10,7 @@ import pickle
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +322,23 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def segment_hosts(state: dict[str, Any] | None) -> list[str | None]:
+    """The machine of each segment of a run, this one last; ``None`` for a segment that did not record it.
+
+    Checkpoints travel between machines (a later session resumes them elsewhere), so one run's wall-clock can
+    span machines; only a run trained on one machine throughout says how fast that machine runs the code.
+    """
+    if state is None:
+        return [host_description()]
+    earlier = state.get("hosts") or [None] * state["segments"]
+    return [*earlier, host_description()]
+
+
+def single_host(hosts: Sequence[str | None]) -> str | None:
+    """The one machine all segments ran on, or ``None`` where they ran on several or did not say."""
+    return hosts[0] if hosts and hosts[0] is not None and all(h == hosts[0] for h in hosts) else None
+
+
 def host_description() -> str:
     """The machine a run trained on: CPU model and logical CPU count (e.g. ``"Intel(R) Xeon(R) Processor x2"``)."""
     model = platform.processor() or platform.machine()
@@ -350,8 +367,10 @@ def _jsonable(value: Any) -> Any:
 _STATE_FILE = "state.json"
 
 
-def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: int) -> None:
+def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: int, hosts: list[str | None]) -> None:
     """Save the model, its VecNormalize statistics and the recorder's history so the run can resume.
+
+    ``hosts`` names the machine of each segment so far (see :func:`segment_hosts`).
 
     Files carry the step count in their names and ``state.json`` is replaced last, atomically: a
     machine that stops mid-save leaves the previous checkpoint intact.
@@ -377,6 +396,7 @@ def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: 
         "wall_s": recorder.elapsed(),
         "cpu_s": recorder.cpu_seconds(),
         "segments": segments,
+        "hosts": hosts,
     }
     write_json(folder / _STATE_FILE, state)
     for path in folder.iterdir():
@@ -434,6 +454,7 @@ def train_and_evaluate(
     settings = run_settings(spec, hyperparams_dir)
     state = load_checkpoint(spec, out) if checkpoints else None
     segments = 1 if state is None else state["segments"] + 1
+    hosts = segment_hosts(state)
     # a resumed segment's envs get fresh seeds: replaying the first segment's episodes would be a bias
     env_seed = spec.seed + (segments - 1) * 1_000_000
     env = make_env(spec.env_id, settings, seed=env_seed)
@@ -450,7 +471,7 @@ def train_and_evaluate(
         model.set_random_seed(env_seed)
 
     def checkpoint(recorder: EvalRecorder) -> None:
-        save_checkpoint(spec, out, recorder, segments)
+        save_checkpoint(spec, out, recorder, segments, hosts)
 
     # the Zoo evaluates deterministically except on Atari (and MiniGrid)
     recorder = EvalRecorder(
@@ -486,7 +507,9 @@ def train_and_evaluate(
         # share of a core the run had over its wall-clock (None: not recorded); see EvalRecorder.cpu_seconds
         "cpu_s": cpu_s,
         "cpu_share": cpu_s / wall_s if cpu_s is not None and wall_s > 0 else None,
-        "host": host_description(),
+        # one machine throughout, else None: then the run's speed compares with nothing (see segment_hosts)
+        "host": single_host(hosts),
+        "hosts": hosts,
         # >1: resumed from a checkpoint this many times minus one (each segment restarts its episodes)
         "segments": segments,
         "versions": _versions(),

@@ -173,7 +173,7 @@ def summarize(results: Results, reps: int = 2000) -> list[Row]:
                     steps_per_s=float(np.mean([run["steps_per_s"] for run in runs])),
                     shared_cpu=sum(shared_cpu(run) is True for run in runs),
                     cpu_unrecorded=sum(shared_cpu(run) is None for run in runs),
-                    hosts=sorted({run["host"] for run in runs if run.get("host")}),
+                    hosts=sorted({host for run in runs for host in run_hosts(run) if host}),
                 )
             )
     return rows
@@ -401,11 +401,17 @@ def _published_lines(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def run_hosts(run: dict[str, Any]) -> list[str | None]:
+    """The machine of each segment of a run (``None``: not recorded); results before per-segment hosts give one."""
+    return list(run.get("hosts") or [run.get("host")])
+
+
 def unshared_speeds(results: Results) -> dict[tuple[str, str, str], list[float]]:
     """Env-steps/s of the runs that had a core to themselves, by ``(env, machine, label)``.
 
     Only these compare across algorithms: a run that shared the CPU, or did not record whether it did,
-    or ran on another machine, says how busy the machine was as much as how fast the code is.
+    or ran on another machine, says how busy the machine was as much as how fast the code is. A run
+    resumed on another machine has no single ``host`` and is left out too.
     """
     speeds: dict[tuple[str, str, str], list[float]] = {}
     for env_id, by_label in results.items():
@@ -443,7 +449,7 @@ def _speed_lines(results: Results) -> list[str]:
 
 def _run_lines(results: Results) -> list[str]:
     runs = [(env_id, label, run) for env_id, by in results.items() for label, rs in by.items() for run in rs]
-    hosts = sorted({run["host"] for _, _, run in runs if run.get("host")})
+    hosts = sorted({host for _, _, run in runs for host in run_hosts(run) if host})
     letters = {host: chr(ord("A") + i) for i, host in enumerate(hosts)}
     legend = "".join(f" {letters[host]}: {host}." for host in hosts)
     lines = [
@@ -459,7 +465,7 @@ def _run_lines(results: Results) -> list[str]:
     for env_id, label, run in runs:
         share = run.get("cpu_share")
         share_cell = "n/r" if share is None else f"{share:.2f}" + (" (shared)" if shared_cpu(run) else "")
-        machine = letters.get(run.get("host"), "n/r")
+        machine = "+".join(dict.fromkeys(letters.get(host, "n/r") for host in run_hosts(run)))
         lines.append(
             f"| {env_id} | {label} | {run['spec']['seed']} | {run['final_return']:.1f} | {run['wall_s'] / 60:.1f} min "
             f"| {run['steps_per_s']:.0f} | {share_cell} | {run.get('segments', 1)} | {machine} |"
