@@ -165,3 +165,17 @@ def test_speed_ratios_use_only_unshared_runs_on_the_same_machine():
     section = text.split("## Speed on one machine")[1].split("##")[0]
     assert "| A-v0 | M x2 | clipped_ppo | 1 | 900 | 3.00x ppo |" in section
     assert "| A-v0 | N x8 | clipped_ppo | 1 | 5000 |  |" in section
+
+
+def test_an_env_without_reference_scores_is_min_max_normalized_over_its_runs_and_says_so():
+    results = _results({"Hopper-v5": {"clipped_ppo": [1000.0, 2000.0], "ppo": [500.0, 1500.0]},
+                        "Unlisted-v0": {"clipped_ppo": [3.0, 7.0], "ppo": [5.0, -1.0]}})  # fmt: skip
+    assert statistics.normalization_bounds("Unlisted-v0", results["Unlisted-v0"]) == (-1.0, 7.0)
+    low, high = statistics.REFERENCE_SCORES["Hopper-v5"]
+    assert statistics.normalization_bounds("Hopper-v5", results["Hopper-v5"]) == (low, high)
+    matrix = statistics.score_matrix(results, "ppo", normalized=True)
+    np.testing.assert_allclose(matrix[:, 0], (np.array([500.0, 1500.0]) - low) / (high - low))
+    np.testing.assert_allclose(matrix[:, 1], [6 / 8, 0.0])
+    aggregates = statistics.aggregate(results, reps=100)
+    text = statistics.summary_markdown(results, statistics.summarize(results, 100), aggregates, title="t", command="c")
+    assert "| Unlisted-v0 (min-max over these runs) | -1 | 7 |" in text

@@ -11,7 +11,7 @@ variant with the ablation's reference; runs trained at 1M env steps are set besi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ REFERENCE_SCORES: dict[str, tuple[float, float]] = {
     "HalfCheetah-v5": (-233.7, 4800.0),
     "Hopper-v5": (31.1, 3800.0),
     "Walker2d-v5": (5.7, 4000.0),
+    "Ant-v5": (-17.2, 6000.0),
     # hiding velocities changes neither a random policy's return nor the threshold
     "CartPoleNoVel-v1": (25.1, 475.0),
     "PendulumNoVel-v1": (-1227.8, -150.0),
@@ -234,13 +235,17 @@ def probability_of_improvement(
     return rows
 
 
-def normalize(env_id: str, scores: np.ndarray, all_env_scores: Iterable[float]) -> np.ndarray:
-    """Scores on the ``(score - random) / (reference - random)`` scale of :data:`REFERENCE_SCORES`."""
+def normalization_bounds(env_id: str, by_label: dict[str, list[dict[str, Any]]]) -> tuple[float, float]:
+    """``(random, reference)`` of an env: :data:`REFERENCE_SCORES`, else the min and max over all its runs here."""
     if env_id in REFERENCE_SCORES:
-        low, high = REFERENCE_SCORES[env_id]
-    else:
-        values = list(all_env_scores)
-        low, high = min(values), max(values)
+        return REFERENCE_SCORES[env_id]
+    values = np.concatenate([final_scores(runs) for runs in by_label.values()])
+    return float(values.min()), float(values.max())
+
+
+def normalize(scores: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """Scores on the ``(score - random) / (reference - random)`` scale of :func:`normalization_bounds`."""
+    low, high = bounds
     return (scores - low) / (high - low) if high != low else np.zeros_like(scores)
 
 
@@ -255,7 +260,7 @@ def score_matrix(results: Results, label: str, *, normalized: bool = False) -> n
     for env_id, by_label in results.items():
         scores = final_scores(by_label[label][:n_runs])
         if normalized:
-            scores = normalize(env_id, scores, np.concatenate([final_scores(runs) for runs in by_label.values()]))
+            scores = normalize(scores, normalization_bounds(env_id, by_label))
         columns.append(scores)
     return np.stack(columns, axis=1)
 
@@ -335,8 +340,8 @@ def summary_markdown(
             cells = [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" for p, lo, hi in zip(point, *intervals[label], strict=True)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", "| env | random | reference |", "|---|---:|---:|"]
-        for env_id in results:
-            low, high = REFERENCE_SCORES.get(env_id, (float("nan"), float("nan")))
+        for env_id, by_label in results.items():
+            low, high = normalization_bounds(env_id, by_label)
             note = "" if env_id in REFERENCE_SCORES else " (min-max over these runs)"
             lines.append(f"| {env_id}{note} | {low:g} | {high:g} |")
     lines += _improvement_lines(results, reps)
