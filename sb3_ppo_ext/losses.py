@@ -85,6 +85,7 @@ class LossTerms(NamedTuple):
     clip_fraction: th.Tensor
     approx_kl: th.Tensor
     ref_kl: th.Tensor | None = None
+    dual_clip_fraction: th.Tensor | None = None
 
 
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:
@@ -163,6 +164,14 @@ def sampled_kl(log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
 def clip_fraction(ratio: th.Tensor, clip_range: float) -> th.Tensor:
     """Share of samples whose ratio lies outside ``[1 - eps, 1 + eps]`` (a diagnostic, no gradient)."""
     return ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
+
+
+def dual_clip_fraction(ratio: th.Tensor, advantages: th.Tensor, dual_clip: float) -> th.Tensor:
+    """Share of samples the dual clip bounds, ``A < 0`` and ``r > c`` (a diagnostic, no gradient).
+
+    Zero means dual clip changed nothing in this minibatch: its ``c A`` floor only wins past ``r = c``.
+    """
+    return ((advantages < 0) & (ratio.detach() > dual_clip)).float().mean()
 
 
 # -- the value loss (seed section 6, "value function clipping") -------------------------------------
@@ -327,6 +336,7 @@ class PPOLoss:
             clip_fraction(ratio, self.clip_range),
             approx_kl(ratio, log_ratio),
             ref_kl,
+            None if self.dual_clip is None else dual_clip_fraction(ratio, batch.advantages, self.dual_clip),
         )
         return terms, ratio
 

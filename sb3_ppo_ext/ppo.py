@@ -634,6 +634,8 @@ class ClippedPPO(ReliabilityMixin, OnPolicyAlgorithm):
         # SB3 logs the approximate KL of the last epoch only
         self.logger.record("train/approx_kl", _mean(history[-1], "approx_kl"))
         self.logger.record("train/clip_fraction", _mean(history, "clip_fraction"))
+        if self.dual_clip is not None:
+            self.logger.record("train/dual_clip_fraction", _mean(history, "dual_clip_fraction"))
         self.logger.record("train/loss", history[-1][-1].loss.item() if history[-1] else float("nan"))
         self.logger.record(
             "train/explained_variance",

@@ -36,10 +36,24 @@ def test_dual_clip_surrogate_and_gradient_at_chosen_ratios() -> None:
     assert without.item() == pytest.approx(-np.mean([-0.8, -2.0, -5.0, 1.2, 1.8]))
 
 
-def test_dual_clip_keeps_the_closed_form_path_and_trains() -> None:
+def test_dual_clip_fraction_counts_negative_advantages_past_c() -> None:
+    ratio = th.tensor([0.5, 2.0, 3.0, 4.0, 5.0, 6.0])
+    advantages = th.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 0.0])
+    # by hand, c = 3: only r = 4 with A = -1 is bounded (r = 3 ties c A, r = 5 and 6 have A >= 0)
+    assert losses.dual_clip_fraction(ratio, advantages, 3.0).item() == pytest.approx(1 / 6)
+    assert losses.dual_clip_fraction(ratio, advantages, 10.0).item() == 0.0
+
+
+def test_dual_clip_keeps_the_closed_form_path_and_trains(monkeypatch) -> None:
     model = ClippedPPO("MlpPolicy", "CartPole-v1", seed=0, dual_clip=3.0, **SMALL)
     assert type(model._backend()).__name__ == "ClosedFormBackend"
+    # every minibatch reports a bounded share of 0.25: the logged value is their mean
+    monkeypatch.setattr(losses, "dual_clip_fraction", lambda ratio, advantages, c: th.tensor(0.25))
     model.learn(128)
+    assert model.logger.name_to_value["train/dual_clip_fraction"] == pytest.approx(0.25)
+    plain = ClippedPPO("MlpPolicy", "CartPole-v1", seed=0, **SMALL)
+    plain.learn(64)
+    assert "train/dual_clip_fraction" not in plain.logger.name_to_value
 
 
 # -- KL-adaptive learning rate ------------------------------------------------------------------------------------
