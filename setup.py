@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent
 
 def _zoo_module() -> ModuleType:
     # loaded on its own: importing the package would need torch, which the build environment lacks
-    spec = importlib.util.spec_from_file_location("_sb3_ppo_ext_zoo", ROOT / "sb3_ppo_ext" / "zoo.py")
+    spec = importlib.util.spec_from_file_location("_sb3_ppo_ext_zoo", ROOT / "sb3_ppo_ext" / "zoo" / "plugin.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -103,7 +103,7 @@ def _register_masked_env() -> None:
 
 
 def _settings(workload: str) -> Any:
-    from sb3_ppo_ext.presets import parse_zoo_block, zoo_settings
+    from sb3_ppo_ext.zoo.presets import parse_zoo_block, zoo_settings
 
     spec = WORKLOADS[workload]
     if "block" in spec:
@@ -119,7 +119,7 @@ def _pair(workload: str) -> tuple[str, str]:
 
 
 def _make_env(workload: str, seed: int, n_envs: int | None = None, evaluation: bool = False) -> Any:
-    from sb3_ppo_ext.envs import make_env
+    from sb3_ppo_ext.zoo.envs import make_env
 
     return make_env(WORKLOADS[workload]["env_id"], _settings(workload), n_envs, seed, evaluation=evaluation)
 

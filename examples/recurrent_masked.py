@@ -3,7 +3,7 @@
     python examples/recurrent_masked.py                    # 40k steps, about a minute (OMP_NUM_THREADS=1)
     python examples/recurrent_masked.py --timesteps 5000   # or EXAMPLE_TIMESTEPS=5000
 
-The task (``sb3_ppo_ext.envs.MaskedMemoryEnv``, registered as ``MaskedMemory-v0``) shows a cue at the
+The task (``sb3_ppo_ext.zoo.envs.MaskedMemoryEnv``, registered as ``MaskedMemory-v0``) shows a cue at the
 first of 8 steps only, and pays +1 at the last step for naming it: that takes memory. On the steps in
 between, 4 of 32 actions are valid, and which 4 depends on the hidden cue: the env says which through
 ``action_masks()``, and an invalid action ends the episode with -1. sb3-contrib has RecurrentPPO
@@ -18,7 +18,7 @@ from sb3_contrib.common.maskable.utils import get_action_masks
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.envs import MaskedMemoryEnv
+from sb3_ppo_ext.zoo.envs import MaskedMemoryEnv
 
 
 def evaluate(model: ClippedPPO, n_episodes: int, seed: int) -> tuple[list[float], int]:

@@ -53,7 +53,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.preferences import (
+from sb3_ppo_ext.rlhf.preferences import (
     LearnedRewardWrapper,
     RewardModel,
     Segment,

@@ -8,10 +8,10 @@
     python -m sb3_ppo_ext export --load clipped_ppo_CartPole-v1.zip --out policy.onnx   # or --torchscript
     python -m sb3_ppo_ext benchmark ...               # delegates to sb3_ppo_ext.benchmark
 
-Hyperparameters come from the RL Baselines3 Zoo's tuned settings for the env (``sb3_ppo_ext.presets``),
+Hyperparameters come from the RL Baselines3 Zoo's tuned settings for the env (``sb3_ppo_ext.zoo.presets``),
 else from ClippedPPO's defaults (which are SB3 PPO's); ``--preset atari|mujoco`` picks a column of the
 seed's table instead, and ``--hyperparams key=value`` overrides any of them. Envs are built the Zoo's
-way by :func:`sb3_ppo_ext.envs.make_env`. MLP policies run with one torch thread unless ``--threads``
+way by :func:`sb3_ppo_ext.zoo.envs.make_env`. MLP policies run with one torch thread unless ``--threads``
 says otherwise (faster on shared cores); policies with convolutions keep torch's default.
 
 ``train`` also runs under ``torchrun --nproc_per_node=N -m sb3_ppo_ext train ...`` (data-parallel,
@@ -34,10 +34,11 @@ import torch
 from stable_baselines3.common.evaluation import evaluate_policy
 from torch import nn
 
-from sb3_ppo_ext import ClippedPPO, distributed, presets
-from sb3_ppo_ext.envs import make_env
+from sb3_ppo_ext import ClippedPPO, distributed
 from sb3_ppo_ext.errors import ExportError
-from sb3_ppo_ext.presets import Settings
+from sb3_ppo_ext.zoo import presets
+from sb3_ppo_ext.zoo.envs import make_env
+from sb3_ppo_ext.zoo.presets import Settings
 
 DEFAULT_ENV = "CartPole-v1"
 ALGO_NAME = "clipped_ppo"

@@ -64,6 +64,7 @@ from stable_baselines3.common.callbacks import (
 )
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.running_mean_std import RunningMeanStd
+from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.utils import get_device
 
 from sb3_ppo_ext import losses
@@ -245,9 +246,11 @@ class SingleProcess:
         """Every rank's ``array`` (same shape on each), side by side along the last axis, in rank order."""
         return array
 
-    def end_rollout(self, model: Any, continue_training: bool) -> bool:
-        """After a rollout: whether every rank goes on; statistics merged."""
-        return continue_training
+    def end_rollout(
+        self, model: Any, continue_training: bool, statistics: dict[str, float], names: tuple[str, ...]
+    ) -> tuple[bool, dict[str, float]]:
+        """After a rollout: whether every rank goes on, and the extensions' ``statistics`` over every rank."""
+        return continue_training, statistics
 
     def broadcast_model(self, model: Any) -> None:
         """Parameters, buffers and optimizer state from rank 0."""
@@ -431,29 +434,38 @@ class DataParallel(SingleProcess):
 
     # -- the rollout -------------------------------------------------------------------------------
 
-    def end_rollout(self, model: Any, continue_training: bool) -> bool:
-        """True if every rank goes on; VecNormalize statistics merged, reference KL averaged, episodes gathered."""
-        # one all-reduce: [ranks going on, reference KL sum, ranks with one, VecNormalize deltas...]; then the
+    def end_rollout(
+        self, model: Any, continue_training: bool, statistics: dict[str, float], names: tuple[str, ...]
+    ) -> tuple[bool, dict[str, float]]:
+        """True if every rank goes on; VecNormalize statistics merged, each statistic averaged, episodes gathered.
+
+        A statistic is averaged over the ranks that measured it (a rank stopped by a callback measured none).
+        """
+        # one all-reduce: [ranks going on, (sum, ranks with it) per statistic, VecNormalize deltas...]; then the
         # episodes gathered on rank 0. The same two collectives on every rank, stop or not.
-        ref_kl = getattr(model, "_rollout_ref_kl", None)
-        header = [float(continue_training), 0.0 if ref_kl is None else float(ref_kl), float(ref_kl is not None)]
+        header = [float(continue_training)]
+        for name in names:
+            header += [float(statistics.get(name, 0.0)), float(name in statistics)]
         stats = _running_stats(model.get_vec_normalize_env())
         deltas = self._stats_deltas(stats)
         buffer = th.as_tensor(np.concatenate([np.asarray(header), *deltas]), dtype=th.float64)
         reduced = self._all_reduce("end-of-rollout all-reduce", buffer.to(self._collective_device)).cpu().numpy()
-        going_on, ref_kl_sum, ranks_with_kl = reduced[:3]
-        if ranks_with_kl > 0:
-            model._rollout_ref_kl = ref_kl_sum / ranks_with_kl
-        self._merge_stats(stats, reduced[3:])
+        going_on = reduced[0]
+        merged = {}
+        for i, name in enumerate(names):
+            total, ranks = reduced[1 + 2 * i], reduced[2 + 2 * i]
+            if ranks > 0:
+                merged[name] = float(total / ranks)
+        self._merge_stats(stats, reduced[len(header) :])
         self._gather_episodes(model)
         if going_on == self.world_size:
-            return True
+            return True, merged
         # a rank that stopped mid-rollout counted fewer steps: all take the largest count, so that the ranks of a
         # later learn(reset_num_timesteps=False) run the same number of rollouts
         steps = th.tensor([model.num_timesteps], dtype=th.int64, device=self._collective_device)
         self._collective("step count all-reduce", dist.all_reduce, steps, op=dist.ReduceOp.MAX)
         model.num_timesteps = int(steps.item())
-        return False
+        return False, merged
 
     def _stats_deltas(self, stats: list[RunningMeanStd]) -> list[np.ndarray]:
         """Per statistic: count, sum and sum of squares (about the base mean) of the data since the last merge."""
@@ -534,7 +546,7 @@ class DataParallel(SingleProcess):
         self._align_stats(model)
         result = setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         if not self.is_main_process:
-            model._logger = Logger(folder=None, output_formats=[])
+            model.set_logger(Logger(folder=None, output_formats=[]))
         for name in ("ep_info_buffer", "ep_success_buffer"):
             buffer = getattr(model, name, None)
             if buffer is not None and not isinstance(buffer, CountingDeque):
@@ -580,6 +592,51 @@ class DataParallel(SingleProcess):
         self._base_stats = [
             (np.array(rms.mean, np.float64), np.array(rms.var, np.float64), float(rms.count)) for rms in stats
         ]
+
+
+class DataParallelMixin:
+    """What ``ClippedPPO`` needs from the data-parallel context beyond its loops: seeding, parameters, set-up.
+
+    The class using it sets ``self._dist`` (:func:`setup`) in its constructor; with one process every method is
+    SB3's own.
+    """
+
+    _dist: SingleProcess
+    n_envs: int
+
+    @property
+    def distributed(self) -> SingleProcess:
+        """The data-parallel context: ``rank``, ``world_size``, ``is_main_process`` (one process: 0, 1, True)."""
+        return self._dist
+
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """SB3's seeding; with several ranks, rank r seeds with ``seed + r * n_envs`` (env i: ``+ i``)."""
+        super().set_random_seed(
+            self._dist.rank_seed(  # type: ignore[misc]
+                seed, getattr(self, "n_envs", 1) or 1
+            )
+        )
+
+    def set_parameters(
+        self, load_path_or_dict: Any, exact_match: bool = True, device: th.device | str = "auto"
+    ) -> None:
+        """SB3's ``set_parameters``; with several ranks, rank 0's are then broadcast (call it on every rank)."""
+        super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)  # type: ignore[misc]
+        self._dist.broadcast_model(self)
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        # with several ranks: same settings checked, rank 0 alone logs and runs I/O callbacks, statistics aligned
+        setup = super()._setup_learn  # type: ignore[misc]
+        return self._dist.setup_learn(
+            self, setup, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
 
 
 class CountingDeque(deque):

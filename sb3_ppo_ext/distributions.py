@@ -9,7 +9,7 @@ output. ``to_sb3`` builds the equivalent SB3 ``Distribution`` for code that asks
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
@@ -419,6 +419,15 @@ class DiagGaussianHead(ActionHead):
         grad_mean = (mean - other_mean) * th.exp(-2 * other_log_std) * grad_kl
         grad_log_std = (th.exp(2 * (log_std - other_log_std)) - 1.0) * grad_kl
         return grad_mean, grad_log_std.expand_as(grad_mean)
+
+
+#: the action spaces :func:`make_action_head` has a head for; ppo.py hands them to SB3 as ``supported_action_spaces``
+SUPPORTED_ACTION_SPACES: tuple[type[spaces.Space[Any]], ...] = (
+    spaces.Box,
+    spaces.Discrete,
+    spaces.MultiDiscrete,
+    spaces.MultiBinary,
+)
 
 
 def make_action_head(

@@ -3,8 +3,8 @@
 Every error we raise for bad input or bad data subclasses :class:`ClippedPPOError`, itself a
 ``ValueError``. Where SB3 raises another built-in type for the same input (``AssertionError``,
 ``NotImplementedError``, ``EOFError``...), our class subclasses that one too, so ``except`` clauses
-written against SB3 keep working. The checks that raise them live in :mod:`sb3_ppo_ext.checks`,
-:mod:`sb3_ppo_ext.finite` and :mod:`sb3_ppo_ext.checkpoints`.
+written against SB3 keep working. The checks that raise them live in :mod:`sb3_ppo_ext.reliability.checks`,
+:mod:`sb3_ppo_ext.reliability.finite` and :mod:`sb3_ppo_ext.reliability.checkpoints`.
 """
 
 

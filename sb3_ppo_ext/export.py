@@ -48,8 +48,8 @@ from torch import nn
 
 from sb3_ppo_ext.errors import ExportError, UnsupportedExportError
 from sb3_ppo_ext.masking import mask_groups, policy_applies_masks
-from sb3_ppo_ext.recurrent_policies import RecurrentActorCriticPolicy
-from sb3_ppo_ext.sequences import LSTMStates
+from sb3_ppo_ext.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_ppo_ext.recurrent.sequences import LSTMStates
 
 __all__ = [
     "METADATA_FILE",

@@ -1,6 +1,9 @@
-"""Generalized Advantage Estimation (seed section 4) as one pure function."""
+"""Generalized Advantage Estimation (seed section 4) as one pure function, and the truncation bootstrap."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,3 +51,37 @@ def compute_gae(
         last_gae = deltas[t] + discounts[t] * last_gae
         advantages[t] = last_gae
     return advantages, advantages + values
+
+
+def bootstrap_truncations(
+    rewards: np.ndarray,
+    dones: np.ndarray,
+    infos: list[dict[str, Any]],
+    gamma: float,
+    obs_to_tensor: Callable[[Any], tuple[Any, bool]],
+    state_values: Callable[[Any, np.ndarray, np.ndarray], Any],
+) -> None:
+    """Add ``gamma * V(terminal_obs)`` to the reward of every time-limit truncation, in place, in one forward pass.
+
+    A true termination is never bootstrapped: its future value is zero by definition. A truncated episode's
+    return goes on past the time limit, and GAE would otherwise treat its end as a termination.
+
+    :param state_values: ``(obs, episode_starts, rows) -> V [len(rows), 1]``, the critic after the current step.
+    """
+    if not dones.any():
+        return
+    truncated = [
+        i
+        for i in np.flatnonzero(dones)
+        if infos[i].get("TimeLimit.truncated", False) and infos[i].get("terminal_observation") is not None
+    ]
+    if not truncated:
+        return
+    terminal = [infos[i]["terminal_observation"] for i in truncated]
+    if isinstance(terminal[0], dict):
+        batch: Any = {key: np.stack([obs[key] for obs in terminal]) for key in terminal[0]}
+    else:
+        batch = np.stack(terminal)
+    obs_tensor, _ = obs_to_tensor(batch)
+    values = state_values(obs_tensor, np.zeros(len(truncated), dtype=bool), np.asarray(truncated))
+    rewards[truncated] += gamma * values.flatten().cpu().numpy()

@@ -11,9 +11,9 @@ autograd path differentiates :meth:`PPOLoss.__call__`; the closed-form path
 the policy's per-sample outputs ``log pi(a|s)``, ``V(s)`` and ``H(pi(.|s))``, and backpropagates them
 through the network by hand.
 
-Adding a term: write its formula here, add it in :meth:`PPOLoss._terms`; if it has a closed-form
-derivative with respect to those outputs, add it in :meth:`PPOLoss._output_gradients`, otherwise
-make :attr:`PPOLoss.has_closed_form` false while it is active: the update then goes through autograd.
+Adding a term: write its formula here, add it in :meth:`PPOLoss._terms` and its derivative with respect to
+those outputs in :meth:`PPOLoss._output_gradients` (every term has one today). A term without a closed form
+must make ``ClosedFormBackend.loss_and_grad`` hand its steps to autograd, as it does for LSTM minibatches.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class PPOBatch(NamedTuple):
 
     ``action_masks`` (bool ``[B, mask_size]``) are the invalid-action masks the actions were sampled under,
     or None; the policy evaluates the masked distribution with them. ``sequences``
-    (:class:`~sb3_ppo_ext.sequences.Sequences`) tells a recurrent policy which rows form which sequence.
-    ``reference`` (:class:`~sb3_ppo_ext.reference.ReferenceTargets`) holds what the reference policy says
+    (:class:`~sb3_ppo_ext.recurrent.sequences.Sequences`) tells a recurrent policy which rows form which sequence.
+    ``reference`` (:class:`~sb3_ppo_ext.rlhf.reference.ReferenceTargets`) holds what the reference policy says
     about the minibatch, for the reference-KL term.
     """
 
@@ -46,6 +46,14 @@ class PPOBatch(NamedTuple):
     action_masks: th.Tensor | None = None
     sequences: Any = None
     reference: Any = None
+
+    @classmethod
+    def from_minibatch(cls, samples: Any, advantages: th.Tensor, discrete_actions: bool) -> PPOBatch:
+        """A buffer minibatch as the loss sees it: Discrete actions as indices, masks and sequences kept if any."""
+        actions = samples.actions.long().flatten() if discrete_actions else samples.actions
+        masks, sequences = getattr(samples, "action_masks", None), getattr(samples, "sequences", None)
+        fields = (samples.observations, actions, samples.old_log_prob, samples.old_values, advantages, samples.returns)
+        return cls(*fields, masks, sequences)
 
     def policy_inputs(self) -> dict[str, Any]:
         """What ``evaluate_actions`` gets besides observations and actions: the masks and sequences there are."""
@@ -86,6 +94,14 @@ class LossTerms(NamedTuple):
     approx_kl: th.Tensor
     ref_kl: th.Tensor | None = None
     dual_clip_fraction: th.Tensor | None = None
+
+
+def mean_of(terms: list[LossTerms] | list[list[LossTerms]], name: str) -> float:
+    """Mean of one field of :class:`LossTerms` over minibatches (nested lists are flattened); NaN if none."""
+    flat = [t for item in terms for t in (item if isinstance(item, list) else [item])]
+    if not flat:
+        return float("nan")
+    return th.stack([getattr(t, name) for t in flat]).mean().item()
 
 
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:
@@ -287,23 +303,16 @@ class PPOLoss:
     def __post_init__(self) -> None:
         _check_value_clip_mode(self.vf_clip_mode)
 
-    @property
-    def has_closed_form(self) -> bool:
-        """True when every active term has a closed-form derivative in :meth:`_output_gradients`.
-
-        The reference-KL term's is ``dL/dKL_i``; the head's :meth:`~sb3_ppo_ext.distributions.ActionHead.kl_grads`
-        carries it to the head's parameters (heads without it send such updates through autograd).
-        """
-        return True
-
     def __call__(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> LossTerms:
         """The loss terms of one minibatch; ``loss`` keeps the autograd graph of ``evaluation``."""
         return self._terms(evaluation, batch)[0]
 
     def with_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, OutputGradients]:
-        """The loss terms and ``dL/d(V, log pi, H)`` per sample, for the closed-form path (no graph)."""
-        if not self.has_closed_form:
-            raise NotImplementedError("an active loss term has no closed-form gradient; use autograd")
+        """The loss terms and ``dL/d(V, log pi, H, KL_ref)`` per sample, for the closed-form path (no graph).
+
+        Every term has its derivative in :meth:`_output_gradients`; the reference-KL term's is ``dL/dKL_i``, which
+        the head's :meth:`~sb3_ppo_ext.distributions.ActionHead.kl_grads` carries to the head's parameters.
+        """
         with th.no_grad():
             terms, ratio = self._terms(evaluation, batch)
             return terms, self._output_gradients(evaluation, batch, ratio)

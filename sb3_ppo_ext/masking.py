@@ -15,12 +15,24 @@ import inspect
 from typing import Any
 
 import numpy as np
+import torch as th
 from gymnasium import spaces
 from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_ppo_ext.errors import ActionMaskError
+from sb3_ppo_ext.errors import ActionMaskError, ConfigurationError
+from sb3_ppo_ext.extensions import Extension
 
-__all__ = ["check_action_masks", "env_provides_masks", "mask_groups", "policy_applies_masks", "read_action_masks"]
+__all__ = [
+    "ActionMasks",
+    "MaskedPredictMixin",
+    "check_action_masks",
+    "env_provides_masks",
+    "mask_groups",
+    "policy_applies_masks",
+    "read_action_masks",
+]
 
 
 def mask_groups(action_space: spaces.Space) -> list[int] | None:
@@ -103,3 +115,59 @@ def _check_some_action_valid(array: np.ndarray, groups: list[int], action_space:
 def read_action_masks(env: Any, action_space: spaces.Space, *, step: int) -> np.ndarray:
     """``get_action_masks(env)``, checked (:func:`check_action_masks`)."""
     return check_action_masks(get_action_masks(env), action_space, env.num_envs, step=step)
+
+
+class ActionMasks(Extension):
+    """The rollout layer of masking: each step's masks read from the env, given to the policy and stored.
+
+    Active in a rollout when the env has ``action_masks()`` and ``learn(use_masking=True)`` (the default);
+    otherwise the rollout is SB3's.
+    """
+
+    def __init__(self) -> None:
+        self._env: VecEnv | None = None
+        self._masks: np.ndarray | None = None
+
+    def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
+        """Decide whether this rollout applies the env's masks."""
+        self._env = env if model.use_masking and env_provides_masks(env) else None
+        self._masks = None
+        if self._env is not None and "action_masks" not in inspect.signature(rollout_buffer.add).parameters:
+            raise ConfigurationError(
+                f"rollout_buffer_class={type(rollout_buffer).__name__} cannot store the env's action masks (its add() "
+                "has no action_masks argument). Use ClippedPPO's default buffer, or pass use_masking=False to learn()."
+            )
+        self._action_space = model.action_space
+        self._device = model.device
+
+    def policy_inputs(self, step: int) -> dict[str, Any]:
+        """``action_masks`` for this step, read from the env and checked."""
+        if self._env is None:
+            return {}
+        self._masks = read_action_masks(self._env, self._action_space, step=step)
+        return {"action_masks": th.as_tensor(self._masks, device=self._device)}
+
+    def buffer_fields(self) -> dict[str, Any]:
+        """The step's masks, for the minibatches (the update evaluates the policy under them)."""
+        return {} if self._masks is None else {"action_masks": self._masks}
+
+
+class MaskedPredictMixin:
+    """``predict`` with sb3-contrib's ``action_masks``: only valid actions are returned (SB3's without masks)."""
+
+    action_space: spaces.Space
+    policy: Any
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned."""
+        if action_masks is None:
+            return super().predict(observation, state, episode_start, deterministic)  # type: ignore[misc]
+        masks = check_action_masks(action_masks, self.action_space, None, step=-1)
+        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=masks)

@@ -8,8 +8,8 @@ log-probabilities and entropies come from :mod:`sb3_ppo_ext.distributions` in cl
 
 from __future__ import annotations
 
-import functools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,9 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
-from sb3_ppo_ext.checks import SUPPORTED_ACTION_SPACES
-from sb3_ppo_ext.distributions import ActionHead, DiagGaussianHead, make_action_head
-from sb3_ppo_ext.fast.matmul import use_fast_linears, wants_onednn_matmul
+from sb3_ppo_ext.distributions import SUPPORTED_ACTION_SPACES, ActionHead, DiagGaussianHead, make_action_head
+from sb3_ppo_ext.matmul import use_fast_linears, wants_onednn_matmul
+from sb3_ppo_ext.optim import fast_optimizer_kwargs
 
 # invalid-action masks, as numpy (from the env) or a tensor (from the rollout buffer)
 MaybeMasks = np.ndarray | th.Tensor | None
@@ -49,39 +49,6 @@ def layer_init(layer: nn.Module, gain: float) -> nn.Module:
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     return layer
-
-
-@functools.cache
-def fused_adam_supported(device_type: str) -> bool:
-    """Whether this torch build runs a fused Adam step on ``device_type`` (tried once on a tiny tensor, cached).
-
-    setup.cfg allows torch>=2.3, but fused Adam on CPU only arrived in torch 2.4 (on MPS later); depending on
-    the version an unsupported device fails at construction or at the first step, so the probe does both.
-    """
-    try:
-        param = th.zeros(1, device=device_type, requires_grad=True)
-        optimizer = th.optim.Adam([param], fused=True)
-        param.grad = th.ones_like(param)
-        optimizer.step()
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return True
-
-
-def fast_optimizer_kwargs(optimizer_class: type[th.optim.Optimizer], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Add ``fused=True`` for Adam/AdamW unless the caller chose an implementation or torch lacks it.
-
-    The fused kernel updates every parameter in one call instead of ~10 small ops per tensor; on
-    PPO's small networks that is about a sixth of a minibatch step (see benchmarks/throughput.py).
-    """
-    if not issubclass(optimizer_class, (th.optim.Adam, th.optim.AdamW)) or {"fused", "foreach"} & kwargs.keys():
-        return kwargs
-    # the optimizer is built while the parameters sit on torch's default device; SB3 moves them afterwards, to
-    # CUDA (fused there since torch 2.0) or, only when asked, to MPS
-    devices = {th.empty(0).device.type} | ({"mps"} if th.backends.mps.is_available() else set())
-    if all(fused_adam_supported(device) for device in devices):
-        return {**kwargs, "fused": True}
-    return kwargs
 
 
 def mlp(input_dim: int, hidden_sizes: list[int], activation_fn: type[nn.Module]) -> tuple[nn.Sequential, int]:
@@ -171,8 +138,10 @@ class ActorCriticPolicy(BasePolicy):
         least 2^20 weights; elsewhere its one-time ~7 MB of resident memory outweighs the gain.
     """
 
-    #: RPO's noise width on the Gaussian mean during updates (set by ClippedPPO(rpo_alpha=...)); None: off
-    rpo_alpha: float | None = None
+    #: ``f(head, params) -> params``, applied to the action head's parameters when stored actions are evaluated in
+    #: training mode (the update), e.g. RPO's noise (:mod:`sb3_ppo_ext.stabilizers.rpo`); None: off. The
+    #: closed-form kernel refuses a policy that has one.
+    training_params_transform: Callable[[ActionHead, tuple[th.Tensor, ...]], tuple[th.Tensor, ...]] | None = None
 
     def __init__(
         self,
@@ -340,7 +309,7 @@ class ActorCriticPolicy(BasePolicy):
                 self.action_net.bias[self.action_head.action_dim :].fill_(self.log_std_init)  # type: ignore[union-attr]
 
     def _use_accelerators(self, onednn_matmul: bool | None) -> None:
-        """Memory layouts and matrix-product kernels that change speed, not values (:mod:`sb3_ppo_ext.fast.matmul`)."""
+        """Memory layouts and matrix-product kernels that change speed, not values (:mod:`sb3_ppo_ext.matmul`)."""
         # large Linear layers (NatureCNN's 3136x512) go through oneDNN's matrix product
         self.onednn_matmul = wants_onednn_matmul(self) if onednn_matmul is None else bool(onednn_matmul)
         if self.onednn_matmul:
@@ -487,10 +456,8 @@ class ActorCriticPolicy(BasePolicy):
             dist = self._sde_distribution(latent_pi, action_masks)
             return values, dist.log_prob(actions), dist.entropy(), None
         params = self._head_params(latent_pi, action_masks)
-        if self.rpo_alpha and self.training and isinstance(self.action_head, DiagGaussianHead):
-            # RPO (Rahman and Xue 2022): the update sees the mean shifted by U(-alpha, alpha), keeping exploration
-            mean, log_std = params
-            params = (mean + th.empty_like(mean).uniform_(-self.rpo_alpha, self.rpo_alpha), log_std)
+        if self.training_params_transform is not None and self.training:
+            params = self.training_params_transform(self.action_head, params)
         log_prob, entropy, _ = self.action_head.evaluate(params, actions)
         return values, log_prob, entropy, params
 
@@ -590,3 +557,14 @@ class MultiInputActorCriticPolicy(ActorCriticPolicy):
 MlpPolicy = ActorCriticPolicy
 CnnPolicy = ActorCriticCnnPolicy
 MultiInputPolicy = MultiInputActorCriticPolicy
+
+
+def env_actions(policy: BasePolicy, action_space: spaces.Space, actions: np.ndarray) -> np.ndarray:
+    """The actions the env receives: Box actions unscaled (squashed gSDE) or clipped to the bounds."""
+    if not isinstance(action_space, spaces.Box):
+        return actions
+    if policy.squash_output:
+        return policy.unscale_action(actions)
+    # an unbounded Gaussian sample must be clipped to the env's bounds; the buffer keeps the unclipped action so
+    # that its log-probability stays consistent. np.clip's values, without its Python layers (~10 us per step)
+    return np.minimum(np.maximum(actions, action_space.low), action_space.high)

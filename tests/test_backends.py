@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,12 +20,12 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
-from sb3_ppo_ext import ActorCriticPolicy, ClippedPPO
+from sb3_ppo_ext import ActorCriticPolicy, ClippedPPO, backends
 from sb3_ppo_ext.backends import AutogradBackend, ClosedFormBackend, select_backend
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead
 from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
 from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss
-from sb3_ppo_ext.policies import fast_optimizer_kwargs
+from sb3_ppo_ext.optim import fast_optimizer_kwargs
 
 # -- every loss term: autograd of PPOLoss.__call__ vs PPOLoss.with_gradients ------------------------------
 
@@ -115,7 +114,6 @@ def _numpy_loss(evaluation: PolicyEvaluation, batch: PPOBatch, loss: PPOLoss) ->
 def test_closed_form_output_gradients_equal_autograd(case: str, seed: int) -> None:
     clip_range, clip_range_vf, mode, ent_coef, vf_coef, with_entropy = TERM_CASES[case]
     loss = PPOLoss(clip_range, clip_range_vf, mode, ent_coef, vf_coef)  # type: ignore[arg-type]
-    assert loss.has_closed_form
     evaluation, batch = _random_inputs(seed, with_entropy)
     _assert_data_exercises_clipping(evaluation, batch, loss)
 
@@ -230,9 +228,9 @@ def test_train_is_the_same_with_both_backends(env_id: str, kwargs: dict[str, Any
         "MlpPolicy", env_id, n_steps=64, batch_size=32, n_epochs=2, learning_rate=1e-3, seed=5, device="cpu", **kwargs
     )
     model.fast_update = True
-    assert isinstance(model._backend(), ClosedFormBackend)
+    assert isinstance(select_backend(model.policy, model.fast_update), ClosedFormBackend)
     model.fast_update = False
-    assert type(model._backend()) is AutogradBackend
+    assert type(select_backend(model.policy, model.fast_update)) is AutogradBackend
     _collect(model)
     initial = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
     policy_state = copy.deepcopy(model.policy.state_dict())
@@ -275,7 +273,7 @@ def test_reference_kl_in_the_loss_keeps_the_closed_form_and_trains_as_autograd(
     policy_state = copy.deepcopy(model.policy.state_dict())
     optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
     fallbacks: list[int] = []
-    backend = model._learn_backend()
+    backend = model._learn.backend(model.policy, model.fast_update)
     assert isinstance(backend, ClosedFormBackend)
     autograd_step = backend.autograd.loss_and_grad
     monkeypatch.setattr(backend.autograd, "loss_and_grad", lambda *a: (fallbacks.append(1), autograd_step(*a))[1])
@@ -319,22 +317,6 @@ def test_head_kl_gradient_equals_autograd(head: str) -> None:
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
 
 
-# -- a loss without closed form falls back to autograd --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ValuePenaltyLoss(PPOLoss):
-    """PPOLoss plus a term with no closed-form gradient: ``0.3 * mean(V^2)``."""
-
-    @property
-    def has_closed_form(self) -> bool:
-        return False
-
-    def _terms(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, th.Tensor]:
-        terms, ratio = super()._terms(evaluation, batch)
-        return terms._replace(loss=terms.loss + 0.3 * (evaluation.values**2).mean()), ratio
-
-
 def _rollout_batch(model: ClippedPPO) -> PPOBatch:
     _collect(model)
     sample = next(model.rollout_buffer.get(32))
@@ -346,31 +328,6 @@ def _rollout_batch(model: ClippedPPO) -> PPOBatch:
 
 def _grads_of(policy: nn.Module) -> dict[str, th.Tensor]:
     return {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
-def test_closed_form_backend_falls_back_to_autograd_without_closed_form(env_id: str) -> None:
-    model = ClippedPPO("MlpPolicy", env_id, n_steps=32, batch_size=32, seed=1, device="cpu")
-    batch = _rollout_batch(model)
-    loss = _ValuePenaltyLoss(0.2, None, "max", 0.01, 0.5)
-    assert not loss.has_closed_form
-    with pytest.raises(NotImplementedError):
-        loss.with_gradients(PolicyEvaluation(*model.policy.evaluate_actions(batch.observations, batch.actions)), batch)
-
-    reference = AutogradBackend(model.policy).loss_and_grad(loss, batch)
-    expected = _grads_of(model.policy)
-    plain = AutogradBackend(model.policy).loss_and_grad(PPOLoss(0.2, None, "max", 0.01, 0.5), batch)
-    without_penalty = _grads_of(model.policy)
-    assert reference.loss.item() != pytest.approx(plain.loss.item())
-    assert not th.allclose(expected["value_net.bias"], without_penalty["value_net.bias"])
-
-    terms = ClosedFormBackend(model.policy).loss_and_grad(loss, batch)
-    for name in LossTerms._fields:
-        th.testing.assert_close(getattr(terms, name), getattr(reference, name), msg=name)
-    got = _grads_of(model.policy)
-    assert got.keys() == expected.keys() == {name for name, _ in model.policy.named_parameters()}
-    for name, grad in expected.items():
-        th.testing.assert_close(got[name], grad, msg=name)
 
 
 # -- fast-path safety: anything not exactly ours goes through autograd ----------------------------------------
@@ -385,7 +342,7 @@ def test_stock_policies_use_the_closed_form_backend() -> None:
     for env_id in ("CartPole-v1", "Pendulum-v1"):
         model = _tiny("MlpPolicy", env_id)
         assert MLPActorCriticKernel.supports(model.policy)
-        assert isinstance(model._backend(), ClosedFormBackend)
+        assert isinstance(select_backend(model.policy, model.fast_update), ClosedFormBackend)
         assert type(select_backend(model.policy, fast_update=False)) is AutogradBackend
 
 
@@ -432,7 +389,7 @@ def test_policy_with_an_overridden_method_goes_through_autograd(name: str) -> No
     policy_class, calls = _counting_subclass(name)
     model = _tiny(policy_class)
     assert not MLPActorCriticKernel.supports(model.policy)
-    assert type(model._backend()) is AutogradBackend
+    assert type(select_backend(model.policy, model.fast_update)) is AutogradBackend
     if name in _USED_BY_LEARN:
         model.learn(32)
         assert calls, f"the override of {name} never ran during learn()"
@@ -473,7 +430,7 @@ class _LearnedValueBias(ActorCriticPolicy):
 def test_extra_parameter_of_a_subclass_is_trained() -> None:
     model = _tiny(_LearnedValueBias, learning_rate=1e-2)
     assert not MLPActorCriticKernel.supports(model.policy)
-    assert type(model._backend()) is AutogradBackend
+    assert type(select_backend(model.policy, model.fast_update)) is AutogradBackend
     model.learn(64)
     assert model.policy.value_bias.item() != 0.0
     assert model.policy.value_bias.grad is not None and model.policy.value_bias.grad.abs().item() > 0
@@ -499,7 +456,7 @@ def test_custom_features_extractor_goes_through_autograd(share: bool) -> None:
     kwargs = dict(features_extractor_class=_CountingFlatten, share_features_extractor=share)
     model = _tiny("MlpPolicy", policy_kwargs=kwargs)
     assert not MLPActorCriticKernel.supports(model.policy)
-    assert type(model._backend()) is AutogradBackend
+    assert type(select_backend(model.policy, model.fast_update)) is AutogradBackend
     model.learn(32)
     assert _CountingFlatten.calls > model.n_steps  # every rollout step and the update
 
@@ -525,30 +482,30 @@ def test_module_hook_forces_autograd(hook: str, where: str) -> None:
     calls: list[int] = []
     _MODULE_HOOKS[hook](modules[where], calls)
     assert not MLPActorCriticKernel.supports(model.policy)
-    assert type(model._backend()) is AutogradBackend
+    assert type(select_backend(model.policy, model.fast_update)) is AutogradBackend
     if where != "policy":  # the policy's own __call__ hooks only run in rollouts (forward)
         model.learn(32)
         assert calls
 
 
-def test_backend_is_chosen_once_per_learn_call_and_again_at_the_next() -> None:
+def test_backend_is_chosen_once_per_learn_call_and_again_at_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny("MlpPolicy")
     chosen: list[Any] = []
-    backend = model._backend
-    model._backend = lambda: (chosen.append(1), backend())[1]  # type: ignore[method-assign]
+    real_select = backends.select_backend
+    monkeypatch.setattr(backends, "select_backend", lambda *a: (chosen.append(1), real_select(*a))[1])
     model.learn(96)  # three rollouts and three updates
     assert len(chosen) == 1
-    assert isinstance(model._learn_backend(), ClosedFormBackend)
+    assert isinstance(model._learn.backend(model.policy, model.fast_update), ClosedFormBackend)
     # a hook registered between two learn() calls: the next one chooses again, and autograd runs the hook
     calls: list[int] = []
     model.policy.mlp_extractor.value_net[0].register_forward_hook(lambda *a: calls.append(1))
     model.learn(32, reset_num_timesteps=False)
     assert len(chosen) == 2
-    assert type(model._learn_backend()) is AutogradBackend
+    assert type(model._learn.backend(model.policy, model.fast_update)) is AutogradBackend
     assert calls
     model.fast_update = False  # switched by hand between updates: chosen again at the next use
     model.policy.mlp_extractor.value_net[0]._forward_hooks.clear()
-    assert type(model._learn_backend()) is AutogradBackend
+    assert type(model._learn.backend(model.policy, model.fast_update)) is AutogradBackend
     assert len(chosen) == 3
 
 
@@ -569,7 +526,7 @@ def test_parameter_gradient_hook_is_honoured(hook: str) -> None:
 
         weight.register_post_accumulate_grad_hook(zero_grad)
     assert not MLPActorCriticKernel.supports(model.policy)
-    assert type(model._backend()) is AutogradBackend
+    assert type(select_backend(model.policy, model.fast_update)) is AutogradBackend
     model.learn(64)
     assert calls, "the gradient hook never ran"
     assert th.equal(weight.detach(), before), "a parameter frozen by its gradient hook moved"

@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("rliable", reason="the benchmark extra (requirements-benchmark.txt) is not installed")
 pytest.importorskip("matplotlib", reason="the benchmark extra (requirements-benchmark.txt) is not installed")
 
-from sb3_ppo_ext import presets  # noqa: E402
 from sb3_ppo_ext.benchmark import ablations, cli  # noqa: E402
 from sb3_ppo_ext.benchmark.runner import Outcome, execute, plan  # noqa: E402
 from sb3_ppo_ext.benchmark.runs import RunSpec, is_finished, load_result, write_json  # noqa: E402
-from sb3_ppo_ext.presets import zoo_settings  # noqa: E402
 from sb3_ppo_ext.schedules import LinearDecay  # noqa: E402
+from sb3_ppo_ext.zoo import presets  # noqa: E402
+from sb3_ppo_ext.zoo.presets import zoo_settings  # noqa: E402
 
 # Tiny Zoo-format settings: two rollouts of 2 x 64 steps per run, so a run takes about a second.
 TINY_YAML = """
@@ -482,7 +482,7 @@ def test_masked_memory_task_runs_for_each_algorithm_with_the_right_evaluation(tm
 def test_masked_recurrent_evaluation_carries_the_lstm_states():
     from sb3_ppo_ext import ClippedPPO
     from sb3_ppo_ext.benchmark import runs
-    from sb3_ppo_ext.envs import make_env
+    from sb3_ppo_ext.zoo.envs import make_env
 
     settings = presets.parse_zoo_block({"n_envs": 2})
     env = make_env("MaskedMemory-v0", settings, seed=0)

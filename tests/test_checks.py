@@ -1,4 +1,4 @@
-"""sb3_ppo_ext.checks: bad configuration fails fast with a clear error; what SB3's PPO accepts keeps working."""
+"""sb3_ppo_ext.reliability.checks: bad configuration fails fast with a clear error; what SB3's PPO accepts works."""
 
 from __future__ import annotations
 
@@ -20,14 +20,6 @@ from stable_baselines3.common.torch_layers import FlattenExtractor, NatureCNN
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from sb3_ppo_ext import ClippedPPO, policies, ppo
-from sb3_ppo_ext.checks import (
-    SUPPORTED_ACTION_SPACE_NAMES,
-    SUPPORTED_ACTION_SPACES,
-    check_clip_range_vf,
-    check_schedule_value,
-    validate_hyperparameters,
-    validate_image_observation,
-)
 from sb3_ppo_ext.errors import (
     ClippedPPOError,
     ConfigurationAssertionError,
@@ -37,6 +29,14 @@ from sb3_ppo_ext.errors import (
     UnsupportedSpaceError,
 )
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy
+from sb3_ppo_ext.reliability.checks import (
+    SUPPORTED_ACTION_SPACE_NAMES,
+    SUPPORTED_ACTION_SPACES,
+    check_clip_range_vf,
+    check_schedule_value,
+    validate_hyperparameters,
+    validate_image_observation,
+)
 from sb3_ppo_ext.schedules import linear
 
 BOX3 = spaces.Box(-1, 1, (3,), np.float32)

@@ -39,6 +39,7 @@ from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_ppo_ext import ClippedPPO, distributed, losses
+from sb3_ppo_ext.backends import select_backend
 from sb3_ppo_ext.buffers import GAERolloutBuffer
 from sb3_ppo_ext.errors import ConfigurationError, DistributedError
 
@@ -204,7 +205,7 @@ def train_until_kl_stop(rank: int | None) -> dict[str, Any]:
         _, log_prob, _ = model.policy.evaluate_actions(obs, th.as_tensor(data["actions"]))
         data["log_probs"] = log_prob.numpy() + (data["log_probs"] - fixed_data(0)["log_probs"])
     fill(model, data, rank)
-    backend, loss = model._backend(), losses.PPOLoss(0.2)
+    backend, loss = select_backend(model.policy, model.fast_update), losses.PPOLoss(0.2)
     history = model._train_epochs(backend, loss)
     return {
         "parameters": parameters(model),
@@ -302,7 +303,7 @@ def _vecnormalize_merge(rank: int, context: distributed.DataParallel) -> dict[st
     for steps in (20 + 7 * rank, 13):  # two merges, different amounts of data on each rank
         for _ in range(steps):
             venv.step(np.array([venv.action_space.sample() for _ in range(venv.num_envs)]))
-        assert context.end_rollout(owner, True)
+        assert context.end_rollout(owner, True, {}, ())[0]
         snapshots.append([(rms.mean.copy(), rms.var.copy(), rms.count) for rms in (venv.obs_rms, venv.ret_rms)])
         boundaries.append([len(spy.batches) for spy in spies])
     return {"snapshots": snapshots, "boundaries": boundaries, "data": [spy.batches for spy in spies]}
@@ -545,7 +546,11 @@ def test_single_process_context_is_the_identity() -> None:
     assert th.equal(context.normalize_advantages(advantages), losses.normalize_advantages(advantages))
     terms = losses.LossTerms(*(th.tensor(float(i)) for i in range(6)))
     assert context.reduce_update([], terms) is terms
-    assert context.rank_seed(3, 8) == 3 and context.global_steps(5) == 5 and context.end_rollout(None, False) is False
+    assert (
+        context.rank_seed(3, 8) == 3
+        and context.global_steps(5) == 5
+        and context.end_rollout(None, False, {"x": 1.0}, ("x",)) == (False, {"x": 1.0})
+    )
 
 
 def test_distributed_argument_is_checked() -> None:

@@ -1,4 +1,4 @@
-"""sb3_ppo_ext.envs: rl_zoo3's Atari rule, env building, the NoVel tasks and MaskedMemory-v0."""
+"""sb3_ppo_ext.zoo.envs: rl_zoo3's Atari rule, env building, the NoVel tasks and MaskedMemory-v0."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from stable_baselines3.common.vec_env import (
     sync_envs_normalization,
 )
 
-from sb3_ppo_ext.envs import (
+from sb3_ppo_ext.zoo.envs import (
     MASKED_MEMORY_ID,
     NO_VELOCITY_ENVS,
     MaskedMemoryEnv,
@@ -26,7 +26,7 @@ from sb3_ppo_ext.envs import (
     make_env,
     register_no_velocity_envs,
 )
-from sb3_ppo_ext.presets import parse_zoo_block
+from sb3_ppo_ext.zoo.presets import parse_zoo_block
 
 IMAGE_ID = "SB3PPOExtTestImage-v0"
 FAKE_ATARI_ID = "SB3PPOExtFakeGame-v0"
@@ -186,8 +186,8 @@ def test_rl_zoo3_registers_its_no_velocity_envs_after_ours():
     script = """
 import warnings
 import gymnasium as gym
-from sb3_ppo_ext.envs import make_env, register_no_velocity_envs
-from sb3_ppo_ext.presets import parse_zoo_block
+from sb3_ppo_ext.zoo.envs import make_env, register_no_velocity_envs
+from sb3_ppo_ext.zoo.presets import parse_zoo_block
 register_no_velocity_envs()
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Gymnasium's 'Overriding environment' notice

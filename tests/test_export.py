@@ -28,7 +28,7 @@ from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext import __main__ as cli
 from sb3_ppo_ext.errors import ExportError, UnsupportedExportError
 from sb3_ppo_ext.export import METADATA_FILE, PolicyExportModule, read_metadata, to_onnx, to_torchscript
-from sb3_ppo_ext.sequences import LSTMStates
+from sb3_ppo_ext.recurrent.sequences import LSTMStates
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -11,9 +11,8 @@ import pytest
 import torch as th
 from stable_baselines3.common.logger import configure
 
-from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.backends import ClosedFormBackend
-from sb3_ppo_ext.fast import matmul
+from sb3_ppo_ext import ClippedPPO, matmul
+from sb3_ppo_ext.backends import ClosedFormBackend, select_backend
 from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
 
 
@@ -91,7 +90,7 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
         ("Pendulum-v1", dict(ent_coef=0.01, max_grad_norm=0.05)),
         ("Pendulum-v1", dict(ent_coef=0.01, clip_range_vf=0.1, policy_kwargs=dict(state_dependent_std=True))),
         ("Pendulum-v1", dict(clip_range=0.02, policy_kwargs=dict(log_std_init=-1.0, ortho_init=False))),
-        # 256-unit layers at batch 64: large enough for the oneDNN matrix products (sb3_ppo_ext.fast.matmul)
+        # 256-unit layers at batch 64: large enough for the oneDNN matrix products (sb3_ppo_ext.matmul)
         (
             "Pendulum-v1",
             dict(ent_coef=0.01, policy_kwargs=dict(activation_fn=th.nn.ReLU, net_arch=[256, 256], onednn_matmul=True)),
@@ -113,7 +112,7 @@ def test_update_matches_reference(env_id: str, kwargs: dict, fast_update: bool) 
         fast_update=fast_update,
         **kwargs,
     )
-    assert isinstance(model._backend(), ClosedFormBackend) == fast_update
+    assert isinstance(select_backend(model.policy, model.fast_update), ClosedFormBackend) == fast_update
     _collect(model)
     # a few steps of training first, so that ratios leave 1 and clipping is exercised
     model.n_epochs = 3

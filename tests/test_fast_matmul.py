@@ -1,12 +1,12 @@
-"""oneDNN matrix products (sb3_ppo_ext.fast.matmul) agree with the BLAS ones, values and gradients."""
+"""oneDNN matrix products (sb3_ppo_ext.matmul) agree with the BLAS ones, values and gradients."""
 
 import pytest
 import torch as th
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_ppo_ext import matmul
 from sb3_ppo_ext.buffers import GAERolloutBuffer
-from sb3_ppo_ext.fast import matmul
 
 needs_onednn = pytest.mark.skipif(not matmul.onednn_matmul_available(), reason="torch build without oneDNN matmul")
 

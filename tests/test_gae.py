@@ -11,7 +11,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.gae import compute_gae
+from sb3_ppo_ext.gae import bootstrap_truncations, compute_gae
 
 GAMMA = 0.9
 
@@ -138,7 +138,7 @@ def test_gae_last_dones_cut_the_bootstrap() -> None:
     np.testing.assert_allclose(done_returns[:, 0], [2.0, 1.0])
 
 
-# -- truncation bootstrap in ClippedPPO -----------------------------------------------------------------------
+# -- truncation bootstrap (gae.bootstrap_truncations, as ClippedPPO calls it) ----------------------------------------
 
 
 def _box_model(n_envs: int = 3) -> ClippedPPO:
@@ -157,7 +157,7 @@ def test_bootstrap_truncations_only_for_time_limit_truncations() -> None:
     ]
     dones = np.array([True, True, True, False])
     rewards = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
-    model._bootstrap_truncations(rewards, dones, infos)
+    bootstrap_truncations(rewards, dones, infos, model.gamma, model.policy.obs_to_tensor, model._state_values)
     with th.no_grad():
         v0 = model.policy.predict_values(th.as_tensor(terminal[:1])).item()
     assert v0 != 0.0
@@ -172,7 +172,8 @@ def test_bootstrap_truncations_several_envs_and_dict_observations() -> None:
     infos = [{"TimeLimit.truncated": True, "terminal_observation": obs} for obs in terminal]
     infos[1]["TimeLimit.truncated"] = False
     rewards = np.zeros(3, dtype=np.float32)
-    model._bootstrap_truncations(rewards, np.array([True, True, True]), infos)
+    dones = np.array([True, True, True])
+    bootstrap_truncations(rewards, dones, infos, model.gamma, model.policy.obs_to_tensor, model._state_values)
     expected = []
     for obs in terminal:
         obs_tensor, _ = model.policy.obs_to_tensor(obs)

@@ -19,7 +19,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import ActorCriticPolicy as SB3ActorCriticPolicy
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.backends import AutogradBackend, ClosedFormBackend
+from sb3_ppo_ext.backends import AutogradBackend, ClosedFormBackend, select_backend
 from sb3_ppo_ext.distributions import BernoulliHead, BinaryCategoricalHead, CategoricalHead, MultiCategoricalHead
 from sb3_ppo_ext.errors import ActionMaskError, ConfigurationError
 from sb3_ppo_ext.masking import check_action_masks, mask_groups
@@ -168,7 +168,8 @@ def test_closed_form_and_autograd_agree_with_masks() -> None:
         model = ClippedPPO(
             "MlpPolicy", InvalidActionEnvDiscrete(dim=8, n_invalid_actions=4), seed=0, fast_update=fast, **TINY
         )
-        assert isinstance(model._backend(), ClosedFormBackend if fast else AutogradBackend)
+        backend = select_backend(model.policy, model.fast_update)
+        assert isinstance(backend, ClosedFormBackend if fast else AutogradBackend)
         model.learn(96)
         params[fast] = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
     for name, value in params[True].items():

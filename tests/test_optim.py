@@ -221,7 +221,7 @@ def test_clippedppo_trains_identically_with_and_without_the_lean_step(monkeypatc
             device="cpu",
         )
         model.learn(256)
-        assert model._lean_step.enabled == (flag == "1")
+        assert model._learn._lean.enabled == (flag == "1")
         final[flag] = [p.detach().clone() for p in model.policy.parameters()]
     for lean, full in zip(final["1"], final["0"], strict=True):
         assert th.equal(lean, full)

@@ -14,7 +14,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import NatureCNN
 from torch import nn
 
-from sb3_ppo_ext import ClippedPPO, policies, recurrent_policies
+from sb3_ppo_ext import ClippedPPO, optim, policies
 from sb3_ppo_ext.policies import (
     HIDDEN_GAIN,
     POLICY_HEAD_GAIN,
@@ -23,6 +23,7 @@ from sb3_ppo_ext.policies import (
     ActorCriticPolicy,
     MultiInputActorCriticPolicy,
 )
+from sb3_ppo_ext.recurrent import policies as recurrent_policies
 
 OBS = spaces.Box(-1.0, 1.0, shape=(6,), dtype=np.float32)
 IMAGE = spaces.Box(0, 255, shape=(3, 36, 36), dtype=np.uint8)  # channel-first, as VecTransposeImage hands it over
@@ -311,15 +312,15 @@ def test_unsupported_action_space_is_rejected() -> None:
 
 def test_adam_is_fused_where_torch_supports_it() -> None:
     policy = ActorCriticPolicy(OBS, spaces.Discrete(2), lr)
-    assert bool(policy.optimizer.defaults.get("fused")) == policies.fused_adam_supported("cpu")
+    assert bool(policy.optimizer.defaults.get("fused")) == optim.fused_adam_supported("cpu")
     chosen = ActorCriticPolicy(OBS, spaces.Discrete(2), lr, optimizer_kwargs=dict(foreach=True))
     assert not chosen.optimizer.defaults.get("fused")  # the caller's choice of implementation stays
 
 
 def test_adam_falls_back_to_unfused_where_torch_lacks_fused_adam(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch 2.3 has no fused Adam on CPU: the optimizer must build, and train, without it."""
-    monkeypatch.setattr(policies, "fused_adam_supported", lambda device_type: False)
-    assert policies.fast_optimizer_kwargs(th.optim.Adam, {"eps": 1e-5}) == {"eps": 1e-5}
+    monkeypatch.setattr(optim, "fused_adam_supported", lambda device_type: False)
+    assert optim.fast_optimizer_kwargs(th.optim.Adam, {"eps": 1e-5}) == {"eps": 1e-5}
     policy = ActorCriticPolicy(OBS, spaces.Discrete(2), lr)
     assert not policy.optimizer.defaults.get("fused")
     _, values, _ = policy(_obs_batch(8))

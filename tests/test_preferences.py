@@ -1,4 +1,4 @@
-"""sb3_ppo_ext.preferences: the Bradley-Terry loss, reward recovery, the reward wrapper and periodic refits."""
+"""sb3_ppo_ext.rlhf.preferences: the Bradley-Terry loss, reward recovery, the reward wrapper and periodic refits."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.preferences import (
+from sb3_ppo_ext.rlhf.preferences import (
     LearnedRewardWrapper,
     PreferenceDataset,
     RewardModel,

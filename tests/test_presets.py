@@ -1,4 +1,4 @@
-"""sb3_ppo_ext.presets: the seed's table, the Zoo YAML files we ship, and the Zoo-block parser."""
+"""sb3_ppo_ext.zoo.presets: the seed's table, the Zoo YAML files we ship, and the Zoo-block parser."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import yaml
 from torch import nn
 
-from sb3_ppo_ext import presets
-from sb3_ppo_ext.presets import Settings, parse_zoo_block, preset, zoo_settings
 from sb3_ppo_ext.schedules import LinearDecay
+from sb3_ppo_ext.zoo import presets
+from sb3_ppo_ext.zoo.presets import Settings, parse_zoo_block, preset, zoo_settings
 
 BENCHMARK_ENVS = [
     "CartPole-v1",
@@ -199,7 +199,7 @@ RECURRENT_BENCHMARK_ENVS = ["CartPoleNoVel-v1", "PendulumNoVel-v1", "MountainCar
 @pytest.mark.parametrize("algo", ["clipped_ppo_lstm", "recurrent_ppo"])
 def test_every_recurrent_benchmark_block_builds_its_algorithm(algo, env_id):
     from sb3_ppo_ext.benchmark.runs import ALGOS
-    from sb3_ppo_ext.envs import make_env
+    from sb3_ppo_ext.zoo.envs import make_env
 
     s = zoo_settings(algo, env_id)
     env = make_env(env_id, s, seed=0)  # registers the NoVel and MaskedMemory ids

@@ -17,10 +17,11 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.buffers import RecurrentGAERolloutBuffer
+from sb3_ppo_ext.backends import select_backend
 from sb3_ppo_ext.errors import ConfigurationError
-from sb3_ppo_ext.recurrent_policies import RecurrentActorCriticPolicy
-from sb3_ppo_ext.sequences import LSTMStates, Sequences, Step, sequence_layout
+from sb3_ppo_ext.recurrent.buffers import RecurrentGAERolloutBuffer
+from sb3_ppo_ext.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_ppo_ext.recurrent.sequences import LSTMStates, Sequences, Step, sequence_layout
 from tests.conftest import CounterEnv, DictObsEnv, ImageEnv
 
 TINY = dict(n_steps=32, batch_size=16, n_epochs=2, device="cpu")
@@ -331,7 +332,7 @@ def test_fast_update_is_not_used_for_lstms() -> None:
     from sb3_ppo_ext.backends import AutogradBackend
 
     model = _recurrent_model("CartPole-v1")
-    assert isinstance(model._backend(), AutogradBackend)
+    assert isinstance(select_backend(model.policy, model.fast_update), AutogradBackend)
 
 
 def test_invalid_recurrent_settings_get_sb3_contribs_errors() -> None:

@@ -15,7 +15,8 @@ from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.distributions import BernoulliHead, CategoricalHead, DiagGaussianHead, MultiCategoricalHead
 from sb3_ppo_ext.errors import ConfigurationError
 from sb3_ppo_ext.losses import PolicyEvaluation, PPOBatch, PPOLoss, sampled_kl
-from sb3_ppo_ext.reference import AdaptiveKLController
+from sb3_ppo_ext.rlhf.penalty import RewardKLPenalty
+from sb3_ppo_ext.rlhf.reference import AdaptiveKLController
 
 SMALL = dict(n_steps=128, batch_size=64, n_epochs=4, device="cpu")
 
@@ -180,7 +181,9 @@ def test_reward_mode_subtracts_beta_times_the_log_ratio_of_each_step(cartpole_re
     # CartPole pays 1 per step; a time-limit truncation would add a bootstrap, but 128 steps end none
     expected = 1.0 - 0.5 * (buffer.log_probs.reshape(-1) - ref_log_prob)
     np.testing.assert_allclose(buffer.rewards.reshape(-1), expected, rtol=1e-5, atol=1e-6)
-    assert model._rollout_ref_kl == pytest.approx(float(np.mean(buffer.log_probs.reshape(-1) - ref_log_prob)), rel=1e-4)
+    assert model.extension(RewardKLPenalty).rollout_kl == pytest.approx(
+        float(np.mean(buffer.log_probs.reshape(-1) - ref_log_prob)), rel=1e-4
+    )
 
 
 def test_reference_is_saved_and_restored_with_the_controller(tmp_path, cartpole_reference) -> None:
@@ -224,7 +227,7 @@ def test_masks_reach_the_reference_and_gsde_uses_the_sampled_estimator() -> None
     reference = ClippedPPO("MlpPolicy", env, seed=1, **SMALL)
     model = ClippedPPO("MlpPolicy", env, seed=0, ref_policy=reference, **SMALL)
     model.learn(256)
-    assert np.isfinite(model.rollout_buffer.rewards).all() and np.isfinite(model._rollout_ref_kl)
+    assert np.isfinite(model.rollout_buffer.rewards).all() and np.isfinite(model.extension(RewardKLPenalty).rollout_kl)
     # the reference scores actions under the same masks: its probabilities over the valid actions sum to 1
     obs = th.as_tensor(model.rollout_buffer.observations[:1, 0])
     masks = th.as_tensor(model.rollout_buffer.action_masks[:1, 0])

@@ -25,9 +25,10 @@ from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-from sb3_ppo_ext import ClippedPPO, checkpoints
-from sb3_ppo_ext.checkpoints import AtomicCheckpointCallback, find_checkpoints, latest_checkpoint
+from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.errors import ModelFileError, NonFiniteError, NotAModelFileError
+from sb3_ppo_ext.reliability import checkpoints
+from sb3_ppo_ext.reliability.checkpoints import AtomicCheckpointCallback, find_checkpoints, latest_checkpoint
 from sb3_ppo_ext.schedules import linear
 
 # -- NaN/inf from the environment ----------------------------------------------------------------------------

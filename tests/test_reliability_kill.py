@@ -14,7 +14,7 @@ import pytest
 import torch as th
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.checkpoints import find_checkpoints, latest_checkpoint
+from sb3_ppo_ext.reliability.checkpoints import find_checkpoints, latest_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and fork are POSIX")
 
@@ -79,7 +79,7 @@ def test_sigkill_during_save_leaves_the_previous_file_intact_and_loadable(tmp_pa
 TRAIN_OR_RESUME = """
 from stable_baselines3.common.env_util import make_vec_env
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.checkpoints import AtomicCheckpointCallback, latest_checkpoint
+from sb3_ppo_ext.reliability.checkpoints import AtomicCheckpointCallback, latest_checkpoint
 from sb3_ppo_ext.schedules import linear
 folder, total = sys.argv[1], int(sys.argv[2])
 env = make_vec_env("CartPole-v1", n_envs=2, seed=0)

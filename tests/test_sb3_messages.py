@@ -29,8 +29,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.checks import check_clip_range_vf
 from sb3_ppo_ext.errors import ClippedPPOError
+from sb3_ppo_ext.reliability.checks import check_clip_range_vf
 
 SB3_SOURCE = Path(stable_baselines3.__file__).parent
 BOX3 = spaces.Box(-1, 1, (3,), np.float32)

@@ -14,7 +14,7 @@ from stable_baselines3.common.vec_env import VecTransposeImage
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.buffers import DictGAERolloutBuffer
-from sb3_ppo_ext.checks import SUPPORTED_ACTION_SPACES
+from sb3_ppo_ext.reliability.checks import SUPPORTED_ACTION_SPACES
 
 ENVS = {
     "discrete": lambda: IdentityEnv(dim=3, ep_length=10),
@@ -47,7 +47,7 @@ def check_predict(model: ClippedPPO, env) -> None:
 
 
 def test_envs_cover_every_supported_action_space() -> None:
-    """What sb3_ppo_ext.checks accepts is what is trained below, no more, no less."""
+    """What sb3_ppo_ext.reliability.checks accepts is what is trained below, no more, no less."""
     assert {type(make().action_space) for make in ENVS.values()} == set(SUPPORTED_ACTION_SPACES)
 
 

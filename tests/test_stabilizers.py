@@ -10,8 +10,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 from sb3_ppo_ext import ClippedPPO, losses
 from sb3_ppo_ext.backends import AutogradBackend, select_backend
 from sb3_ppo_ext.errors import ConfigurationError
-from sb3_ppo_ext.normalizers import ValueNormalizer
 from sb3_ppo_ext.optim import KLAdaptiveLearningRate
+from sb3_ppo_ext.stabilizers.value_normalization import ValueNormalizer
 from tests.conftest import DictObsEnv
 
 SMALL = dict(n_steps=64, batch_size=32, n_epochs=2, device="cpu")
@@ -46,7 +46,7 @@ def test_dual_clip_fraction_counts_negative_advantages_past_c() -> None:
 
 def test_dual_clip_keeps_the_closed_form_path_and_trains(monkeypatch) -> None:
     model = ClippedPPO("MlpPolicy", "CartPole-v1", seed=0, dual_clip=3.0, **SMALL)
-    assert type(model._backend()).__name__ == "ClosedFormBackend"
+    assert type(select_backend(model.policy, model.fast_update)).__name__ == "ClosedFormBackend"
     # every minibatch reports a bounded share of 0.25: the logged value is their mean
     monkeypatch.setattr(losses, "dual_clip_fraction", lambda ratio, advantages, c: th.tensor(0.25))
     model.learn(128)

@@ -65,7 +65,7 @@ def test_wheel_installs_the_zoo_hook_and_uninstall_removes_it(tmp_path):
         names = archive.namelist()
         record = archive.read(next(n for n in names if n.endswith(".dist-info/RECORD"))).decode()
     assert PTH_NAME in names and f"\n{PTH_NAME}," in "\n" + record  # at the root, listed for uninstall
-    assert "sb3_ppo_ext/hyperparams/clipped_ppo.yml" in names
+    assert "sb3_ppo_ext/zoo/hyperparams/clipped_ppo.yml" in names
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)

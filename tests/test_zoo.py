@@ -15,6 +15,7 @@ import yaml
 rl_zoo3 = pytest.importorskip("rl_zoo3")
 
 from sb3_ppo_ext import ClippedPPO, zoo  # noqa: E402
+from sb3_ppo_ext.zoo import plugin  # noqa: E402
 
 TRAIN_ARGS = ["--algo", "clipped_ppo", "--env", "CartPole-v1", "-n", "512", "--eval-freq", "-1", "--seed", "0"]
 
@@ -36,18 +37,18 @@ def test_register_adds_clipped_ppo_to_every_registry():
 
 
 def test_default_config_is_the_shipped_clipped_ppo_yml():
-    from sb3_ppo_ext import presets
+    from sb3_ppo_ext.zoo import presets
 
     assert zoo.HYPERPARAMS_PATH == presets.HYPERPARAMS_DIR / presets.HYPERPARAMS_FILES["clipped_ppo"]
     assert zoo.HYPERPARAMS_PATH.is_file()
 
 
 def test_module_top_level_needs_only_the_standard_library():
-    # setup.py loads zoo.py on its own, in a build environment without torch or this package, to write the hook
+    # setup.py loads zoo/plugin.py on its own, in a build environment without torch or this package, to write the hook
     script = textwrap.dedent(
         f"""
         import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("standalone_zoo", {zoo.__file__!r})
+        spec = importlib.util.spec_from_file_location("standalone_zoo", {plugin.__file__!r})
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         heavy = sorted(m for m in ("torch", "numpy", "yaml", "stable_baselines3", "sb3_ppo_ext") if m in sys.modules)

@@ -9,7 +9,7 @@ Command line: ``python -m sb3_ppo_ext.benchmark --help``. The same steps from Py
 Modules, in the order data flows: ``runner`` (plan, run in parallel, resume) -> ``runs`` (train and
 evaluate one run, write its JSON atomically) -> ``statistics`` (final scores, IQM and CIs,
 summary.md) -> ``plots``; ``ablations`` holds the variants. The Zoo YAML files are in
-``sb3_ppo_ext/hyperparams/`` (read by ``sb3_ppo_ext.presets``), the envs built by ``sb3_ppo_ext.envs``.
+``sb3_ppo_ext/zoo/hyperparams/`` (read by ``sb3_ppo_ext.zoo.presets``), the envs built by ``sb3_ppo_ext.zoo.envs``.
 """
 
 from sb3_ppo_ext.benchmark.runner import Outcome, execute, plan

@@ -31,8 +31,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from sb3_ppo_ext.presets import Settings
 from sb3_ppo_ext.schedules import linear
+from sb3_ppo_ext.zoo.presets import Settings
 
 Variant = Callable[[Settings], Settings]
 

@@ -16,7 +16,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sb3_ppo_ext import presets
 from sb3_ppo_ext.benchmark.ablations import ABLATION_ALGOS, ABLATIONS, applies
 from sb3_ppo_ext.benchmark.runs import (
     ALGOS,
@@ -28,6 +27,7 @@ from sb3_ppo_ext.benchmark.runs import (
     write_json,
 )
 from sb3_ppo_ext.errors import DistributedError
+from sb3_ppo_ext.zoo import presets
 
 # Evaluations per run when --eval-freq is not given.
 DEFAULT_EVALUATIONS = 20
@@ -130,6 +130,31 @@ def _run_in_worker(spec: RunSpec, out: Path, hyperparams_dir: Path | None) -> di
     return train_and_evaluate(spec, out, report=_report_to_queue, hyperparams_dir=hyperparams_dir)
 
 
+def _runs_to_do(
+    specs: Sequence[RunSpec],
+    out: Path,
+    reuse: Sequence[Path],
+    hyperparams_dir: Path | None,
+    outcome: Outcome,
+    console: Console,
+) -> list[RunSpec]:
+    """The specs without a result in ``out``; finished or reusable ones go to ``outcome.skipped``."""
+    todo = []
+    for spec in specs:
+        if not is_finished(spec, out):
+            reused = next(
+                (r for source in reuse if (r := reusable_result(spec, Path(source), hyperparams_dir)) is not None),
+                None,
+            )
+            if reused is None:
+                todo.append(spec)
+                continue
+            write_json(spec.result_path(out), reused)
+            console.print(f"reused {spec.key} from {reused['reused_from']}")
+        outcome.skipped.append(spec)
+    return todo
+
+
 def execute(
     specs: Sequence[RunSpec],
     out: Path,
@@ -154,19 +179,7 @@ def execute(
     out = Path(out)
     console = console or Console()
     outcome = Outcome()
-    todo = []
-    for spec in specs:
-        if not is_finished(spec, out):
-            reused = next(
-                (r for source in reuse if (r := reusable_result(spec, Path(source), hyperparams_dir)) is not None),
-                None,
-            )
-            if reused is None:
-                todo.append(spec)
-                continue
-            write_json(spec.result_path(out), reused)
-            console.print(f"reused {spec.key} from {reused['reused_from']}")
-        outcome.skipped.append(spec)
+    todo = _runs_to_do(specs, out, reuse, hyperparams_dir, outcome, console)
     if outcome.skipped:
         console.print(f"resuming: {len(outcome.skipped)} of {len(specs)} runs already finished in {out}")
     if not todo:

@@ -26,13 +26,14 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, sync_envs_normalization
 
 import sb3_ppo_ext
-from sb3_ppo_ext import distributed, presets
+from sb3_ppo_ext import distributed
 from sb3_ppo_ext.benchmark import ablations
-from sb3_ppo_ext.checkpoints import atomic_write
-from sb3_ppo_ext.envs import is_atari, make_env
 from sb3_ppo_ext.evaluation import evaluate_policy as evaluate_policy_with_states
 from sb3_ppo_ext.evaluation import predict_takes_masks
-from sb3_ppo_ext.recurrent_policies import RecurrentActorCriticPolicy
+from sb3_ppo_ext.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_ppo_ext.reliability.checkpoints import atomic_write
+from sb3_ppo_ext.zoo import presets
+from sb3_ppo_ext.zoo.envs import is_atari, make_env
 
 #: Benchmark algorithm name -> dotted class path (the seed's algorithm table, plus ClippedPPO).
 ALGOS: dict[str, str] = {
@@ -100,7 +101,7 @@ class RunSpec:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON through :func:`sb3_ppo_ext.checkpoints.atomic_write`, creating the folder.
+    """Write ``data`` as JSON through :func:`sb3_ppo_ext.reliability.checkpoints.atomic_write`, creating the folder.
 
     Readers see the old file or the whole new one, never a partial one.
     """
@@ -434,6 +435,20 @@ def _wrapper_chain(env: Any) -> list[Any]:
     return chain
 
 
+def _new_or_resumed_model(
+    spec: RunSpec, settings: presets.Settings, env: VecEnv, state: dict[str, Any] | None, folder: Path, env_seed: int
+) -> Any:
+    """The run's model: new, or loaded from its checkpoint (with its VecNormalize statistics) and reseeded."""
+    algo_class = presets.import_object(ALGOS[spec.algo])
+    if state is None:
+        return algo_class(settings.policy, env, seed=spec.seed, device=spec.device, verbose=0, **settings.model_kwargs)
+    if state["vecnormalize"] is not None:
+        _restore_normalization(env, folder / state["vecnormalize"])
+    model = algo_class.load(folder / state["model"], env=env, device=spec.device)
+    model.set_random_seed(env_seed)
+    return model
+
+
 def train_and_evaluate(
     spec: RunSpec,
     out: Path,
@@ -460,15 +475,7 @@ def train_and_evaluate(
     env = make_env(spec.env_id, settings, seed=env_seed)
     # statistics are copied from the training env before each evaluation; returns unscaled
     eval_env = make_env(spec.env_id, settings, 1, env_seed + EVAL_SEED_OFFSET, evaluation=True)
-    algo_class = presets.import_object(ALGOS[spec.algo])
-    if state is None:
-        model = algo_class(settings.policy, env, seed=spec.seed, device=spec.device, verbose=0, **settings.model_kwargs)
-    else:
-        folder = spec.partial_dir(out)
-        if state["vecnormalize"] is not None:
-            _restore_normalization(env, folder / state["vecnormalize"])
-        model = algo_class.load(folder / state["model"], env=env, device=spec.device)
-        model.set_random_seed(env_seed)
+    model = _new_or_resumed_model(spec, settings, env, state, spec.partial_dir(out), env_seed)
 
     def checkpoint(recorder: EvalRecorder) -> None:
         save_checkpoint(spec, out, recorder, segments, hosts)

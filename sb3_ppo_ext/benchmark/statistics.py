@@ -22,7 +22,7 @@ from rliable import metrics
 
 from sb3_ppo_ext.benchmark.ablations import ABLATIONS, CONTROLS
 from sb3_ppo_ext.benchmark.runs import ALGOS, load_result, write_json
-from sb3_ppo_ext.checkpoints import atomic_write
+from sb3_ppo_ext.reliability.checkpoints import atomic_write
 
 #: env id -> (uniform-random policy return, reference return). Random: measured with uniformly random
 #: actions (50 episodes classic control, 10 MuJoCo). Reference: Gymnasium's ``reward_threshold``, or

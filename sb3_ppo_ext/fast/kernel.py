@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
-from sb3_ppo_ext.fast.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
+from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy
 
 # the layer types whose forward pass is exactly x @ W^T + b
@@ -233,7 +233,7 @@ class MLPActorCriticKernel:
             return False
         if any(type(head) not in _PLAIN_LINEARS for head in (policy.action_net, policy.value_net)):
             return False
-        if _has_hooks(policy) or getattr(policy, "rpo_alpha", None):
+        if _has_hooks(policy) or getattr(policy, "training_params_transform", None) is not None:
             return False
         owned = cls.owned_parameters(policy)
         if owned is None:

@@ -60,7 +60,7 @@ class GuardedConnection:
             f"SubprocVecEnv worker for env {self.env_index} (pid {self.process.pid}) {_describe_exit(self.process)} "
             f"while {doing}. Its environment crashed (look for its traceback above) or the process was killed "
             "(SIGKILL often means out of memory). The VecEnv cannot be used any more: fix the env, then resume "
-            "training from your last checkpoint (see sb3_ppo_ext.checkpoints)."
+            "training from your last checkpoint (see sb3_ppo_ext.reliability.checkpoints)."
         )
 
     def send(self, message: Any) -> None:

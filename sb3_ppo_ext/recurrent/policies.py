@@ -4,7 +4,7 @@ The layout and keywords are sb3-contrib's ``RecurrentActorCriticPolicy`` (featur
 ``lstm_hidden_size``, ``n_lstm_layers``, ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``), so
 ``policy_kwargs`` written for ``RecurrentPPO`` mean the same here, and so do ``predict``'s states. What
 differs is inside: masks apply to the action head as in the feed-forward policies, and training runs
-each LSTM once over a padded grid of sequences (:mod:`sb3_ppo_ext.sequences`) instead of step by step.
+each LSTM once over a padded grid of sequences (:mod:`sb3_ppo_ext.recurrent.sequences`) instead of step by step.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from sb3_ppo_ext.errors import ConfigurationAssertionError
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy, MaybeMasks
-from sb3_ppo_ext.sequences import LSTMStates, Sequences, Step
+from sb3_ppo_ext.recurrent.sequences import LSTMStates, Sequences, Step
 
 # How a recurrent policy is told where it is in time: one step of each env, or minibatch sequences.
 Memory = Step | Sequences

@@ -7,7 +7,7 @@ step. Each message names where the bad value appeared and what to do about it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch as th
@@ -95,4 +95,20 @@ def non_finite_update_error(
     )
 
 
-__all__ = ["check_env_data", "non_finite_summary", "non_finite_update_error"]
+def refuse_non_finite_update(model: Any, terms: LossTerms, grad_norm: th.Tensor, advantages: th.Tensor) -> NoReturn:
+    """Raise :func:`non_finite_update_error` before the optimizer step, with the gradients cleared.
+
+    The parameters and the optimizer's state then stay those of the last good update, ready to be saved.
+    """
+    model.policy.optimizer.zero_grad(set_to_none=True)
+    raise non_finite_update_error(
+        terms,
+        grad_norm,
+        advantages,
+        model.rollout_buffer,
+        num_timesteps=model.num_timesteps,
+        learning_rate=model.policy.optimizer.param_groups[0]["lr"],
+    )
+
+
+__all__ = ["check_env_data", "non_finite_summary", "non_finite_update_error", "refuse_non_finite_update"]

@@ -19,7 +19,7 @@ loads its registry. With it, ``python -m rl_zoo3.train --algo clipped_ppo ...`` 
   ``enjoy``, ``record_video``) registers, then runs rl_zoo3's own script with the remaining arguments.
 
 Registering adds ClippedPPO to ``ALGOS``, PPO's optuna sampler and converter under ``clipped_ppo``
-(so ``-optimize`` works), and makes ``sb3_ppo_ext/hyperparams/clipped_ppo.yml`` (a mirror of the
+(so ``-optimize`` works), and makes ``sb3_ppo_ext/zoo/hyperparams/clipped_ppo.yml`` (a mirror of the
 Zoo's ``ppo.yml``) the default ``--conf-file`` for ``--algo clipped_ppo``.
 """
 

@@ -8,12 +8,17 @@ last layer so that its de-normalised outputs stay exactly what they were ("prese
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch as th
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from torch import nn
 
-__all__ = ["ValueNormalizer"]
+from sb3_ppo_ext.extensions import Extension
+from sb3_ppo_ext.losses import PPOBatch
+
+__all__ = ["ValueNormalizer", "ValueTargetNormalization"]
 
 
 class ValueNormalizer:
@@ -59,3 +64,28 @@ class ValueNormalizer:
             with th.no_grad():
                 value_head.weight.mul_(old_std / new_std)
                 value_head.bias.mul_(old_std).add_(old_mean - new_mean).div_(new_std)
+
+
+class ValueTargetNormalization(Extension):
+    """The critic learns normalised targets; wherever its output enters GAE or a bootstrap it is de-normalised.
+
+    :param normalizer: the statistics (saved with the model as ``model.value_normalizer``).
+    """
+
+    def __init__(self, normalizer: ValueNormalizer) -> None:
+        self.normalizer = normalizer
+
+    def update_start(self, model: Any) -> None:
+        """Fold the rollout's returns (every rank's, so that all statistics and PopArt heads agree) in."""
+        head = model.policy.value_net if self.normalizer.popart else None
+        self.normalizer.update(model.distributed.all_gather(np.asarray(model.rollout_buffer.returns)), head)
+
+    def values_in_reward_units(self, values: th.Tensor) -> th.Tensor:
+        """The critic's output de-normalised."""
+        return self.normalizer.denormalize(values)
+
+    def minibatch(self, batch: PPOBatch) -> PPOBatch:
+        """The critic's targets, and its old outputs (for value clipping), in its normalised units."""
+        return batch._replace(
+            old_values=self.normalizer.normalize(batch.old_values), returns=self.normalizer.normalize(batch.returns)
+        )

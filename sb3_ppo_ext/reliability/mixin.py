@@ -4,10 +4,10 @@
 calls SB3's own and adds one guarantee:
 
 * ``_setup_learn``: a dead ``SubprocVecEnv`` worker becomes :class:`~sb3_ppo_ext.errors.EnvWorkerError`
-  instead of ``EOFError`` or a hang (:mod:`sb3_ppo_ext.worker_guard`), and the reset observations are
-  checked for NaN/inf before the policy sees them (:mod:`sb3_ppo_ext.finite`);
+  instead of ``EOFError`` or a hang (:mod:`sb3_ppo_ext.reliability.worker_guard`), and the reset observations are
+  checked for NaN/inf before the policy sees them (:mod:`sb3_ppo_ext.reliability.finite`);
 * ``save``: the zip is written to a temporary file and renamed over the target
-  (:mod:`sb3_ppo_ext.checkpoints`), so a process killed mid-save leaves the previous file intact;
+  (:mod:`sb3_ppo_ext.reliability.checkpoints`), so a process killed mid-save leaves the previous file intact;
 * ``load``: truncated, corrupt or foreign files raise :class:`~sb3_ppo_ext.errors.ModelFileError`;
 * ``load``/``set_env``: an env whose spaces differ from the model's raises
   :class:`~sb3_ppo_ext.errors.SpaceMismatchError` naming both spaces;
@@ -17,7 +17,7 @@ calls SB3's own and adds one guarantee:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -25,10 +25,11 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
-from sb3_ppo_ext import checkpoints
 from sb3_ppo_ext import distributed as data_parallel
-from sb3_ppo_ext.checks import space_mismatch_error
-from sb3_ppo_ext.worker_guard import guard_subprocess_workers
+from sb3_ppo_ext.reliability import checkpoints
+from sb3_ppo_ext.reliability.checks import space_mismatch_error
+from sb3_ppo_ext.reliability.finite import check_env_data
+from sb3_ppo_ext.reliability.worker_guard import guard_subprocess_workers
 
 SelfReliable = TypeVar("SelfReliable", bound="ReliabilityMixin")
 
@@ -48,13 +49,14 @@ def _space_mismatch_as_clear_error(model_description: str) -> Iterator[None]:
 class ReliabilityMixin:
     """Clear errors and atomic saves on top of an SB3 algorithm (see the module docstring).
 
-    The class using it defines ``check_finite`` and ``_check_env_data(obs, rewards, step)``.
+    The class using it defines ``check_finite`` and ``n_steps``.
     """
 
     check_finite: bool
     env: Any
     _last_obs: Any
-    _check_env_data: Callable[..., None]
+    n_steps: int
+    num_timesteps: int
 
     def _setup_learn(
         self,
@@ -69,14 +71,15 @@ class ReliabilityMixin:
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
         if self.check_finite and self._last_obs is not None:
-            self._check_env_data(self._last_obs, None, -1)  # the reset observations, before the policy sees them
+            # the reset observations, before the policy sees them
+            check_env_data(self._last_obs, None, step=-1, n_steps=self.n_steps, num_timesteps=self.num_timesteps)
         return result
 
     def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
         """Save like SB3 (same file, ``.zip`` added when there is no suffix), but atomically.
 
         The zip is written to a temporary file next to the target, fsynced and renamed over it: a
-        process killed during the save leaves the previous file intact (:mod:`sb3_ppo_ext.checkpoints`).
+        process killed during the save leaves the previous file intact (:mod:`sb3_ppo_ext.reliability.checkpoints`).
         In a data-parallel run only rank 0 writes (the ranks hold the same model); the others return at once.
         """
         if not getattr(self, "_dist", data_parallel.SINGLE_PROCESS).is_main_process:

@@ -27,6 +27,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import NatureCNN
 
+from sb3_ppo_ext.distributions import SUPPORTED_ACTION_SPACES
 from sb3_ppo_ext.errors import (
     ConfigurationAssertionError,
     ConfigurationError,
@@ -35,16 +36,10 @@ from sb3_ppo_ext.errors import (
     UnsupportedSpaceError,
 )
 from sb3_ppo_ext.losses import VALUE_CLIP_MODES
+from sb3_ppo_ext.masking import env_provides_masks, policy_applies_masks
 
 # -- what ClippedPPO supports ----------------------------------------------------------------------
 
-#: action spaces ClippedPPO's policies have a head for; ppo.py hands them to SB3 as ``supported_action_spaces``
-SUPPORTED_ACTION_SPACES: tuple[type[spaces.Space[Any]], ...] = (
-    spaces.Box,
-    spaces.Discrete,
-    spaces.MultiDiscrete,
-    spaces.MultiBinary,
-)
 #: observation spaces SB3's preprocessing reads; a Dict of them needs ``MultiInputPolicy``
 SUPPORTED_OBSERVATION_SPACES: tuple[type[spaces.Space[Any]], ...] = (
     spaces.Box,
@@ -582,6 +577,7 @@ __all__ = [
     "validate_hyperparameters",
     "validate_image_observation",
     "validate_policy",
+    "validate_policy_and_buffer",
     "validate_rollout_size",
     "validate_spaces",
 ]
@@ -632,4 +628,21 @@ def validate_stabilizers(
     if popart and not normalize_value_targets:
         _fail(
             "popart", popart, "PopArt rescales normalised value targets", "Pass normalize_value_targets=True as well."
+        )
+
+
+def validate_policy_and_buffer(policy_class: Any, buffer_class: Any, env: Any, *, recurrent: bool) -> None:
+    """A recurrent policy needs a buffer that stores LSTM states; an env with masks needs a policy that applies them."""
+    if recurrent and "lstm_states" not in inspect.signature(buffer_class.add).parameters:
+        raise ConfigurationError(
+            f"rollout_buffer_class={buffer_class.__name__} cannot store the LSTM states a recurrent policy needs (its "
+            "add() has no lstm_states argument). Use ClippedPPO's default buffer "
+            "(sb3_ppo_ext.recurrent.buffers.RecurrentGAERolloutBuffer)."
+        )
+    if env_provides_masks(env) and not policy_applies_masks(policy_class):
+        # sampling without the masks would take invalid actions (sb3-contrib raises here too)
+        raise ConfigurationError(
+            f"policy={policy_class.__name__} cannot apply the invalid-action masks this env provides (its forward() "
+            "has no action_masks argument). Use 'MlpPolicy'/'CnnPolicy'/'MultiInputPolicy' (or a subclass of "
+            "sb3_ppo_ext.ActorCriticPolicy), or remove the env's action_masks() method."
         )

@@ -6,7 +6,7 @@ parsed by the same function, :func:`parse_zoo_block`, into a :class:`Settings`::
 
     from stable_baselines3.common.env_util import make_vec_env
     from sb3_ppo_ext import ClippedPPO
-    from sb3_ppo_ext.presets import preset, zoo_settings
+    from sb3_ppo_ext.zoo.presets import preset, zoo_settings
 
     s = zoo_settings("clipped_ppo", "CartPole-v1")      # the Zoo's tuned CartPole settings
     model = ClippedPPO(s.policy, make_vec_env("CartPole-v1", n_envs=s.n_envs), **s.model_kwargs)
@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 from torch import nn
 
-from sb3_ppo_ext.envs import is_atari
 from sb3_ppo_ext.schedules import parse_schedule
+from sb3_ppo_ext.zoo.registry import is_atari
 
 #: Folder of the shipped per-algorithm YAML files (``clipped_ppo.yml``, ``clipped_ppo_lstm.yml``, ``a2c.yml``,
 #: ``trpo.yml``).
@@ -206,7 +206,7 @@ def zoo_block(algo: str, env_id: str, path: str | Path | None = None) -> tuple[s
     """The raw Zoo block for ``algo`` on ``env_id`` and the key it is filed under.
 
     rl_zoo3's rule: the env's own block, else the ``atari`` block for Atari games
-    (:func:`sb3_ppo_ext.envs.is_atari`), else the ``default`` block.
+    (:func:`sb3_ppo_ext.zoo.envs.is_atari`), else the ``default`` block.
 
     :param algo: a key of :data:`HYPERPARAMS_FILES` (``"clipped_ppo"``, ``"clipped_ppo_lstm"``, ...), or any
         name when ``path`` is given.

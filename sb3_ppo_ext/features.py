@@ -1,0 +1,142 @@
+"""Which of the package's features a model's settings turn on, as the extensions its loops call.
+
+The one place that maps constructor arguments to feature layers (:mod:`sb3_ppo_ext.extensions`): a new
+feature adds its extension here, and ``ppo.py``'s loops stay as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.policies import BasePolicy
+
+from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
+from sb3_ppo_ext.extensions import Extension
+from sb3_ppo_ext.masking import ActionMasks
+from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
+from sb3_ppo_ext.recurrent.buffers import RecurrentDictGAERolloutBuffer, RecurrentGAERolloutBuffer
+from sb3_ppo_ext.recurrent.policies import (
+    RecurrentActorCriticCnnPolicy,
+    RecurrentActorCriticPolicy,
+    RecurrentMultiInputActorCriticPolicy,
+)
+from sb3_ppo_ext.recurrent.rollout import RecurrentStates
+from sb3_ppo_ext.reliability.checks import validate_stabilizers
+from sb3_ppo_ext.rlhf.penalty import reference_kl
+from sb3_ppo_ext.rlhf.reference import DEFAULT_REF_KL_COEF, check_ref_kl_mode, make_kl_controller
+from sb3_ppo_ext.stabilizers.adaptive_lr import AdaptiveLearningRate, KLAdaptiveLearningRate
+from sb3_ppo_ext.stabilizers.rpo import RobustPolicyOptimization
+from sb3_ppo_ext.stabilizers.value_normalization import ValueNormalizer, ValueTargetNormalization
+
+__all__ = [
+    "POLICY_ALIASES",
+    "configure_features",
+    "default_rollout_buffer_class",
+    "feature_extensions",
+    "is_recurrent",
+]
+
+#: the policy names ``ClippedPPO`` accepts; the ``*LstmPolicy`` ones turn recurrence on (sb3-contrib's names)
+POLICY_ALIASES: dict[str, type[BasePolicy]] = {
+    "MlpPolicy": ActorCriticPolicy,
+    "CnnPolicy": ActorCriticCnnPolicy,
+    "MultiInputPolicy": MultiInputActorCriticPolicy,
+    "MlpLstmPolicy": RecurrentActorCriticPolicy,
+    "CnnLstmPolicy": RecurrentActorCriticCnnPolicy,
+    "MultiInputLstmPolicy": RecurrentMultiInputActorCriticPolicy,
+}
+
+
+def configure_features(
+    model: Any,
+    action_space: spaces.Space | None,
+    *,
+    use_sde: bool,
+    ref_policy: Any,
+    ref_kl_coef: float | str | None,
+    ref_kl_mode: Any,
+    ref_kl_target: float | None,
+    ref_kl_horizon: int,
+    dual_clip: float | None,
+    rpo_alpha: float | None,
+    adaptive_lr_kl: float | None,
+    adaptive_lr_every: str,
+    adaptive_lr_bounds: tuple[float, float],
+    normalize_value_targets: bool,
+    popart: bool,
+    extensions: list[Extension] | None,
+) -> None:
+    """Check the feature arguments of ``ClippedPPO`` (named as there) and keep them, with their state, on ``model``.
+
+    Runs in the constructor before the env is stepped, so a bad setting fails before any work is done.
+    """
+    check_ref_kl_mode(ref_kl_mode)
+    validate_stabilizers(
+        dual_clip=dual_clip,
+        rpo_alpha=rpo_alpha,
+        adaptive_lr_kl=adaptive_lr_kl,
+        adaptive_lr_every=adaptive_lr_every,
+        adaptive_lr_bounds=adaptive_lr_bounds,
+        normalize_value_targets=normalize_value_targets,
+        popart=popart,
+        action_space=action_space,
+        use_sde=use_sde,
+    )
+    model._ref_kl_controller = None
+    if ref_policy is not None:
+        coef = DEFAULT_REF_KL_COEF if ref_kl_coef is None else ref_kl_coef
+        model._ref_kl_controller = make_kl_controller(coef, ref_kl_target, ref_kl_horizon)
+    model.ref_kl_mode = ref_kl_mode
+    model._ref_policy_source = ref_policy  # resolved by setup_reference, then dropped
+    # the reference's class and constructor arguments: load() rebuilds it from them, then restores its weights
+    model._ref_policy_spec = None
+    model._reference = None
+    model.ref_policy = None
+    model.dual_clip = dual_clip
+    model.rpo_alpha = rpo_alpha
+    model.adaptive_lr_kl = adaptive_lr_kl
+    model.adaptive_lr_every = adaptive_lr_every
+    model.adaptive_lr_bounds = tuple(adaptive_lr_bounds)
+    model._adaptive_lr = None
+    model.normalize_value_targets = normalize_value_targets
+    model.popart = popart
+    model.value_normalizer = ValueNormalizer(popart) if normalize_value_targets else None
+    model.extensions = list(extensions or [])
+
+
+def feature_extensions(model: Any) -> list[Extension]:
+    """The extensions of the features ``model``'s settings turn on, in the order their hooks run.
+
+    Their state lives on the model, where ``save`` finds it (``value_normalizer``, ``_adaptive_lr``,
+    ``_ref_kl_controller``), so that the extensions can be rebuilt by every ``_setup_model`` (``load`` included).
+    """
+    features: list[Extension] = [ActionMasks()]
+    if is_recurrent(model.policy_class):
+        features.append(RecurrentStates())
+    if model._ref_kl_controller is not None:
+        features.append(reference_kl(model._ref_kl_controller, model.ref_kl_mode))
+    if model.value_normalizer is not None:
+        features.append(ValueTargetNormalization(model.value_normalizer))
+    if model.adaptive_lr_kl is not None:
+        if model._adaptive_lr is None:  # a new model; a loaded one restored the rule and its current rate
+            initial = model.lr_schedule(1.0)
+            model._adaptive_lr = KLAdaptiveLearningRate(initial, model.adaptive_lr_kl, model.adaptive_lr_bounds)
+        features.append(AdaptiveLearningRate(model._adaptive_lr, model.adaptive_lr_every))
+    if model.rpo_alpha is not None:
+        features.append(RobustPolicyOptimization(model.rpo_alpha))
+    return features
+
+
+def is_recurrent(policy_class: Any) -> bool:
+    """Whether the policy has memory (``MlpLstmPolicy`` and the like): rollouts then carry LSTM states."""
+    return isinstance(policy_class, type) and issubclass(policy_class, RecurrentActorCriticPolicy)
+
+
+def default_rollout_buffer_class(observation_space: spaces.Space, recurrent: bool) -> type[RolloutBuffer]:
+    """Our GAE buffer for the observation space (flat or Dict), with LSTM states for a recurrent policy."""
+    is_dict = isinstance(observation_space, spaces.Dict)
+    if recurrent:
+        return RecurrentDictGAERolloutBuffer if is_dict else RecurrentGAERolloutBuffer
+    return DictGAERolloutBuffer if is_dict else GAERolloutBuffer

@@ -1,0 +1,185 @@
+"""The reference-KL feature as an extension: ``beta * KL(pi || pi_ref)`` in the reward or in the loss.
+
+The seed's section 7: the policy is kept near a frozen reference (the SFT policy) by a KL penalty of weight
+beta, fixed or adapted by Ziegler et al.'s controller (:mod:`sb3_ppo_ext.rlhf.reference`).
+
+* :class:`RewardKLPenalty` (``ref_kl_mode="reward"``): at every rollout step ``r_t - beta * (log pi_old(a_t|s_t)
+  - log pi_ref(a_t|s_t))``, before GAE; ``train/ref_kl`` is the mean of that sampled log-ratio.
+* :class:`LossKLPenalty` (``ref_kl_mode="loss"``): ``beta * KL(pi_theta || pi_ref)`` per sample, in closed form
+  where both action heads allow it, added to the loss (:func:`sb3_ppo_ext.losses.reference_kl_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_ppo_ext.extensions import Extension, RolloutStep
+from sb3_ppo_ext.losses import LossTerms, PPOBatch
+from sb3_ppo_ext.rlhf.reference import (
+    KLController,
+    ReferencePolicy,
+    build_reference,
+    check_reference_spaces,
+    reference_spec,
+    resolve_reference,
+)
+
+__all__ = [
+    "REFERENCE_UNSAVED",
+    "LossKLPenalty",
+    "ReferenceKLMixin",
+    "RewardKLPenalty",
+    "reference_kl",
+    "setup_reference",
+]
+
+#: the model's attributes that are not pickled: the reference's weights go in a state dict, its spec as data
+REFERENCE_UNSAVED = ("ref_policy", "_reference", "_ref_policy_source")
+
+
+def setup_reference(model: Any) -> ReferencePolicy | None:
+    """The model's frozen reference: from its ``ref_policy`` argument, or rebuilt from the spec ``load`` restored.
+
+    Sets ``model.ref_policy`` (the module whose state dict is saved with the model) and ``model._ref_policy_spec``
+    (its class and constructor arguments, saved as data); the caller's model is neither kept nor pickled.
+    """
+    reference = None
+    source = getattr(model, "_ref_policy_source", None)
+    if source is not None:
+        reference = resolve_reference(source, model.device)
+        model._ref_policy_spec = reference_spec(reference.policy)
+        model._ref_policy_source = None
+    elif model._ref_policy_spec is not None:
+        reference = build_reference(model._ref_policy_spec, model.device)
+    if reference is not None:
+        check_reference_spaces(reference, model.observation_space, model.action_space)
+        model.ref_policy = reference.policy
+    model._reference = reference
+    return reference
+
+
+class _ReferenceKL(Extension):
+    """What both modes share: the reference, beta's controller, and the ``train/ref_kl*`` keys."""
+
+    def __init__(self, controller: KLController) -> None:
+        self.controller = controller
+        self.reference: ReferencePolicy | None = None
+
+    def setup(self, model: Any) -> None:
+        """Build (or rebuild, after ``load``) the frozen reference."""
+        self.reference = setup_reference(model)
+
+    def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
+        raise NotImplementedError
+
+    def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
+        """Log the KL to the reference and beta, then let the controller move beta (Ziegler et al.)."""
+        kl = self._measured_kl(history)
+        if kl is not None:
+            model.logger.record("train/ref_kl", kl)
+            self.controller.update(kl, model.distributed.global_steps(model.n_steps * model.n_envs))
+        model.logger.record("train/ref_kl_coef", self.controller.value)
+
+
+class RewardKLPenalty(_ReferenceKL):
+    """``r_t - beta * (log pi_old - log pi_ref)(a_t|s_t)`` at every step; beta = 0 leaves rewards untouched."""
+
+    statistics = ("ref_kl",)
+
+    def __init__(self, controller: KLController) -> None:
+        super().__init__(controller)
+        self.rollout_kl: float | None = None  # the last rollout's mean log-ratio, over every rank
+        self._kl_sum, self._samples = 0.0, 0
+        self._step_kl: th.Tensor | None = None
+
+    def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
+        """Start the rollout's sum of log-ratios."""
+        self._kl_sum, self._samples = 0.0, 0
+
+    def acted(self, step: RolloutStep) -> None:
+        """``log pi_old - log pi_ref`` of the actions just sampled, under the same masks."""
+        assert self.reference is not None
+        masks = step.policy_inputs.get("action_masks")
+        self._step_kl = step.log_probs - self.reference.log_prob(step.observations, step.actions, masks)
+
+    def shape_rewards(self, rewards: np.ndarray, step: RolloutStep) -> np.ndarray:
+        """The seed's per-step KL penalty."""
+        step_kl = self._step_kl
+        assert step_kl is not None
+        beta = self.controller.value
+        if beta:
+            rewards = (rewards - beta * step_kl.cpu().numpy()).astype(rewards.dtype, copy=False)
+        self._kl_sum += step_kl.sum().item()
+        self._samples += len(step_kl)
+        return rewards
+
+    def rollout_end(self, model: Any) -> dict[str, float]:
+        """The mean log-ratio over the rollout's steps."""
+        return {"ref_kl": self._kl_sum / self._samples}
+
+    def rollout_statistics(self, statistics: dict[str, float]) -> None:
+        """Keep the mean over every rank (None when the rollout stopped early everywhere)."""
+        self.rollout_kl = statistics.get("ref_kl")
+
+    def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
+        return self.rollout_kl
+
+
+class LossKLPenalty(_ReferenceKL):
+    """``beta * KL(pi_theta || pi_ref)`` in the loss; the reference's outputs computed once per distinct minibatch."""
+
+    def __init__(self, controller: KLController) -> None:
+        super().__init__(controller)
+        self._memo: tuple[Any, Any] | None = None
+        self._active = False
+
+    def update_start(self, model: Any) -> None:
+        """Only a beta that weighs something asks the reference (beta = 0 trains as without one)."""
+        self._memo = None
+        self._active = self.controller.value != 0
+
+    def loss_options(self) -> dict[str, Any]:
+        """The term's weight, beta."""
+        return {"ref_kl_coef": self.controller.value or 0.0}
+
+    def minibatch(self, batch: PPOBatch) -> PPOBatch:
+        """The reference's head parameters and log-probabilities for the minibatch."""
+        if not self._active:
+            return batch
+        assert self.reference is not None
+        if self._memo is None or self._memo[0] is not batch.observations:
+            # one minibatch holding the whole rollout is the same tensor at every epoch, and the reference is
+            # frozen: its outputs are then computed once per update, not once per epoch
+            targets = self.reference.targets(batch.observations, batch.actions, batch.action_masks)
+            self._memo = (batch.observations, targets)
+        return batch._replace(reference=self._memo[1])
+
+    def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
+        measured = [t.ref_kl for epoch in history for t in epoch if t.ref_kl is not None]
+        return th.stack(measured).mean().item() if measured else None
+
+
+def reference_kl(controller: KLController, mode: str) -> _ReferenceKL:
+    """The extension of ``ref_kl_mode``: :class:`RewardKLPenalty` or :class:`LossKLPenalty`."""
+    return RewardKLPenalty(controller) if mode == "reward" else LossKLPenalty(controller)
+
+
+class ReferenceKLMixin:
+    """The model side of the reference: beta as ``ref_kl_coef``, and the reference's weights saved with the model."""
+
+    ref_policy: Any = None
+    _ref_kl_controller: KLController | None = None
+
+    @property
+    def ref_kl_coef(self) -> float | None:
+        """The current beta of the reference-KL term (None without a reference)."""
+        return None if self._ref_kl_controller is None else self._ref_kl_controller.value
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        state_dicts, variables = super()._get_torch_save_params()  # type: ignore[misc]
+        return ([*state_dicts, "ref_policy"] if self.ref_policy is not None else state_dicts), variables

@@ -1,0 +1,44 @@
+"""RPO (Rahman and Xue 2022): the update sees the Gaussian mean shifted by uniform noise, keeping exploration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch as th
+
+from sb3_ppo_ext.distributions import ActionHead, DiagGaussianHead
+from sb3_ppo_ext.extensions import Extension
+
+__all__ = ["RPONoise", "RobustPolicyOptimization"]
+
+
+class RPONoise:
+    """``mean + U(-alpha, alpha)`` on a diagonal Gaussian head's parameters; other heads are left alone.
+
+    Installed as the policy's ``training_params_transform``: applied while the policy evaluates stored actions in
+    training mode (the update), never while it acts.
+    """
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = float(alpha)
+
+    def __call__(self, head: ActionHead, params: tuple[th.Tensor, ...]) -> tuple[th.Tensor, ...]:
+        """The perturbed parameters."""
+        if not isinstance(head, DiagGaussianHead):
+            return params
+        mean, log_std = params
+        return (mean + th.empty_like(mean).uniform_(-self.alpha, self.alpha), log_std)
+
+
+class RobustPolicyOptimization(Extension):
+    """Installs :class:`RPONoise` on the policy (the closed-form kernel then refuses it: autograd runs the update).
+
+    :param alpha: the noise's half-width (CleanRL's RPO uses 0.5).
+    """
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def setup(self, model: Any) -> None:
+        """Install the noise on the (new or loaded) policy."""
+        model.policy.training_params_transform = RPONoise(self.alpha)
