@@ -34,7 +34,12 @@ class Backend(Protocol):
     act: Callable[..., tuple[th.Tensor, th.Tensor, th.Tensor]]
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
-        """Compute the loss terms of ``batch`` and set ``.grad`` of every policy parameter."""
+        """Compute the loss terms of ``batch`` and set ``.grad`` of every policy parameter.
+
+        :param loss: the objective at this update's clip ranges and coefficients.
+        :param batch: the minibatch.
+        :return: the loss terms (statistics for the log).
+        """
         ...
 
 
@@ -49,7 +54,12 @@ class AutogradBackend:
         self.act = policy
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
-        """Evaluate the policy, compute the loss and backpropagate it through autograd."""
+        """Evaluate the policy, compute the loss and backpropagate it through autograd.
+
+        :param loss: the objective.
+        :param batch: the minibatch.
+        :return: the loss terms.
+        """
         if batch.reference is None:
             values, log_prob, entropy = self.policy.evaluate_actions(
                 batch.observations, batch.actions, **batch.policy_inputs()
@@ -93,7 +103,12 @@ class ClosedFormBackend:
         self.act = self.kernel.act
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
-        """Closed-form gradients, or autograd for a step the kernel cannot differentiate by hand."""
+        """Closed-form gradients, or autograd for a step the kernel cannot differentiate by hand.
+
+        :param loss: the objective.
+        :param batch: the minibatch.
+        :return: the loss terms.
+        """
         reference = batch.reference
         if batch.sequences is not None or not self._closed_form_reference(reference):
             return self.autograd.loss_and_grad(loss, batch)
@@ -113,7 +128,12 @@ class ClosedFormBackend:
 
 
 def select_backend(policy: Any, fast_update: bool) -> Backend:
-    """The closed-form backend when ``fast_update`` is on and the policy is a plain MLP of ours, else autograd."""
+    """The closed-form backend when ``fast_update`` is on and the policy is a plain MLP of ours, else autograd.
+
+    :param policy: the model's policy.
+    :param fast_update: ``ClippedPPO``'s ``fast_update``.
+    :return: a :class:`ClosedFormBackend` or an :class:`AutogradBackend`.
+    """
     if fast_update and MLPActorCriticKernel.supports(policy):
         return ClosedFormBackend(policy)
     return AutogradBackend(policy)
@@ -131,14 +151,23 @@ class LearnCache:
         self._lean: LeanAdamStep | None = None
 
     def backend(self, policy: Any, fast_update: bool) -> Backend:
-        """:func:`select_backend` for ``policy`` (again if the policy or ``fast_update`` changed)."""
+        """:func:`select_backend` for ``policy`` (again if the policy or ``fast_update`` changed).
+
+        :param policy: the model's policy.
+        :param fast_update: ``ClippedPPO``'s ``fast_update``.
+        :return: the backend.
+        """
         cached = self._backend
         if cached is None or cached[0] is not policy or cached[1] != fast_update:
             cached = self._backend = (policy, fast_update, select_backend(policy, fast_update))
         return cached[2]
 
     def optimizer_step(self, optimizer: th.optim.Optimizer) -> Callable[[], None]:
-        """``optimizer.step``, through :class:`~sb3_ppo_ext.optim.LeanAdamStep` (same update, less Python)."""
+        """``optimizer.step``, through :class:`~sb3_ppo_ext.optim.LeanAdamStep` (same update, less Python).
+
+        :param optimizer: the policy's optimizer.
+        :return: a function that takes one optimizer step.
+        """
         if self._lean is None or self._lean.optimizer is not optimizer:
             self._lean = LeanAdamStep(optimizer)
         return self._lean.update_steps()

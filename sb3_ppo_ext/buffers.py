@@ -98,6 +98,12 @@ class GAERolloutBuffer(RolloutBuffer):
     ) -> None:
         """Store one step of all envs: ``(s_t, a_t, r_t, episode_start_t, V(s_t), log pi(a_t|s_t))``.
 
+        :param obs: ``[n_envs, *obs_shape]`` observations ``s_t``.
+        :param action: ``[n_envs, *action_shape]`` actions ``a_t`` (unclipped).
+        :param reward: ``[n_envs]`` rewards ``r_t``.
+        :param episode_start: ``[n_envs]`` True where ``s_t`` starts an episode.
+        :param value: ``[n_envs, 1]`` values ``V(s_t)``.
+        :param log_prob: ``[n_envs]`` ``log pi(a_t|s_t)``.
         :param action_masks: the step's invalid-action masks ``[n_envs, mask_size]`` (sb3-contrib's
             ``MaskableRolloutBuffer`` argument); minibatches then carry them as ``action_masks``.
         """
@@ -117,7 +123,11 @@ class GAERolloutBuffer(RolloutBuffer):
             self.full = True
 
     def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
-        """Fill ``advantages`` and ``returns`` with GAE, bootstrapping from ``last_values``."""
+        """Fill ``advantages`` and ``returns`` with GAE, bootstrapping from ``last_values``.
+
+        :param last_values: ``[n_envs, 1]`` values of the observations after the last step.
+        :param dones: ``[n_envs]`` whether the last step ended each env's episode.
+        """
         self.advantages, self.returns = compute_gae(
             self.rewards,
             self.values,
@@ -158,7 +168,11 @@ class GAERolloutBuffer(RolloutBuffer):
         return obs.index_select(0, index)
 
     def get(self, batch_size: int | None = None) -> Generator[RolloutBufferSamples, None, None]:  # type: ignore[override]
-        """Yield shuffled minibatches covering the rollout once (the last one may be smaller)."""
+        """Yield shuffled minibatches covering the rollout once (the last one may be smaller).
+
+        :param batch_size: minibatch size; None: the whole rollout as one minibatch.
+        :return: a generator of SB3's ``RolloutBufferSamples`` (with ``action_masks`` when the rollout has masks).
+        """
         assert self.full, "The rollout buffer must be full before sampling from it."
         if not self.generator_ready:
             self._flat_obs, self._flat = self._flat_fields()
@@ -196,6 +210,15 @@ class DictGAERolloutBuffer(GAERolloutBuffer, DictRolloutBuffer):
 
     An SB3 ``DictRolloutBuffer`` too; :class:`GAERolloutBuffer` comes first in the method order, so its
     storage, ``add`` and ``get`` are the ones used. ``channels_last`` does not apply to Dict observations.
+
+    :param buffer_size: steps per env per rollout (``n_steps``).
+    :param observation_space: a ``Dict`` space.
+    :param action_space: action space.
+    :param device: where minibatches are placed.
+    :param gae_lambda: GAE's lambda.
+    :param gamma: discount factor.
+    :param n_envs: parallel envs.
+    :param channels_last: ignored (no image layout for Dict spaces).
     """
 
     observation_space: spaces.Dict

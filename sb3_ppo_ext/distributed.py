@@ -113,7 +113,10 @@ _LOAD_DISTRIBUTED: ContextVar[Any] = ContextVar("sb3_ppo_ext_load_distributed", 
 
 @contextlib.contextmanager
 def loading(distributed: Any) -> Iterator[None]:
-    """Within, a ClippedPPO built with ``distributed=None`` (SB3's ``load`` does so) uses ``distributed``."""
+    """Within, a ClippedPPO built with ``distributed=None`` (SB3's ``load`` does so) uses ``distributed``.
+
+    :param distributed: the ``distributed`` argument ``load`` was given.
+    """
     token = _LOAD_DISTRIBUTED.set(distributed)
     try:
         yield
@@ -175,6 +178,8 @@ def setup(distributed: Any, device: th.device | str) -> tuple[SingleProcess, th.
     :param distributed: None: data-parallel when a process group of several ranks is initialised or
         ``WORLD_SIZE > 1`` (torchrun); True (the same; one process when there is none), False (never),
         a :class:`DistributedConfig` or a dict of its fields.
+    :param device: the model's ``device`` argument.
+    :return: the context (:class:`SingleProcess` or :class:`DataParallel`) and the device to use.
     """
     if distributed is None:
         distributed = _LOAD_DISTRIBUTED.get()
@@ -223,40 +228,83 @@ class SingleProcess:
     is_main_process = True
 
     def rank_seed(self, seed: int | None, n_envs: int) -> int | None:
-        """The seed of this rank's generators and envs (env i gets ``rank_seed + i``)."""
+        """The seed of this rank's generators and envs (env i gets ``rank_seed + i``).
+
+        :param seed: the model's seed.
+        :param n_envs: this rank's envs.
+        :return: this rank's seed.
+        """
         return seed
 
     def global_steps(self, steps: int) -> int:
-        """Env steps of all ranks together when each made ``steps``."""
+        """Env steps of all ranks together when each made ``steps``.
+
+        :param steps: this rank's env steps.
+        :return: the env steps of all ranks.
+        """
         return steps
 
     def minibatches(self, batches: Iterable[Any], normalize: bool) -> Iterable[Any]:
-        """The minibatches of an epoch (``normalize``: their advantages are normalised one by one)."""
+        """The minibatches of an epoch (``normalize``: their advantages are normalised one by one).
+
+        :param batches: this rank's minibatches of the epoch.
+        :param normalize: normalise advantages per minibatch.
+        :return: the minibatches, their advantages normalised over every rank when ``normalize``.
+        """
         return batches
 
     def normalize_advantages(self, advantages: th.Tensor) -> th.Tensor:
-        """``(A - mean) / (std + eps)`` (:func:`sb3_ppo_ext.losses.normalize_advantages`)."""
+        """``(A - mean) / (std + eps)`` (:func:`sb3_ppo_ext.losses.normalize_advantages`).
+
+        :param advantages: this rank's advantages.
+        :return: the normalised advantages.
+        """
         return losses.normalize_advantages(advantages)
 
     def reduce_update(self, parameters: list[th.Tensor], terms: losses.LossTerms) -> losses.LossTerms:
-        """The gradients (``.grad``) and loss statistics of a minibatch, averaged over ranks."""
+        """The gradients (``.grad``) and loss statistics of a minibatch, averaged over ranks.
+
+        :param parameters: the parameters whose ``.grad`` to average.
+        :param terms: the minibatch's loss terms.
+        :return: the loss terms averaged over ranks.
+        """
         return terms
 
     def all_gather(self, array: np.ndarray) -> np.ndarray:
-        """Every rank's ``array`` (same shape on each), side by side along the last axis, in rank order."""
+        """Every rank's ``array`` (same shape on each), side by side along the last axis, in rank order.
+
+        :param array: this rank's array.
+        :return: the concatenation of every rank's array.
+        """
         return array
 
     def end_rollout(
         self, model: Any, continue_training: bool, statistics: dict[str, float], names: tuple[str, ...]
     ) -> tuple[bool, dict[str, float]]:
-        """After a rollout: whether every rank goes on, and the extensions' ``statistics`` over every rank."""
+        """After a rollout: whether every rank goes on, and the extensions' ``statistics`` over every rank.
+
+        :param model: the model.
+        :param continue_training: whether this rank's callbacks let training go on.
+        :param statistics: this rank's extension statistics (:meth:`~sb3_ppo_ext.extensions.Extension.rollout_end`).
+        :param names: the statistics every rank reports, in one order.
+        :return: whether every rank goes on, and the statistics averaged over ranks.
+        """
         return continue_training, statistics
 
     def broadcast_model(self, model: Any) -> None:
-        """Parameters, buffers and optimizer state from rank 0."""
+        """Parameters, buffers and optimizer state from rank 0.
+
+        :param model: the model, changed in place on ranks other than 0.
+        """
 
     def setup_learn(self, model: Any, setup_learn: Callable[..., Any], *args: Any) -> Any:
-        """``model._setup_learn(*args)`` (SB3's), with the ranks set up around it."""
+        """``model._setup_learn(*args)`` (SB3's), with the ranks set up around it.
+
+        :param model: the model.
+        :param setup_learn: SB3's ``_setup_learn`` of the model.
+        :param args: its arguments.
+        :return: what it returns.
+        """
         return setup_learn(*args)
 
 
@@ -326,7 +374,12 @@ class DataParallel(SingleProcess):
     # -- seeds and counts --------------------------------------------------------------------------
 
     def rank_seed(self, seed: int | None, n_envs: int) -> int | None:
-        """``seed + rank * n_envs``; without a seed, torch's generator is seeded from the OS (see below)."""
+        """``seed + rank * n_envs``; without a seed, torch's generator is seeded from the OS (see below).
+
+        :param seed: the model's seed.
+        :param n_envs: this rank's envs.
+        :return: this rank's seed.
+        """
         if seed is None:
             # unseeded torch generators start alike in every process: the ranks would draw the same noise
             th.seed()
@@ -334,7 +387,11 @@ class DataParallel(SingleProcess):
         return seed + self.rank * n_envs
 
     def global_steps(self, steps: int) -> int:
-        """``steps * world_size``."""
+        """``steps * world_size``.
+
+        :param steps: this rank's env steps.
+        :return: the env steps of all ranks.
+        """
         # setup_learn checked that every rank has the same n_envs and n_steps
         return steps * self.world_size
 
@@ -345,6 +402,10 @@ class DataParallel(SingleProcess):
 
         The all-reduce of the next minibatch's count, sum and sum of squares runs (gloo, in its own thread) while
         this one computes its gradients, so that global normalisation adds no waiting of its own.
+
+        :param batches: this rank's minibatches of the epoch.
+        :param normalize: normalise advantages per minibatch.
+        :return: the minibatches, their advantages normalised over every rank when ``normalize``.
         """
         if not normalize or self.config.advantage_normalization == "local":
             yield from batches
@@ -379,7 +440,11 @@ class DataParallel(SingleProcess):
         return None
 
     def normalize_advantages(self, advantages: th.Tensor) -> th.Tensor:
-        """Normalised with the count, sum and sum of squares of the minibatches of all ranks (all-reduced)."""
+        """Normalised with the count, sum and sum of squares of the minibatches of all ranks (all-reduced).
+
+        :param advantages: this rank's advantages.
+        :return: the normalised advantages.
+        """
         if self.config.advantage_normalization == "local":
             return losses.normalize_advantages(advantages)
         known = self._known_moments(advantages)
@@ -402,7 +467,12 @@ class DataParallel(SingleProcess):
         return (advantages - mean) / (std + _ADVANTAGE_EPS)
 
     def reduce_update(self, parameters: list[th.Tensor], terms: losses.LossTerms) -> losses.LossTerms:
-        """Mean of ``.grad`` and of the loss statistics over ranks, in one all-reduce of one flat buffer."""
+        """Mean of ``.grad`` and of the loss statistics over ranks, in one all-reduce of one flat buffer.
+
+        :param parameters: the parameters whose ``.grad`` to average.
+        :param terms: the minibatch's loss terms.
+        :return: the loss terms averaged over ranks.
+        """
         # every rank's minibatches have the same size (same settings, checked), so the global loss is the mean
         # of the ranks' losses and its gradient the mean of their gradients; one buffer, one all-reduce
         grads = [p.grad for p in parameters]
@@ -426,7 +496,11 @@ class DataParallel(SingleProcess):
         return terms._replace(**{name: statistics[i].to(getattr(terms, name).dtype) for i, name in enumerate(names)})
 
     def all_gather(self, array: np.ndarray) -> np.ndarray:
-        """Every rank's ``array``, concatenated along the last axis in rank order (one all-gather)."""
+        """Every rank's ``array``, concatenated along the last axis in rank order (one all-gather).
+
+        :param array: this rank's array.
+        :return: the concatenation of every rank's array.
+        """
         tensor = th.as_tensor(np.ascontiguousarray(array)).to(self._collective_device)
         parts = [th.empty_like(tensor) for _ in range(self.world_size)]
         self._collective("rollout all-gather", dist.all_gather, parts, tensor)
@@ -440,6 +514,12 @@ class DataParallel(SingleProcess):
         """True if every rank goes on; VecNormalize statistics merged, each statistic averaged, episodes gathered.
 
         A statistic is averaged over the ranks that measured it (a rank stopped by a callback measured none).
+
+        :param model: the model.
+        :param continue_training: whether this rank's callbacks let training go on.
+        :param statistics: this rank's extension statistics (:meth:`~sb3_ppo_ext.extensions.Extension.rollout_end`).
+        :param names: the statistics every rank reports, in one order.
+        :return: whether every rank goes on, and the statistics averaged over ranks.
         """
         # one all-reduce: [ranks going on, (sum, ranks with it) per statistic, VecNormalize deltas...]; then the
         # episodes gathered on rank 0. The same two collectives on every rank, stop or not.
@@ -515,7 +595,10 @@ class DataParallel(SingleProcess):
     # -- the model -----------------------------------------------------------------------------------
 
     def broadcast_model(self, model: Any) -> None:
-        """Rank 0's parameters and buffers (one broadcast per dtype) and optimizer state, into every rank's."""
+        """Rank 0's parameters and buffers (one broadcast per dtype) and optimizer state, into every rank's.
+
+        :param model: the model, changed in place on ranks other than 0.
+        """
         tensors = [t for module in _modules(model) for t in module.state_dict().values()]
         for dtype in dict.fromkeys(t.dtype for t in tensors):
             group = [t for t in tensors if t.dtype == dtype]
@@ -535,7 +618,12 @@ class DataParallel(SingleProcess):
                 optimizer.load_state_dict(state[0])
 
     def setup_learn(self, model: Any, setup_learn: Callable[..., Any], *args: Any) -> Any:
-        """Settings checked, model broadcast, statistics aligned, I/O on rank 0 only; SB3's setup in between."""
+        """Settings checked, model broadcast, statistics aligned, I/O on rank 0 only; SB3's setup in between.
+
+        :param model: the model.
+        :param setup_learn: SB3's ``_setup_learn`` of the model.
+        :return: what it returns.
+        """
         total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar = args
         if not self.is_main_process:
             # rank 0 alone prints, writes tensorboard files and runs the callbacks that evaluate or save
@@ -610,7 +698,10 @@ class DataParallelMixin:
         return self._dist
 
     def set_random_seed(self, seed: int | None = None) -> None:
-        """SB3's seeding; with several ranks, rank r seeds with ``seed + r * n_envs`` (env i: ``+ i``)."""
+        """SB3's seeding; with several ranks, rank r seeds with ``seed + r * n_envs`` (env i: ``+ i``).
+
+        :param seed: the seed; None: SB3's behaviour (no seeding).
+        """
         super().set_random_seed(
             self._dist.rank_seed(  # type: ignore[misc]
                 seed, getattr(self, "n_envs", 1) or 1
@@ -620,7 +711,12 @@ class DataParallelMixin:
     def set_parameters(
         self, load_path_or_dict: Any, exact_match: bool = True, device: th.device | str = "auto"
     ) -> None:
-        """SB3's ``set_parameters``; with several ranks, rank 0's are then broadcast (call it on every rank)."""
+        """SB3's ``set_parameters``; with several ranks, rank 0's are then broadcast (call it on every rank).
+
+        :param load_path_or_dict: a saved model's path, or a dict of parameters (SB3's).
+        :param exact_match: every parameter must be given (SB3's).
+        :param device: SB3's.
+        """
         super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)  # type: ignore[misc]
         self._dist.broadcast_model(self)
 
@@ -640,17 +736,29 @@ class DataParallelMixin:
 
 
 class CountingDeque(deque):
-    """An episode buffer that counts what this rank adds (SB3 calls ``extend`` and ``append``)."""
+    """An episode buffer that counts what this rank adds (SB3 calls ``extend`` and ``append``).
+
+    :param iterable: the initial items.
+    :param maxlen: the longest length (SB3's ``stats_window_size``).
+    """
 
     def __init__(self, iterable: Any = (), maxlen: int | None = None) -> None:
         super().__init__(iterable, maxlen)
         self.added = 0
 
     def append(self, item: Any) -> None:
+        """``deque.append``, counted.
+
+        :param item: the item.
+        """
         super().append(item)
         self.added += 1
 
     def extend(self, items: Any) -> None:
+        """``deque.extend``, counted.
+
+        :param items: the items.
+        """
         items = list(items)
         super().extend(items)
         self.added += len(items)
@@ -707,6 +815,9 @@ def is_rank_zero_callback(callback: BaseCallback) -> bool:
 
     Its ``rank_zero_only`` attribute says so when it has one; else its type (evaluation, checkpoints, progress
     bar), or an event callback (``EveryNTimesteps``...) around such a callback.
+
+    :param callback: an SB3 callback.
+    :return: whether it runs on rank 0 only.
     """
     flag = getattr(callback, "rank_zero_only", None)
     if flag is not None:
@@ -718,7 +829,11 @@ def is_rank_zero_callback(callback: BaseCallback) -> bool:
 
 
 def without_rank_zero_callbacks(callback: Any) -> Any:
-    """The callbacks that ranks other than 0 run: ``callback`` without the rank-0-only ones (lists recursed)."""
+    """The callbacks that ranks other than 0 run: ``callback`` without the rank-0-only ones (lists recursed).
+
+    :param callback: a callback, a list of them, or None.
+    :return: the callbacks every rank runs.
+    """
     if callback is None:
         return None
     if isinstance(callback, list):

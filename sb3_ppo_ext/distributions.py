@@ -43,6 +43,9 @@ def gumbel_max_sample(logits: th.Tensor) -> th.Tensor:
     """Draw from ``Categorical(softmax(logits))`` along the last dim as ``argmax(logits + Gumbel noise)``.
 
     Exact (the Gumbel-max trick) and about half the cost of ``torch.multinomial`` on a small batch.
+
+    :param logits: ``[..., n]`` unnormalised log-probabilities.
+    :return: ``[...]`` sampled indices.
     """
     exponential = th.empty_like(logits).exponential_().clamp_min_(th.finfo(logits.dtype).tiny)
     return (logits - exponential.log_()).argmax(dim=-1)
@@ -76,23 +79,47 @@ class ActionHead:
 
         Sampling, ``log_prob``, ``entropy`` and ``param_grads`` of the returned parameters are those of the
         masked distribution.
+
+        :param params: the head's parameters.
+        :param action_masks: bool ``[B, mask_size]``, True where valid.
+        :return: the masked parameters.
+        :raises ValueError: for a head without masks (Box actions).
         """
         raise ValueError(f"{type(self).__name__} does not support invalid-action masks.")
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
-        """Draw actions (or the mode when ``deterministic``)."""
+        """Draw actions (or the mode when ``deterministic``).
+
+        :param params: the head's parameters.
+        :param deterministic: the mode instead of a sample.
+        :return: ``[B, ...]`` actions.
+        """
         raise NotImplementedError
 
     def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
-        """Return ``log pi(a|s)``, shape ``[B]``."""
+        """Return ``log pi(a|s)``, shape ``[B]``.
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: ``[B]``.
+        """
         raise NotImplementedError
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
-        """Return ``H(pi(.|s))``, shape ``[B]``."""
+        """Return ``H(pi(.|s))``, shape ``[B]``.
+
+        :param params: the head's parameters.
+        :return: ``[B]``.
+        """
         raise NotImplementedError
 
     def evaluate(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> HeadEvaluation:
-        """``log pi(a|s)`` and ``H`` together (heads override this to share intermediates)."""
+        """``log pi(a|s)`` and ``H`` together (heads override this to share intermediates).
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: the log-probabilities, entropies and the intermediates :meth:`param_grads` reuses.
+        """
         return HeadEvaluation(self.log_prob(params, actions), self.entropy(params))
 
     def param_grads(
@@ -104,17 +131,29 @@ class ActionHead:
     ) -> tuple[th.Tensor, ...]:
         """``dL/d params`` (per sample, same shapes as ``params`` broadcast to the batch) by the chain rule.
 
+        :param params: the head's parameters.
+        :param evaluation: what :meth:`evaluate` returned for them.
         :param grad_log_prob: ``dL/d log pi(a|s)``, shape ``[B]``.
         :param grad_entropy: ``dL/dH``, shape ``[B]``, or None when the loss does not use the entropy.
+        :return: ``dL/d params``, one tensor per parameter.
         """
         raise NotImplementedError(f"{type(self).__name__} has no closed-form gradient; use autograd")
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
-        """Return the equivalent SB3 distribution object."""
+        """Return the equivalent SB3 distribution object.
+
+        :param params: the head's parameters.
+        :return: an SB3 ``Distribution`` with the same parameters.
+        """
         raise NotImplementedError
 
     def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
-        """``KL(pi_params || pi_other)`` in closed form, shape ``[B]`` (the reference-KL term's divergence)."""
+        """``KL(pi_params || pi_other)`` in closed form, shape ``[B]`` (the reference-KL term's divergence).
+
+        :param params: this policy's head parameters.
+        :param other: the other (reference) policy's.
+        :return: ``[B]``.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no closed-form KL")
 
     #: whether :meth:`kl_grads` is implemented
@@ -126,6 +165,11 @@ class ActionHead:
         """``dL/d params`` through ``KL(pi_params || pi_other)`` per sample, given ``dL/dKL`` (``[B]``).
 
         Same shapes as :meth:`param_grads`; ``other`` (the reference's parameters) gets no gradient.
+
+        :param params: this policy's head parameters.
+        :param other: the reference's (no gradient).
+        :param grad_kl: ``dL/dKL`` per sample, ``[B]``.
+        :return: ``dL/d params``, one tensor per parameter.
         """
         raise NotImplementedError(f"{type(self).__name__} has no closed-form KL gradient; use autograd")
 
@@ -137,7 +181,10 @@ def _categorical_kl(logits: th.Tensor, other_logits: th.Tensor) -> th.Tensor:
 
 
 class CategoricalHead(ActionHead):
-    """Softmax over ``n`` logits (``Discrete`` actions)."""
+    """Softmax over ``n`` logits (``Discrete`` actions).
+
+    :param n: the number of actions.
+    """
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -145,11 +192,21 @@ class CategoricalHead(ActionHead):
         self.mask_size = n
 
     def mask(self, params: tuple[th.Tensor, ...], action_masks: th.Tensor) -> tuple[th.Tensor, ...]:
-        """Invalid actions' logits set to :data:`MASKED_LOGIT`."""
+        """Invalid actions' logits set to :data:`MASKED_LOGIT`.
+
+        :param params: the head's parameters.
+        :param action_masks: bool ``[B, mask_size]``, True where valid.
+        :return: the masked parameters.
+        """
         return (th.where(action_masks, params[0], MASKED_LOGIT),)
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
-        """Sample an index per row, or the arg-max when ``deterministic``."""
+        """Sample an index per row, or the arg-max when ``deterministic``.
+
+        :param params: the head's parameters.
+        :param deterministic: the mode instead of a sample.
+        :return: ``[B, ...]`` actions.
+        """
         (logits,) = params
         if deterministic:
             return logits.argmax(dim=-1)
@@ -163,16 +220,30 @@ class CategoricalHead(ActionHead):
         return log_p.gather(-1, index).squeeze(-1), log_p, index
 
     def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
-        """Log-softmax of the chosen logit."""
+        """Log-softmax of the chosen logit.
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: ``[B]``.
+        """
         return self._log_prob(params[0], actions)[0]
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
-        """``-sum p log p``."""
+        """``-sum p log p``.
+
+        :param params: the head's parameters.
+        :return: ``[B]``.
+        """
         p, log_p = _softmaxes(params[0])
         return -(p * log_p).sum(dim=-1)
 
     def evaluate(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> HeadEvaluation:
-        """Log-probability and entropy from one log-softmax."""
+        """Log-probability and entropy from one log-softmax.
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: the log-probabilities, entropies and the intermediates :meth:`param_grads` reuses.
+        """
         log_prob, log_p, index = self._log_prob(params[0], actions)
         probs = F.softmax(params[0], dim=-1)  # not log_p.exp(): see _softmaxes
         return HeadEvaluation(log_prob, -(probs * log_p).sum(dim=-1), (log_p, probs, index))
@@ -186,7 +257,14 @@ class CategoricalHead(ActionHead):
         grad_log_prob: th.Tensor,
         grad_entropy: th.Tensor | None,
     ) -> tuple[th.Tensor, ...]:
-        """``d log pi(a) / d logits = onehot(a) - p``; ``dH / d logits = -p (log p + H)``."""
+        """``d log pi(a) / d logits = onehot(a) - p``; ``dH / d logits = -p (log p + H)``.
+
+        :param params: the head's parameters.
+        :param evaluation: what :meth:`evaluate` returned for them.
+        :param grad_log_prob: ``dL/d log pi(a|s)``, shape ``[B]``.
+        :param grad_entropy: ``dL/dH``, shape ``[B]``, or None when the loss does not use the entropy.
+        :return: ``dL/d params``, one tensor per parameter.
+        """
         log_p, probs, index = evaluation.saved
         grad = probs * (-grad_log_prob).unsqueeze(1)
         grad.scatter_add_(1, index, grad_log_prob.unsqueeze(1))
@@ -195,11 +273,20 @@ class CategoricalHead(ActionHead):
         return (grad,)
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
-        """SB3 ``CategoricalDistribution`` on the same logits."""
+        """SB3 ``CategoricalDistribution`` on the same logits.
+
+        :param params: the head's parameters.
+        :return: an SB3 ``Distribution`` with the same parameters.
+        """
         return CategoricalDistribution(self.n).proba_distribution(action_logits=params[0])
 
     def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
-        """``sum_a p(a) (log p(a) - log q(a))``."""
+        """``sum_a p(a) (log p(a) - log q(a))``.
+
+        :param params: this policy's head parameters.
+        :param other: the other (reference) policy's.
+        :return: ``[B]``.
+        """
         return _categorical_kl(params[0], other[0])
 
     closed_form_kl_grad = True
@@ -207,7 +294,13 @@ class CategoricalHead(ActionHead):
     def kl_grads(
         self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...], grad_kl: th.Tensor
     ) -> tuple[th.Tensor, ...]:
-        """``dKL / d logit_j = p_j (log p_j - log q_j - KL)``; a masked-out action (p = 0) gets none."""
+        """``dKL / d logit_j = p_j (log p_j - log q_j - KL)``; a masked-out action (p = 0) gets none.
+
+        :param params: this policy's head parameters.
+        :param other: the reference's (no gradient).
+        :param grad_kl: ``dL/dKL`` per sample, ``[B]``.
+        :return: ``dL/d params``, one tensor per parameter.
+        """
         p, log_p = _softmaxes(params[0])
         log_ratio = log_p - F.log_softmax(other[0], dim=-1)
         kl = (p * log_ratio).sum(dim=-1, keepdim=True)
@@ -215,7 +308,10 @@ class CategoricalHead(ActionHead):
 
 
 class MultiCategoricalHead(ActionHead):
-    """Independent softmaxes, one per ``MultiDiscrete`` component."""
+    """Independent softmaxes, one per ``MultiDiscrete`` component.
+
+    :param nvec: the number of choices of each component.
+    """
 
     def __init__(self, nvec: np.ndarray) -> None:
         self.nvec = [int(n) for n in np.asarray(nvec).ravel()]
@@ -223,21 +319,36 @@ class MultiCategoricalHead(ActionHead):
         self.mask_size = self.n_outputs
 
     def mask(self, params: tuple[th.Tensor, ...], action_masks: th.Tensor) -> tuple[th.Tensor, ...]:
-        """Invalid choices' logits set to :data:`MASKED_LOGIT` (the mask concatenates the components' masks)."""
+        """Invalid choices' logits set to :data:`MASKED_LOGIT` (the mask concatenates the components' masks).
+
+        :param params: the head's parameters.
+        :param action_masks: bool ``[B, mask_size]``, True where valid.
+        :return: the masked parameters.
+        """
         return (th.where(action_masks, params[0], MASKED_LOGIT),)
 
     def _log_softmaxes(self, logits: th.Tensor) -> list[th.Tensor]:
         return [F.log_softmax(chunk, dim=-1) for chunk in th.split(logits, self.nvec, dim=-1)]
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
-        """One index per component."""
+        """One index per component.
+
+        :param params: the head's parameters.
+        :param deterministic: the mode instead of a sample.
+        :return: ``[B, ...]`` actions.
+        """
         chunks = th.split(params[0], self.nvec, dim=-1)
         if deterministic:
             return th.stack([chunk.argmax(dim=-1) for chunk in chunks], dim=-1)
         return th.stack([gumbel_max_sample(chunk) for chunk in chunks], dim=-1)
 
     def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
-        """Sum of the components' log-probabilities."""
+        """Sum of the components' log-probabilities.
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: ``[B]``.
+        """
         actions = actions.long().reshape(actions.shape[0], -1)
         return th.stack(
             [lp.gather(-1, actions[:, i : i + 1]).squeeze(-1) for i, lp in enumerate(self._log_softmaxes(params[0]))],
@@ -245,22 +356,38 @@ class MultiCategoricalHead(ActionHead):
         ).sum(dim=-1)
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
-        """Sum of the components' entropies."""
+        """Sum of the components' entropies.
+
+        :param params: the head's parameters.
+        :return: ``[B]``.
+        """
         pairs = (_softmaxes(chunk) for chunk in th.split(params[0], self.nvec, dim=-1))
         return sum(-(p * log_p).sum(dim=-1) for p, log_p in pairs)  # type: ignore[return-value]
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
-        """SB3 ``MultiCategoricalDistribution`` on the same logits."""
+        """SB3 ``MultiCategoricalDistribution`` on the same logits.
+
+        :param params: the head's parameters.
+        :return: an SB3 ``Distribution`` with the same parameters.
+        """
         return MultiCategoricalDistribution(self.nvec).proba_distribution(action_logits=params[0])
 
     def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
-        """Sum of the components' categorical KLs."""
+        """Sum of the components' categorical KLs.
+
+        :param params: this policy's head parameters.
+        :param other: the other (reference) policy's.
+        :return: ``[B]``.
+        """
         pairs = zip(th.split(params[0], self.nvec, dim=-1), th.split(other[0], self.nvec, dim=-1), strict=True)
         return sum(_categorical_kl(mine, theirs) for mine, theirs in pairs)  # type: ignore[return-value]
 
 
 class BernoulliHead(ActionHead):
-    """Independent Bernoulli variables (``MultiBinary`` actions), parametrised by logits."""
+    """Independent Bernoulli variables (``MultiBinary`` actions), parametrised by logits.
+
+    :param n: the number of bits.
+    """
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -271,6 +398,10 @@ class BernoulliHead(ActionHead):
         """A bit whose 0 (or 1) is invalid is forced to 1 (or 0): its logit becomes +/- ``-MASKED_LOGIT``.
 
         The mask holds ``[0 valid, 1 valid]`` per bit (sb3-contrib's layout for ``MultiBinary(n)``: ``2 n``).
+
+        :param params: the head's parameters.
+        :param action_masks: bool ``[B, mask_size]``, True where valid.
+        :return: the masked parameters.
         """
         pairs = action_masks.reshape(action_masks.shape[0], self.n, 2)
         zero_ok, one_ok = pairs[..., 0], pairs[..., 1]
@@ -278,30 +409,53 @@ class BernoulliHead(ActionHead):
         return (th.where(zero_ok & one_ok, params[0], forced),)
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
-        """Bits drawn with probability ``sigmoid(logit)``; the rounded probability when ``deterministic``."""
+        """Bits drawn with probability ``sigmoid(logit)``; the rounded probability when ``deterministic``.
+
+        :param params: the head's parameters.
+        :param deterministic: the mode instead of a sample.
+        :return: ``[B, ...]`` actions.
+        """
         probs = th.sigmoid(params[0])
         if deterministic:
             return th.round(probs)
         return th.bernoulli(probs)
 
     def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
-        """Sum over bits of ``a log p + (1 - a) log(1 - p)``."""
+        """Sum over bits of ``a log p + (1 - a) log(1 - p)``.
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: ``[B]``.
+        """
         logits = params[0]
         return -F.binary_cross_entropy_with_logits(
             logits, actions.to(logits.dtype).reshape(logits.shape), reduction="none"
         ).sum(dim=-1)
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
-        """Sum over bits of the binary entropy."""
+        """Sum over bits of the binary entropy.
+
+        :param params: the head's parameters.
+        :return: ``[B]``.
+        """
         logits = params[0]
         return F.binary_cross_entropy_with_logits(logits, th.sigmoid(logits), reduction="none").sum(dim=-1)
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
-        """SB3 ``BernoulliDistribution`` on the same logits."""
+        """SB3 ``BernoulliDistribution`` on the same logits.
+
+        :param params: the head's parameters.
+        :return: an SB3 ``Distribution`` with the same parameters.
+        """
         return BernoulliDistribution(self.n).proba_distribution(action_logits=params[0])
 
     def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
-        """Sum over bits of ``p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q))``."""
+        """Sum over bits of ``p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q))``.
+
+        :param params: this policy's head parameters.
+        :param other: the other (reference) policy's.
+        :return: ``[B]``.
+        """
         logits, other_logits = params[0], other[0]
         p = th.sigmoid(logits)
         log_ratio_one = F.logsigmoid(logits) - F.logsigmoid(other_logits)
@@ -315,6 +469,8 @@ class BinaryCategoricalHead(MultiCategoricalHead):
     The same family of distributions as :class:`BernoulliHead` (bit ``i`` is 1 with probability
     ``sigmoid(l1 - l0)``), but each bit's log-odds is the difference of two outputs, so the optimizer moves it
     about twice as far per step. Actions are returned as floats, like :class:`BernoulliHead`'s.
+
+    :param n: the number of bits.
     """
 
     def __init__(self, n: int) -> None:
@@ -322,7 +478,12 @@ class BinaryCategoricalHead(MultiCategoricalHead):
         self.n = n
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
-        """One bit per softmax pair (the more likely one when ``deterministic``), as floats."""
+        """One bit per softmax pair (the more likely one when ``deterministic``), as floats.
+
+        :param params: the head's parameters.
+        :param deterministic: the mode instead of a sample.
+        :return: ``[B, ...]`` actions.
+        """
         return super().sample(params, deterministic).to(params[0].dtype)
 
 
@@ -335,6 +496,9 @@ class DiagGaussianHead(ActionHead):
 
     With ``state_dependent_std=True`` the network emits ``[B, 2 * action_dim]`` (mean and log_std, the
     seed's layout); otherwise log_std is a free parameter shared by all states (SB3's default).
+
+    :param action_dim: the size of the action vector.
+    :param state_dependent_std: whether the network emits the log std.
     """
 
     def __init__(self, action_dim: int, state_dependent_std: bool = False) -> None:
@@ -343,7 +507,12 @@ class DiagGaussianHead(ActionHead):
         self.n_outputs = 2 * action_dim if state_dependent_std else action_dim
 
     def sample(self, params: tuple[th.Tensor, ...], deterministic: bool) -> th.Tensor:
-        """``mean + std * N(0, 1)``, or the mean when ``deterministic``."""
+        """``mean + std * N(0, 1)``, or the mean when ``deterministic``.
+
+        :param params: the head's parameters.
+        :param deterministic: the mode instead of a sample.
+        :return: ``[B, ...]`` actions.
+        """
         mean, log_std = params
         if deterministic:
             return mean
@@ -358,16 +527,30 @@ class DiagGaussianHead(ActionHead):
         return (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(dim=-1), z, inv_std
 
     def log_prob(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> th.Tensor:
-        """Sum over action dims of the Gaussian log-density."""
+        """Sum over action dims of the Gaussian log-density.
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: ``[B]``.
+        """
         return self._log_prob(params, actions)[0]
 
     def entropy(self, params: tuple[th.Tensor, ...]) -> th.Tensor:
-        """Sum over action dims of ``0.5 + 0.5 log(2 pi) + log_std``."""
+        """Sum over action dims of ``0.5 + 0.5 log(2 pi) + log_std``.
+
+        :param params: the head's parameters.
+        :return: ``[B]``.
+        """
         mean, log_std = params
         return (log_std + (0.5 + _HALF_LOG_2PI)).expand_as(mean).sum(dim=-1)
 
     def evaluate(self, params: tuple[th.Tensor, ...], actions: th.Tensor) -> HeadEvaluation:
-        """Log-density and entropy, keeping the standardised actions for the gradient."""
+        """Log-density and entropy, keeping the standardised actions for the gradient.
+
+        :param params: the head's parameters.
+        :param actions: ``[B, ...]`` actions.
+        :return: the log-probabilities, entropies and the intermediates :meth:`param_grads` reuses.
+        """
         log_prob, z, inv_std = self._log_prob(params, actions)
         return HeadEvaluation(log_prob, self.entropy(params), (z, inv_std))
 
@@ -384,6 +567,12 @@ class DiagGaussianHead(ActionHead):
 
         Both gradients are per sample, ``[B, action_dim]``; a state-independent log_std sums the second
         over the batch.
+
+        :param params: the head's parameters.
+        :param evaluation: what :meth:`evaluate` returned for them.
+        :param grad_log_prob: ``dL/d log pi(a|s)``, shape ``[B]``.
+        :param grad_entropy: ``dL/dH``, shape ``[B]``, or None when the loss does not use the entropy.
+        :return: ``dL/d params``, one tensor per parameter.
         """
         z, inv_std = evaluation.saved
         grad_log_prob = grad_log_prob.unsqueeze(1)
@@ -394,12 +583,21 @@ class DiagGaussianHead(ActionHead):
         return grad_mean, grad_log_std
 
     def to_sb3(self, params: tuple[th.Tensor, ...]) -> Distribution:
-        """SB3 ``DiagGaussianDistribution`` with the same mean and std."""
+        """SB3 ``DiagGaussianDistribution`` with the same mean and std.
+
+        :param params: the head's parameters.
+        :return: an SB3 ``Distribution`` with the same parameters.
+        """
         mean, log_std = params
         return DiagGaussianDistribution(self.action_dim).proba_distribution(mean, log_std)
 
     def kl(self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...]) -> th.Tensor:
-        """Sum over dims of ``log(s_q / s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2``."""
+        """Sum over dims of ``log(s_q / s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2``.
+
+        :param params: this policy's head parameters.
+        :param other: the other (reference) policy's.
+        :return: ``[B]``.
+        """
         mean, log_std = params
         other_mean, other_log_std = other
         variance_ratio = th.exp(2 * (log_std - other_log_std))
@@ -412,7 +610,13 @@ class DiagGaussianHead(ActionHead):
     def kl_grads(
         self, params: tuple[th.Tensor, ...], other: tuple[th.Tensor, ...], grad_kl: th.Tensor
     ) -> tuple[th.Tensor, ...]:
-        """``dKL / d mean = (m_p - m_q) / s_q^2``, ``dKL / d log_std = s_p^2 / s_q^2 - 1`` (per sample and dim)."""
+        """``dKL / d mean = (m_p - m_q) / s_q^2``, ``dKL / d log_std = s_p^2 / s_q^2 - 1`` (per sample and dim).
+
+        :param params: this policy's head parameters.
+        :param other: the reference's (no gradient).
+        :param grad_kl: ``dL/dKL`` per sample, ``[B]``.
+        :return: ``dL/d params``, one tensor per parameter.
+        """
         mean, log_std = params
         other_mean, other_log_std = other
         grad_kl = grad_kl.unsqueeze(1)
@@ -435,8 +639,13 @@ def make_action_head(
 ) -> ActionHead:
     """Return the head for ``action_space`` (gSDE is handled by the policy with SB3's own distribution).
 
+    :param action_space: ``Discrete``, ``MultiDiscrete``, ``MultiBinary`` or ``Box``.
+    :param state_dependent_std: ``Box`` only: the log std is an output of the network, not a parameter.
     :param multibinary_head: ``MultiBinary`` actions only: ``"bernoulli"`` (one logit per bit, SB3's ``PPO``)
         or ``"categorical"`` (two logits per bit, sb3-contrib's ``MaskablePPO``).
+    :return: the head.
+    :raises ValueError: for an unknown ``multibinary_head``.
+    :raises TypeError: for an action space no head supports.
     """
     if multibinary_head not in MULTIBINARY_HEADS:
         raise ValueError(

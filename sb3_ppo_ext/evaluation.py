@@ -17,7 +17,11 @@ __all__ = ["evaluate_policy", "predict_takes_masks"]
 
 
 def predict_takes_masks(model: Any) -> bool:
-    """Whether ``model.predict`` takes ``action_masks`` (ClippedPPO, MaskablePPO; not SB3's PPO or RecurrentPPO)."""
+    """Whether ``model.predict`` takes ``action_masks`` (ClippedPPO, MaskablePPO; not SB3's PPO or RecurrentPPO).
+
+    :param model: an SB3 algorithm (anything with ``predict``).
+    :return: whether ``predict`` has an ``action_masks`` parameter.
+    """
     return "action_masks" in inspect.signature(model.predict).parameters
 
 
@@ -42,6 +46,16 @@ def evaluate_policy(
     passes ``None`` back as the state at every step (an LSTM policy restarts from zeros each step), and SB3's
     applies no masks: for a ClippedPPO LSTM policy with masks, use this one.
 
+    :param model: the model to evaluate (anything with SB3's ``predict``).
+    :param env: the env, or a VecEnv (a plain env is wrapped in a ``DummyVecEnv``).
+    :param n_eval_episodes: episodes to run, spread over the VecEnv's envs as SB3 does.
+    :param deterministic: deterministic actions (the mode of the distribution).
+    :param render: render the env at every step.
+    :param callback: called after every step with ``locals()`` and ``globals()``, as in SB3.
+    :param reward_threshold: raise an ``AssertionError`` when the mean return is below it.
+    :param return_episode_rewards: return the per-episode returns and lengths instead of their mean and std.
+    :param warn: warn when the env has no ``Monitor``.
+    :param use_masking: apply the env's ``action_masks()`` when it has them.
     :return: mean and standard deviation of the episode returns, or with ``return_episode_rewards`` the lists of
         episode returns and lengths. With a ``Monitor`` (or ``VecMonitor``) on the env, its episode ends and
         statistics count (e.g. an Atari game, not a life); without one, the ``done`` signals do.

@@ -66,6 +66,11 @@ def bootstrap_truncations(
     A true termination is never bootstrapped: its future value is zero by definition. A truncated episode's
     return goes on past the time limit, and GAE would otherwise treat its end as a termination.
 
+    :param rewards: ``[N]`` rewards of the current step, changed in place.
+    :param dones: ``[N]`` the VecEnv's done flags of the current step.
+    :param infos: the VecEnv's infos of the current step (``TimeLimit.truncated``, ``terminal_observation``).
+    :param gamma: discount factor.
+    :param obs_to_tensor: SB3's ``policy.obs_to_tensor``: a batch of observations -> ``(tensor, vectorized)``.
     :param state_values: ``(obs, episode_starts, rows) -> V [len(rows), 1]``, the critic after the current step.
     """
     if not dones.any():

@@ -49,14 +49,23 @@ class PPOBatch(NamedTuple):
 
     @classmethod
     def from_minibatch(cls, samples: Any, advantages: th.Tensor, discrete_actions: bool) -> PPOBatch:
-        """A buffer minibatch as the loss sees it: Discrete actions as indices, masks and sequences kept if any."""
+        """A buffer minibatch as the loss sees it: Discrete actions as indices, masks and sequences kept if any.
+
+        :param samples: a minibatch of the rollout buffer (SB3's ``RolloutBufferSamples`` or ours).
+        :param advantages: its advantages, normalised as configured.
+        :param discrete_actions: the action space is ``Discrete``.
+        :return: the batch.
+        """
         actions = samples.actions.long().flatten() if discrete_actions else samples.actions
         masks, sequences = getattr(samples, "action_masks", None), getattr(samples, "sequences", None)
         fields = (samples.observations, actions, samples.old_log_prob, samples.old_values, advantages, samples.returns)
         return cls(*fields, masks, sequences)
 
     def policy_inputs(self) -> dict[str, Any]:
-        """What ``evaluate_actions`` gets besides observations and actions: the masks and sequences there are."""
+        """What ``evaluate_actions`` gets besides observations and actions: the masks and sequences there are.
+
+        :return: ``{"action_masks": ..., "sequences": ...}`` without the absent ones.
+        """
         inputs = {"action_masks": self.action_masks, "sequences": self.sequences}
         return {name: value for name, value in inputs.items() if value is not None}
 
@@ -97,7 +106,12 @@ class LossTerms(NamedTuple):
 
 
 def mean_of(terms: list[LossTerms] | list[list[LossTerms]], name: str) -> float:
-    """Mean of one field of :class:`LossTerms` over minibatches (nested lists are flattened); NaN if none."""
+    """Mean of one field of :class:`LossTerms` over minibatches (nested lists are flattened); NaN if none.
+
+    :param terms: the minibatches' terms, or a list of such lists (one per epoch).
+    :param name: a field of :class:`LossTerms`.
+    :return: the mean, or NaN without terms.
+    """
     flat = [t for item in terms for t in (item if isinstance(item, list) else [item])]
     if not flat:
         return float("nan")
@@ -105,14 +119,24 @@ def mean_of(terms: list[LossTerms] | list[list[LossTerms]], name: str) -> float:
 
 
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:
-    """Return ``(A - mean(A)) / (std(A) + eps)``; a batch of one is returned unchanged (its std is undefined)."""
+    """Return ``(A - mean(A)) / (std(A) + eps)``; a batch of one is returned unchanged (its std is undefined).
+
+    :param advantages: ``[B]`` advantages.
+    :param eps: added to the std.
+    :return: the normalised advantages.
+    """
     if advantages.numel() <= 1:
         return advantages
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
 def probability_ratio(log_prob: th.Tensor, old_log_prob: th.Tensor) -> th.Tensor:
-    """Return ``r(theta) = pi_theta(a|s) / pi_theta_old(a|s)``, computed from log-probabilities."""
+    """Return ``r(theta) = pi_theta(a|s) / pi_theta_old(a|s)``, computed from log-probabilities.
+
+    :param log_prob: ``log pi_theta(a|s)``, ``[B]``.
+    :param old_log_prob: ``log pi_theta_old(a|s)`` from the rollout, ``[B]``.
+    :return: ``[B]`` ratios.
+    """
     return th.exp(log_prob - old_log_prob)
 
 
@@ -129,6 +153,12 @@ def clipped_surrogate_loss(
 
     ``dual_clip`` (c > 1, Ye et al. 2020): for ``A < 0`` the objective is also bounded below,
     ``max(min(r A, clip(r) A), c A)``, so a very large ratio on a bad action cannot dominate the batch.
+
+    :param ratio: ``[B]`` probability ratios.
+    :param advantages: ``[B]`` advantages.
+    :param clip_range: epsilon.
+    :param dual_clip: c > 1 of dual clip, or None.
+    :return: the scalar loss.
     """
     surrogate = ratio * advantages
     clipped_surrogate = th.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
@@ -147,6 +177,12 @@ def clipped_surrogate_grad(
     The gradient flows where the unclipped term is the minimum or the two coincide: ``r <= 1 + eps`` for
     ``A > 0``, ``r >= 1 - eps`` for ``A < 0`` (for ``A = 0`` it is ``r * A = 0`` either way). With
     ``dual_clip``, a negative advantage's gradient also stops once ``r > c`` (the constant ``c A`` wins).
+
+    :param ratio: ``[B]`` probability ratios.
+    :param advantages: ``[B]`` advantages.
+    :param clip_range: epsilon.
+    :param dual_clip: c > 1 of dual clip, or None.
+    :return: ``[B]`` gradients with respect to ``log pi(a|s)``.
     """
     active = th.where(advantages > 0, ratio <= 1.0 + clip_range, ratio >= 1.0 - clip_range)
     if dual_clip is not None:
@@ -158,12 +194,22 @@ def clipped_surrogate_grad(
 
 
 def reference_kl_loss(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
-    """``beta * E[KL(pi_theta(.|s) || pi_ref(.|s))]``: keeps the fine-tuned policy near the reference."""
+    """``beta * E[KL(pi_theta(.|s) || pi_ref(.|s))]``: keeps the fine-tuned policy near the reference.
+
+    :param ref_kl: ``[B]`` per-sample ``KL(pi_theta || pi_ref)``.
+    :param ref_kl_coef: beta.
+    :return: the scalar loss.
+    """
     return ref_kl_coef * ref_kl.mean()
 
 
 def reference_kl_loss_grad(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
-    """``d reference_kl_loss / d KL_i`` per sample: ``beta / n`` (the head turns it into parameter gradients)."""
+    """``d reference_kl_loss / d KL_i`` per sample: ``beta / n`` (the head turns it into parameter gradients).
+
+    :param ref_kl: ``[B]`` per-sample KL.
+    :param ref_kl_coef: beta.
+    :return: ``[B]`` gradients with respect to each sample's KL.
+    """
     return th.full_like(ref_kl, ref_kl_coef / ref_kl.shape[0])
 
 
@@ -172,13 +218,22 @@ def sampled_kl(log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
 
     ``exp(d) - d - 1`` with ``d = log pi_ref(a|s) - log pi_theta(a|s)``: never negative and low-variance
     (Schulman's "k3"); used where the action head has no closed-form KL (gSDE).
+
+    :param log_prob: ``[B]`` ``log pi_theta(a|s)``.
+    :param ref_log_prob: ``[B]`` ``log pi_ref(a|s)``.
+    :return: ``[B]`` estimates.
     """
     difference = ref_log_prob - log_prob
     return th.expm1(difference) - difference
 
 
 def clip_fraction(ratio: th.Tensor, clip_range: float) -> th.Tensor:
-    """Share of samples whose ratio lies outside ``[1 - eps, 1 + eps]`` (a diagnostic, no gradient)."""
+    """Share of samples whose ratio lies outside ``[1 - eps, 1 + eps]`` (a diagnostic, no gradient).
+
+    :param ratio: ``[B]`` probability ratios.
+    :param clip_range: epsilon.
+    :return: a scalar in [0, 1].
+    """
     return ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
 
 
@@ -186,6 +241,11 @@ def dual_clip_fraction(ratio: th.Tensor, advantages: th.Tensor, dual_clip: float
     """Share of samples the dual clip bounds, ``A < 0`` and ``r > c`` (a diagnostic, no gradient).
 
     Zero means dual clip changed nothing in this minibatch: its ``c A`` floor only wins past ``r = c``.
+
+    :param ratio: ``[B]`` probability ratios.
+    :param advantages: ``[B]`` advantages.
+    :param dual_clip: c.
+    :return: a scalar in [0, 1].
     """
     return ((advantages < 0) & (ratio.detach() > dual_clip)).float().mean()
 
@@ -208,6 +268,14 @@ def value_loss(
       the pessimistic max keeps a gradient whenever the unclipped error is the larger one.
     * ``mode="sb3"`` (Stable-Baselines3's form): ``mean((V_clip - R)^2)``; the gradient is zero for every
       sample whose value moved further than ``eps_vf``, even when that move reduced the error.
+
+    :param values: ``[B]`` ``V(s)`` of the current critic.
+    :param old_values: ``[B]`` ``V(s)`` recorded in the rollout.
+    :param returns: ``[B]`` TD(lambda) returns (the targets).
+    :param clip_range_vf: epsilon of the value clipping, or None.
+    :param mode: ``"max"`` or ``"sb3"``.
+    :return: the scalar loss.
+    :raises ValueError: for an unknown ``mode``.
     """
     if clip_range_vf is None:
         return ((values - returns) ** 2).mean()
@@ -227,7 +295,17 @@ def value_loss_grad(
     mode: ValueClipMode = "max",
     coef: float = 1.0,
 ) -> th.Tensor:
-    """``d (coef * value_loss) / d V(s)`` per sample: ``2 coef (V - R) / n`` where the unclipped error is used."""
+    """``d (coef * value_loss) / d V(s)`` per sample: ``2 coef (V - R) / n`` where the unclipped error is used.
+
+    :param values: ``[B]`` ``V(s)`` of the current critic.
+    :param old_values: ``[B]`` ``V(s)`` recorded in the rollout.
+    :param returns: ``[B]`` targets.
+    :param clip_range_vf: epsilon of the value clipping, or None.
+    :param mode: ``"max"`` or ``"sb3"``.
+    :param coef: c1, the value loss's weight.
+    :return: ``[B]`` gradients with respect to ``V(s)``.
+    :raises ValueError: for an unknown ``mode``.
+    """
     scale = 2.0 * coef / values.shape[0]
     error = values - returns
     if clip_range_vf is None:
@@ -256,6 +334,10 @@ def entropy_loss(entropy: th.Tensor | None, log_prob: th.Tensor) -> th.Tensor:
 
     Where the distribution has no closed-form entropy (e.g. squashed gSDE), ``-log pi(a|s)`` of the
     sampled actions is its Monte Carlo estimate.
+
+    :param entropy: ``[B]`` entropies, or None.
+    :param log_prob: ``[B]`` ``log pi(a|s)`` (used without entropies).
+    :return: the scalar loss.
     """
     if entropy is None:
         return log_prob.mean()
@@ -263,7 +345,12 @@ def entropy_loss(entropy: th.Tensor | None, log_prob: th.Tensor) -> th.Tensor:
 
 
 def entropy_loss_grad(entropy: th.Tensor, coef: float = 1.0) -> th.Tensor:
-    """``d (coef * entropy_loss) / d H`` per sample: ``-coef / n``."""
+    """``d (coef * entropy_loss) / d H`` per sample: ``-coef / n``.
+
+    :param entropy: ``[B]`` entropies.
+    :param coef: c2, the entropy loss's weight.
+    :return: ``[B]`` gradients with respect to each entropy.
+    """
     return th.full_like(entropy, -coef / entropy.shape[0])
 
 
@@ -271,7 +358,12 @@ def entropy_loss_grad(entropy: th.Tensor, coef: float = 1.0) -> th.Tensor:
 
 
 def approx_kl(ratio: th.Tensor, log_ratio: th.Tensor) -> th.Tensor:
-    """Low-variance estimator of ``KL(pi_old || pi)``: ``mean((r - 1) - log r)`` (always >= 0), no gradient."""
+    """Low-variance estimator of ``KL(pi_old || pi)``: ``mean((r - 1) - log r)`` (always >= 0), no gradient.
+
+    :param ratio: ``[B]`` probability ratios.
+    :param log_ratio: ``[B]`` their logarithms.
+    :return: a scalar.
+    """
     with th.no_grad():
         return (ratio - 1.0 - log_ratio).mean()
 
@@ -304,7 +396,12 @@ class PPOLoss:
         _check_value_clip_mode(self.vf_clip_mode)
 
     def __call__(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> LossTerms:
-        """The loss terms of one minibatch; ``loss`` keeps the autograd graph of ``evaluation``."""
+        """The loss terms of one minibatch; ``loss`` keeps the autograd graph of ``evaluation``.
+
+        :param evaluation: the policy's outputs for the minibatch.
+        :param batch: the minibatch.
+        :return: the terms.
+        """
         return self._terms(evaluation, batch)[0]
 
     def with_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, OutputGradients]:
@@ -312,6 +409,10 @@ class PPOLoss:
 
         Every term has its derivative in :meth:`_output_gradients`; the reference-KL term's is ``dL/dKL_i``, which
         the head's :meth:`~sb3_ppo_ext.distributions.ActionHead.kl_grads` carries to the head's parameters.
+
+        :param evaluation: the policy's outputs for the minibatch.
+        :param batch: the minibatch.
+        :return: the terms and the gradients with respect to the policy's outputs.
         """
         with th.no_grad():
             terms, ratio = self._terms(evaluation, batch)

@@ -36,7 +36,10 @@ _state: dict[str, bool | None] = {
 
 
 def set_onednn_matmul(enabled: bool) -> None:
-    """Turn the oneDNN path for large CPU matrix products on or off (process-wide)."""
+    """Turn the oneDNN path for large CPU matrix products on or off (process-wide).
+
+    :param enabled: True to use oneDNN for large products, False for the BLAS.
+    """
     _state["enabled"] = bool(enabled)
 
 
@@ -71,14 +74,25 @@ def _use_onednn(a: th.Tensor, b: th.Tensor, macs: int) -> bool:
 
 
 def addmm(bias: th.Tensor | None, x: th.Tensor, weight: th.Tensor) -> th.Tensor:
-    """``x @ weight.T + bias`` for a 2-D ``x`` (no autograd through the oneDNN branch)."""
+    """``x @ weight.T + bias`` for a 2-D ``x`` (no autograd through the oneDNN branch).
+
+    :param bias: ``[out]`` bias.
+    :param x: ``[B, in]`` inputs.
+    :param weight: ``[out, in]`` weights.
+    :return: ``[B, out]``.
+    """
     if _use_onednn(x, weight, x.shape[0] * x.shape[1] * weight.shape[0]):
         return _kernel()(x, weight, bias, "none", [], "")
     return th.mm(x, weight.t()) if bias is None else th.addmm(bias, x, weight.t())
 
 
 def mm(a: th.Tensor, b: th.Tensor) -> th.Tensor:
-    """``a @ b`` for 2-D tensors (no autograd through the oneDNN branch)."""
+    """``a @ b`` for 2-D tensors (no autograd through the oneDNN branch).
+
+    :param a: ``[n, k]``.
+    :param b: ``[k, m]``.
+    :return: ``[n, m]``.
+    """
     if _use_onednn(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
         return _kernel()(a, b.t(), None, "none", [], "")
     return a @ b
@@ -109,7 +123,13 @@ def _exporting() -> bool:
 
 
 def linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None = None) -> th.Tensor:
-    """``F.linear`` that sends large float32 CPU products through oneDNN, autograd included."""
+    """``F.linear`` that sends large float32 CPU products through oneDNN, autograd included.
+
+    :param x: ``[..., in]`` inputs.
+    :param weight: ``[out, in]`` weights.
+    :param bias: ``[out]`` bias, or None.
+    :return: ``[..., out]``.
+    """
     if _exporting() or x.dim() != 2 or not _use_onednn(x, weight, x.shape[0] * x.shape[1] * weight.shape[0]):
         return F.linear(x, weight, bias)
     if th.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -121,7 +141,11 @@ class FastLinear(nn.Linear):
     """``nn.Linear`` computed with :func:`linear`; same parameters, same ``state_dict``."""
 
     def forward(self, input: th.Tensor) -> th.Tensor:  # noqa: A002 - nn.Linear's argument name
-        """``input @ weight.T + bias``."""
+        """``input @ weight.T + bias``.
+
+        :param input: ``[..., in_features]``.
+        :return: ``[..., out_features]``.
+        """
         if input.dim() == 2:
             return linear(input, self.weight, self.bias)
         return F.linear(input, self.weight, self.bias)
@@ -133,6 +157,9 @@ def wants_onednn_matmul(module: nn.Module) -> bool:
     oneDNN's first use costs about 7 MB of resident memory (its code and buffers), once per process.
     With convolutions that is paid anyway; for a big Linear layer the ~2x faster products are worth it;
     for 64- or 256-unit MLPs (CartPole, MuJoCo) the gain is a few percent, so they stay on the BLAS.
+
+    :param module: a policy (or any module).
+    :return: whether ``onednn_matmul=None`` turns oneDNN on for it.
     """
     modules = list(module.modules())
     if any(isinstance(sub, nn.Conv2d) for sub in modules):
@@ -145,6 +172,8 @@ def use_fast_linears(module: nn.Module) -> nn.Module:
 
     Only the class changes (``FastLinear`` adds no state), so parameters, optimizer references and
     saved weights are untouched; subclasses of ``nn.Linear`` are left alone.
+
+    :param module: a policy (or any module).
     """
     for sub in module.modules():
         if type(sub) is nn.Linear:

@@ -21,6 +21,10 @@ def clip_grad_norm(parameters: list[th.Tensor], max_norm: float) -> th.Tensor:
 
     Same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``
     capped at 1); ``max_norm=inf`` only measures the norm.
+
+    :param parameters: the parameters whose ``.grad`` to scale (those without a gradient are skipped).
+    :param max_norm: the largest global L2 norm allowed.
+    :return: the global norm before clipping.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -39,6 +43,9 @@ def fused_adam_supported(device_type: str) -> bool:
 
     setup.cfg allows torch>=2.3, but fused Adam on CPU only arrived in torch 2.4 (on MPS later); depending on
     the version an unsupported device fails at construction or at the first step, so the probe does both.
+
+    :param device_type: ``"cpu"``, ``"cuda"``, ``"mps"``, ...
+    :return: whether fused Adam works there.
     """
     try:
         param = th.zeros(1, device=device_type, requires_grad=True)
@@ -55,6 +62,10 @@ def fast_optimizer_kwargs(optimizer_class: type[th.optim.Optimizer], kwargs: dic
 
     The fused kernel updates every parameter in one call instead of ~10 small ops per tensor; on
     PPO's small networks that is about a sixth of a minibatch step (see benchmarks/throughput.py).
+
+    :param optimizer_class: the policy's optimizer class.
+    :param kwargs: the policy's ``optimizer_kwargs``.
+    :return: the keyword arguments to build the optimizer with.
     """
     if not issubclass(optimizer_class, (th.optim.Adam, th.optim.AdamW)) or {"fused", "foreach"} & kwargs.keys():
         return kwargs
@@ -78,6 +89,8 @@ class LeanAdamStep:
     replaced since the last step (``load_state_dict``), a parameter without gradient, step hooks, AMP
     gradient scaling, ``step`` replaced on the instance, or an option the shortcut does not handle.
     ``SB3_PPO_EXT_LEAN_ADAM=0`` turns it off.
+
+    :param optimizer: a fused Adam/AdamW (see :meth:`supports`).
     """
 
     def __init__(self, optimizer: th.optim.Optimizer) -> None:
@@ -89,7 +102,11 @@ class LeanAdamStep:
 
     @staticmethod
     def supports(optimizer: th.optim.Optimizer) -> bool:
-        """Whether the optimizer is a plain fused Adam/AdamW on CPU or CUDA with options the shortcut handles."""
+        """Whether the optimizer is a plain fused Adam/AdamW on CPU or CUDA with options the shortcut handles.
+
+        :param optimizer: the optimizer.
+        :return: whether :class:`LeanAdamStep` can step it.
+        """
         if type(optimizer) not in (th.optim.Adam, th.optim.AdamW) or not hasattr(th, "_fused_adam_"):
             return False
         return all(

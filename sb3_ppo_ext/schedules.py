@@ -20,24 +20,42 @@ __all__ = ["LinearDecay", "linear", "parse_schedule"]
 
 @dataclass(frozen=True)
 class LinearDecay:
-    """Linear annealing from ``start`` (progress 1) to ``end`` (progress 0), e.g. 3e-4 -> 0 (seed section 6)."""
+    """Linear annealing from ``start`` (progress 1) to ``end`` (progress 0), e.g. 3e-4 -> 0 (seed section 6).
+
+    :param start: the value at the start of training (``progress_remaining`` 1).
+    :param end: the value at the end of training (``progress_remaining`` 0).
+    """
 
     start: float
     end: float = 0.0
 
     def __call__(self, progress_remaining: float) -> float:
-        """Return the value for ``progress_remaining`` in [0, 1]."""
+        """The value at a point of training.
+
+        :param progress_remaining: SB3's progress, 1 at the start and 0 at the end (clamped to [0, 1]).
+        :return: ``end + (start - end) * progress_remaining``.
+        """
         # clamped: the last rollout overshoots total_timesteps, which makes progress slightly negative
         return self.end + (self.start - self.end) * min(max(progress_remaining, 0.0), 1.0)
 
 
 def linear(start: float, end: float = 0.0) -> LinearDecay:
-    """Return a :class:`LinearDecay` from ``start`` to ``end``; ``linear(3e-4)`` is the seed's default."""
+    """A pickle-safe linear schedule, for ``learning_rate``, ``clip_range`` or ``clip_range_vf``.
+
+    :param start: the value at the start of training.
+    :param end: the value at the end of training.
+    :return: a :class:`LinearDecay` from ``start`` to ``end``; ``linear(3e-4)`` is the seed's default.
+    """
     return LinearDecay(float(start), float(end))
 
 
 def parse_schedule(value: str | float) -> float | LinearDecay:
-    """Read RL Zoo's schedule strings: ``"lin_3e-4"`` -> ``linear(3e-4)``; plain numbers pass through."""
+    """Read RL Zoo's schedule strings: ``"lin_3e-4"`` -> ``linear(3e-4)``; plain numbers pass through.
+
+    :param value: a Zoo value: ``"lin_<x>"``, a number, or a number as a string.
+    :return: a :class:`LinearDecay` for ``"lin_<x>"``, else the number.
+    :raises ValueError: for a string that is neither ``"lin_<x>"`` nor a number.
+    """
     if isinstance(value, str):
         if value.startswith("lin_"):
             return linear(float(value[len("lin_") :]))

@@ -206,7 +206,11 @@ class MLPActorCriticKernel:
 
     @staticmethod
     def owned_parameters(policy: ActorCriticPolicy) -> list[nn.Parameter] | None:
-        """The parameters whose gradients the kernel writes, or None when the networks are not plain stacks."""
+        """The parameters whose gradients the kernel writes, or None when the networks are not plain stacks.
+
+        :param policy: the policy.
+        :return: the parameters, or None.
+        """
         stacks = (_stack_layers(policy.mlp_extractor.policy_net), _stack_layers(policy.mlp_extractor.value_net))
         if any(stack is None for stack in stacks):
             return None
@@ -218,7 +222,11 @@ class MLPActorCriticKernel:
 
     @classmethod
     def supports(cls, policy: Any) -> bool:
-        """True when the policy's acting and evaluation code is exactly ours and the kernel owns every gradient."""
+        """True when the policy's acting and evaluation code is exactly ours and the kernel owns every gradient.
+
+        :param policy: the policy.
+        :return: whether the kernel can act for it and differentiate it.
+        """
         if not isinstance(policy, ActorCriticPolicy) or policy.sde_dist is not None:
             return False
         if any(getattr(type(policy), name) is not getattr(ActorCriticPolicy, name) for name in _REPLACED_METHODS):
@@ -273,7 +281,12 @@ class MLPActorCriticKernel:
         return pi_outs, vf_outs, params, values
 
     def act(self, obs: Any, action_masks: Any = None) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """``policy.forward(obs)`` without per-module call overhead: ``(actions, values [B, 1], log_prob)``."""
+        """``policy.forward(obs)`` without per-module call overhead: ``(actions, values [B, 1], log_prob)``.
+
+        :param obs: a batch of observations.
+        :param action_masks: invalid-action masks, or None.
+        :return: ``(actions, values [B, 1], log_prob [B])``.
+        """
         _, _, params, values = self._forward(obs, action_masks)
         actions = self.head.sample(params, deterministic=False)
         log_prob = self.head.log_prob(params, actions)
@@ -288,8 +301,12 @@ class MLPActorCriticKernel:
     ) -> tuple[PolicyEvaluation, Activations]:
         """``policy.evaluate_actions`` (values flattened) and the activations :meth:`backward` needs.
 
+        :param obs: a batch of observations.
+        :param actions: the actions taken.
+        :param action_masks: invalid-action masks, or None.
         :param reference_params: the reference policy's head parameters on the same observations: the evaluation
             then carries ``KL(pi || pi_ref)`` per sample (the reference-KL term, ``ref_kl_mode="loss"``).
+        :return: the policy's evaluation and the activations.
         """
         pi_outs, vf_outs, params, values = self._forward(obs, action_masks)
         head_evaluation = self.head.evaluate(params, actions)
@@ -298,7 +315,11 @@ class MLPActorCriticKernel:
         return evaluation, Activations(pi_outs, vf_outs, params, head_evaluation, reference_params)
 
     def backward(self, activations: Activations, grads: OutputGradients) -> None:
-        """Set ``.grad`` of every policy parameter from ``dL/d(V, log pi, H)`` (chain rule, by hand)."""
+        """Set ``.grad`` of every policy parameter from ``dL/d(V, log pi, H)`` (chain rule, by hand).
+
+        :param activations: what :meth:`evaluate` kept of the forward pass.
+        :param grads: ``dL/d(V, log pi, H, KL_ref)`` per sample (``PPOLoss.with_gradients``).
+        """
         policy = self.policy
         pi_outs, vf_outs, params, head_evaluation, reference_params = activations
         param_grads = self.head.param_grads(params, head_evaluation, grads.log_prob, grads.entropy)

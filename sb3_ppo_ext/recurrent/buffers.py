@@ -35,6 +35,14 @@ class RecurrentGAERolloutBuffer(GAERolloutBuffer):
     of ``batch_size`` steps, splitting a segment where a minibatch ends. A sequence that begins an episode
     starts from zero states; any other from the states the rollout stored for its first step.
 
+    :param buffer_size: steps per env per rollout (``n_steps``).
+    :param observation_space: observation space.
+    :param action_space: action space.
+    :param device: where minibatches are placed.
+    :param gae_lambda: GAE's lambda.
+    :param gamma: discount factor.
+    :param n_envs: parallel envs.
+    :param channels_last: image minibatches in NHWC memory layout (see :class:`~sb3_ppo_ext.buffers.GAERolloutBuffer`).
     :param sequence_length: longest sequence (truncated backpropagation through time); ``None``: as long
         as the episode, the rollout and the minibatch allow, as in sb3-contrib's ``RecurrentRolloutBuffer``.
     """
@@ -74,7 +82,17 @@ class RecurrentGAERolloutBuffer(GAERolloutBuffer):
         action_masks: np.ndarray | None = None,
         lstm_states: LSTMStates | None = None,
     ) -> None:
-        """Store one step (see :meth:`GAERolloutBuffer.add`) and ``lstm_states``, the states the step was taken from."""
+        """Store one step (see :meth:`GAERolloutBuffer.add`) and ``lstm_states``, the states the step was taken from.
+
+        :param obs: observations ``s_t``.
+        :param action: actions ``a_t``.
+        :param reward: rewards ``r_t``.
+        :param episode_start: True where ``s_t`` starts an episode.
+        :param value: values ``V(s_t)``.
+        :param log_prob: ``log pi(a_t|s_t)``.
+        :param action_masks: the step's invalid-action masks, or None.
+        :param lstm_states: the actor's and critic's LSTM states before the step.
+        """
         if lstm_states is None:
             raise ValueError(f"{type(self).__name__}.add() needs lstm_states: the states the step's actions came from.")
         # [4, n_layers, n_envs, hidden] -> [n_envs, 4, n_layers, hidden]
@@ -85,7 +103,11 @@ class RecurrentGAERolloutBuffer(GAERolloutBuffer):
         super().add(obs, action, reward, episode_start, value, log_prob, action_masks)
 
     def get(self, batch_size: int | None = None) -> Generator[SequenceSamples, None, None]:  # type: ignore[override]
-        """Yield minibatches of about ``batch_size`` steps, as whole or split segments, covering the rollout once."""
+        """Yield minibatches of about ``batch_size`` steps, as whole or split segments, covering the rollout once.
+
+        :param batch_size: steps per minibatch; None: the whole rollout.
+        :return: a generator of minibatches, each with its :class:`~sb3_ppo_ext.recurrent.sequences.Sequences`.
+        """
         assert self.full, "The rollout buffer must be full before sampling from it."
         if not self.generator_ready:
             self._prepare()

@@ -28,7 +28,12 @@ class RecurrentStates(Extension):
         self._after: LSTMStates | None = None  # after it
 
     def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
-        """Continue from the last rollout's states (zeros for a new or resized set of envs)."""
+        """Continue from the last rollout's states (zeros for a new or resized set of envs).
+
+        :param model: the model.
+        :param env: the model's VecEnv.
+        :param rollout_buffer: the model's rollout buffer, reset.
+        """
         self._model = model
         n_envs = env.num_envs
         states = model._last_lstm_states
@@ -37,21 +42,36 @@ class RecurrentStates(Extension):
         self._states = self._after = states
 
     def policy_inputs(self, step: int) -> dict[str, Any]:
-        """The states before this step, and which envs start an episode (their states are reset)."""
+        """The states before this step, and which envs start an episode (their states are reset).
+
+        :param step: the step's index in the rollout.
+        :return: keyword inputs of the policy's acting call.
+        """
         model = self._model
         starts = th.as_tensor(model._last_episode_starts, dtype=th.float32, device=model.device)
         return {"lstm_states": self._states, "episode_starts": starts}
 
     def acted(self, step: RolloutStep) -> None:
-        """The states after this step (the policy's fourth output)."""
+        """The states after this step (the policy's fourth output).
+
+        :param step: the step: the policy's outputs.
+        """
         self._after = step.outputs[0]
 
     def buffer_fields(self) -> dict[str, Any]:
-        """The states the step was taken from: each stored sequence restarts from its first step's states."""
+        """The states the step was taken from: each stored sequence restarts from its first step's states.
+
+        :return: keyword arguments of ``rollout_buffer.add``.
+        """
         return {"lstm_states": self._states}
 
     def value_inputs(self, rows: np.ndarray | None, episode_starts: np.ndarray) -> dict[str, Any]:
-        """The critic's states after the current step (of ``rows`` only, when given)."""
+        """The critic's states after the current step (of ``rows`` only, when given).
+
+        :param rows: the envs whose observations are evaluated (None: all of them, in order).
+        :param episode_starts: ``[n_envs]`` True where an episode starts.
+        :return: keyword inputs of ``policy.predict_values``.
+        """
         states = self._after
         assert states is not None
         if rows is not None:
@@ -61,5 +81,8 @@ class RecurrentStates(Extension):
         return {"lstm_states": states.vf, "episode_starts": starts}
 
     def step_end(self, model: Any) -> None:
-        """The states after the step become those the next step starts from."""
+        """The states after the step become those the next step starts from.
+
+        :param model: the model.
+        """
         self._states = model._last_lstm_states = self._after

@@ -52,6 +52,7 @@ def segment_starts(episode_starts: np.ndarray, sequence_length: int | None = Non
     """Where sequences begin along each env's timeline: at step 0, at episode starts, every ``sequence_length``.
 
     :param episode_starts: ``[n_steps, n_envs]`` flags from the rollout.
+    :param sequence_length: the longest sequence; None: no limit.
     :return: bool ``[n_steps, n_envs]``.
     """
     starts = np.asarray(episode_starts, dtype=bool).copy()
@@ -103,7 +104,13 @@ class Sequences:
         )
 
     def run(self, lstm: nn.LSTM, features: th.Tensor, initial: tuple[th.Tensor, th.Tensor]) -> tuple[th.Tensor, None]:
-        """Run ``lstm`` over every sequence at once; its outputs as flat rows ``[N, hidden]`` (no final states)."""
+        """Run ``lstm`` over every sequence at once; its outputs as flat rows ``[N, hidden]`` (no final states).
+
+        :param lstm: the actor's or the critic's LSTM.
+        :param features: ``[N, features_dim]`` flat rows.
+        :param initial: that LSTM's ``(h, c)`` before each sequence.
+        :return: ``([N, hidden], None)``.
+        """
         n_cells = self.max_length * self.n_sequences
         if n_cells == features.shape[0]:
             # no padding: scattering is a permutation (one sequence, or equal lengths)
@@ -140,6 +147,9 @@ class Step:
 
     Same interface as :class:`Sequences` (``initial_pi``, ``initial_vf``, ``run``), so the policy has one code
     path for both.
+
+    :param initial_pi: the actor LSTM's ``(h, c)``, each ``[n_layers, B, hidden]``.
+    :param initial_vf: the critic LSTM's.
     """
 
     initial_pi: tuple[th.Tensor, th.Tensor]
@@ -147,7 +157,12 @@ class Step:
 
     @classmethod
     def after(cls, states: LSTMStates, episode_starts: th.Tensor) -> Step:
-        """The step that follows ``states``; envs whose ``episode_starts`` flag is set start from zero states."""
+        """The step that follows ``states``; envs whose ``episode_starts`` flag is set start from zero states.
+
+        :param states: the states after the previous step.
+        :param episode_starts: ``[B]`` flags.
+        :return: the next step.
+        """
         keep = (1.0 - episode_starts.to(states.pi[0].dtype)).view(1, -1, 1)
         return cls(
             initial_pi=(states.pi[0] * keep, states.pi[1] * keep),
@@ -157,6 +172,12 @@ class Step:
     def run(
         self, lstm: nn.LSTM, features: th.Tensor, initial: tuple[th.Tensor, th.Tensor]
     ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
-        """One LSTM step: outputs ``[B, hidden]`` and the new ``(h, c)``."""
+        """One LSTM step: outputs ``[B, hidden]`` and the new ``(h, c)``.
+
+        :param lstm: the actor's or the critic's LSTM.
+        :param features: ``[B, features_dim]``.
+        :param initial: the LSTM's ``(h, c)`` before the step.
+        :return: the outputs and the new ``(h, c)``.
+        """
         output, states = lstm(features.unsqueeze(0), initial)
         return output.squeeze(0), states

@@ -47,6 +47,9 @@ def setup_reference(model: Any) -> ReferencePolicy | None:
 
     Sets ``model.ref_policy`` (the module whose state dict is saved with the model) and ``model._ref_policy_spec``
     (its class and constructor arguments, saved as data); the caller's model is neither kept nor pickled.
+
+    :param model: the ClippedPPO model being set up.
+    :return: the frozen reference, or None without one.
     """
     reference = None
     source = getattr(model, "_ref_policy_source", None)
@@ -71,14 +74,21 @@ class _ReferenceKL(Extension):
         self.reference: ReferencePolicy | None = None
 
     def setup(self, model: Any) -> None:
-        """Build (or rebuild, after ``load``) the frozen reference."""
+        """Build (or rebuild, after ``load``) the frozen reference.
+
+        :param model: the model.
+        """
         self.reference = setup_reference(model)
 
     def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
         raise NotImplementedError
 
     def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
-        """Log the KL to the reference and beta, then let the controller move beta (Ziegler et al.)."""
+        """Log the KL to the reference and beta, then let the controller move beta (Ziegler et al.).
+
+        :param model: the model.
+        :param history: each epoch's loss terms.
+        """
         kl = self._measured_kl(history)
         if kl is not None:
             model.logger.record("train/ref_kl", kl)
@@ -87,7 +97,10 @@ class _ReferenceKL(Extension):
 
 
 class RewardKLPenalty(_ReferenceKL):
-    """``r_t - beta * (log pi_old - log pi_ref)(a_t|s_t)`` at every step; beta = 0 leaves rewards untouched."""
+    """``r_t - beta * (log pi_old - log pi_ref)(a_t|s_t)`` at every step; beta = 0 leaves rewards untouched.
+
+    :param controller: beta's controller (:func:`~sb3_ppo_ext.rlhf.reference.make_kl_controller`).
+    """
 
     statistics = ("ref_kl",)
 
@@ -98,17 +111,30 @@ class RewardKLPenalty(_ReferenceKL):
         self._step_kl: th.Tensor | None = None
 
     def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
-        """Start the rollout's sum of log-ratios."""
+        """Start the rollout's sum of log-ratios.
+
+        :param model: the model.
+        :param env: the model's VecEnv.
+        :param rollout_buffer: the model's rollout buffer, reset.
+        """
         self._kl_sum, self._samples = 0.0, 0
 
     def acted(self, step: RolloutStep) -> None:
-        """``log pi_old - log pi_ref`` of the actions just sampled, under the same masks."""
+        """``log pi_old - log pi_ref`` of the actions just sampled, under the same masks.
+
+        :param step: the step: the policy's outputs.
+        """
         assert self.reference is not None
         masks = step.policy_inputs.get("action_masks")
         self._step_kl = step.log_probs - self.reference.log_prob(step.observations, step.actions, masks)
 
     def shape_rewards(self, rewards: np.ndarray, step: RolloutStep) -> np.ndarray:
-        """The seed's per-step KL penalty."""
+        """The seed's per-step KL penalty.
+
+        :param rewards: ``[n_envs]`` rewards of the step.
+        :param step: the step: the policy's outputs and the env's data.
+        :return: the rewards GAE sees.
+        """
         step_kl = self._step_kl
         assert step_kl is not None
         beta = self.controller.value
@@ -119,11 +145,18 @@ class RewardKLPenalty(_ReferenceKL):
         return rewards
 
     def rollout_end(self, model: Any) -> dict[str, float]:
-        """The mean log-ratio over the rollout's steps."""
+        """The mean log-ratio over the rollout's steps.
+
+        :param model: the model.
+        :return: the statistics measured over the rollout.
+        """
         return {"ref_kl": self._kl_sum / self._samples}
 
     def rollout_statistics(self, statistics: dict[str, float]) -> None:
-        """Keep the mean over every rank (None when the rollout stopped early everywhere)."""
+        """Keep the mean over every rank (None when the rollout stopped early everywhere).
+
+        :param statistics: the rollout's statistics, over every rank.
+        """
         self.rollout_kl = statistics.get("ref_kl")
 
     def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
@@ -131,7 +164,10 @@ class RewardKLPenalty(_ReferenceKL):
 
 
 class LossKLPenalty(_ReferenceKL):
-    """``beta * KL(pi_theta || pi_ref)`` in the loss; the reference's outputs computed once per distinct minibatch."""
+    """``beta * KL(pi_theta || pi_ref)`` in the loss; the reference's outputs computed once per distinct minibatch.
+
+    :param controller: beta's controller (:func:`~sb3_ppo_ext.rlhf.reference.make_kl_controller`).
+    """
 
     def __init__(self, controller: KLController) -> None:
         super().__init__(controller)
@@ -139,16 +175,26 @@ class LossKLPenalty(_ReferenceKL):
         self._active = False
 
     def update_start(self, model: Any) -> None:
-        """Only a beta that weighs something asks the reference (beta = 0 trains as without one)."""
+        """Only a beta that weighs something asks the reference (beta = 0 trains as without one).
+
+        :param model: the model.
+        """
         self._memo = None
         self._active = self.controller.value != 0
 
     def loss_options(self) -> dict[str, Any]:
-        """The term's weight, beta."""
+        """The term's weight, beta.
+
+        :return: keyword arguments of ``PPOLoss``.
+        """
         return {"ref_kl_coef": self.controller.value or 0.0}
 
     def minibatch(self, batch: PPOBatch) -> PPOBatch:
-        """The reference's head parameters and log-probabilities for the minibatch."""
+        """The reference's head parameters and log-probabilities for the minibatch.
+
+        :param batch: the minibatch.
+        :return: the minibatch the loss sees.
+        """
         if not self._active:
             return batch
         assert self.reference is not None
@@ -165,7 +211,12 @@ class LossKLPenalty(_ReferenceKL):
 
 
 def reference_kl(controller: KLController, mode: str) -> _ReferenceKL:
-    """The extension of ``ref_kl_mode``: :class:`RewardKLPenalty` or :class:`LossKLPenalty`."""
+    """The extension of ``ref_kl_mode``: :class:`RewardKLPenalty` or :class:`LossKLPenalty`.
+
+    :param controller: beta's controller.
+    :param mode: ``"reward"`` or ``"loss"``.
+    :return: the extension.
+    """
     return RewardKLPenalty(controller) if mode == "reward" else LossKLPenalty(controller)
 
 

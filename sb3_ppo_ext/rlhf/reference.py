@@ -54,6 +54,7 @@ class ReferencePolicy:
     """A frozen copy of a policy: eval mode, no gradients, never updated, on the model's device.
 
     :param policy: an SB3-style actor-critic policy (ours or SB3's) with the model's spaces.
+    :raises ConfigurationError: for a recurrent (LSTM) policy.
     """
 
     def __init__(self, policy: BasePolicy) -> None:
@@ -69,12 +70,24 @@ class ReferencePolicy:
 
     @th.no_grad()
     def log_prob(self, obs: Any, actions: th.Tensor, action_masks: th.Tensor | None = None) -> th.Tensor:
-        """``log pi_ref(a|s)``, shape ``[B]``, under the same invalid-action masks as the trained policy."""
+        """``log pi_ref(a|s)`` under the same invalid-action masks as the trained policy.
+
+        :param obs: a batch of observations, as the policy takes them (a tensor, or a dict of tensors).
+        :param actions: the actions taken, ``[B]`` or ``[B, action_dim]``.
+        :param action_masks: ``[B, mask_size]`` booleans, or None.
+        :return: ``[B]`` log-probabilities.
+        """
         return self.targets(obs, actions, action_masks).log_prob
 
     @th.no_grad()
     def targets(self, obs: Any, actions: th.Tensor, action_masks: th.Tensor | None = None) -> ReferenceTargets:
-        """The reference's head parameters and log-probabilities for a batch."""
+        """The reference's head parameters and log-probabilities for a batch.
+
+        :param obs: a batch of observations, as the policy takes them.
+        :param actions: the actions taken.
+        :param action_masks: ``[B, mask_size]`` booleans, or None.
+        :return: the head parameters (None where ours have no equivalent) and ``log pi_ref(a|s)``.
+        """
         policy = self.policy
         masks = {"action_masks": action_masks} if action_masks is not None and self._masks else {}
         if hasattr(policy, "_head_params") and getattr(policy, "action_head", None) is not None:
@@ -99,12 +112,21 @@ def _sb3_head_params(distribution: Distribution) -> tuple[th.Tensor, ...] | None
 
 
 def reference_spec(policy: BasePolicy) -> dict[str, Any]:
-    """What rebuilds an empty copy of ``policy`` (class and constructor arguments), saved with the model."""
+    """What rebuilds an empty copy of ``policy`` (class and constructor arguments), saved with the model.
+
+    :param policy: the reference's policy.
+    :return: ``{"class": ..., "kwargs": ...}``.
+    """
     return {"class": type(policy), "kwargs": policy._get_constructor_parameters()}
 
 
 def build_reference(spec: dict[str, Any], device: th.device) -> ReferencePolicy:
-    """An empty reference of the saved architecture; ``load`` then restores its weights."""
+    """An empty reference of the saved architecture; ``load`` then restores its weights.
+
+    :param spec: what :func:`reference_spec` returned.
+    :param device: the model's device.
+    :return: the reference, with freshly initialised weights (the global random state is left as it was).
+    """
     # the fresh weights are overwritten at once; building them must not move the global RNG, or training
     # with beta = 0 would no longer match training without a reference
     with th.random.fork_rng(devices=[]):
@@ -114,7 +136,13 @@ def build_reference(spec: dict[str, Any], device: th.device) -> ReferencePolicy:
 
 
 def resolve_reference(ref_policy: Any, device: th.device) -> ReferencePolicy:
-    """A frozen copy of ``ref_policy``: a model (SB3 or ClippedPPO), a policy, or the path of a saved model."""
+    """A frozen copy of ``ref_policy``: a model (SB3 or ClippedPPO), a policy, or the path of a saved model.
+
+    :param ref_policy: the ``ref_policy`` argument of ``ClippedPPO``.
+    :param device: the model's device.
+    :return: the frozen reference.
+    :raises ConfigurationError: for anything else, a missing file or a file without a saved policy.
+    """
     if isinstance(ref_policy, (str, Path)):
         policy = _load_policy(Path(ref_policy))
     elif isinstance(ref_policy, (BaseAlgorithm, BasePolicy)):
@@ -151,7 +179,13 @@ def _load_policy(path: Path) -> BasePolicy:
 
 
 def check_reference_spaces(reference: ReferencePolicy, observation_space: Any, action_space: Any) -> None:
-    """A reference must read the model's observations and score its actions: the same spaces."""
+    """A reference must read the model's observations and score its actions: the same spaces.
+
+    :param reference: the frozen reference.
+    :param observation_space: the model's observation space.
+    :param action_space: the model's action space.
+    :raises ConfigurationError: when either space differs.
+    """
     mismatched = [
         f"{name}: reference {theirs}, model {ours}"
         for name, theirs, ours in (
@@ -171,13 +205,20 @@ def check_reference_spaces(reference: ReferencePolicy, observation_space: Any, a
 
 
 class FixedKLController:
-    """A constant ``beta``."""
+    """A constant ``beta``.
+
+    :param value: ``beta``.
+    """
 
     def __init__(self, value: float) -> None:
         self.value = float(value)
 
     def update(self, kl: float, n_steps: int) -> None:
-        """Nothing to adapt."""
+        """Nothing to adapt.
+
+        :param kl: the mean KL per step measured over the last rollout (unused).
+        :param n_steps: env steps of that rollout (unused).
+        """
 
 
 class AdaptiveKLController:
@@ -196,7 +237,11 @@ class AdaptiveKLController:
         self.horizon = int(horizon)
 
     def update(self, kl: float, n_steps: int) -> None:
-        """Move ``beta`` after ``n_steps`` env steps at measured ``kl``."""
+        """Move ``beta`` after a rollout.
+
+        :param kl: the mean KL per step measured over the rollout.
+        :param n_steps: env steps of the rollout (all envs, all ranks).
+        """
         error = min(max(kl / self.target - 1.0, -ADAPTIVE_ERROR_CLIP), ADAPTIVE_ERROR_CLIP)
         self.value *= 1.0 + error * n_steps / self.horizon
 
@@ -205,7 +250,14 @@ KLController = FixedKLController | AdaptiveKLController
 
 
 def make_kl_controller(coef: float | str, target: float | None, horizon: int) -> KLController:
-    """The controller for ``ref_kl_coef`` (a float, or ``"adaptive"``), after checking the arguments."""
+    """The controller for ``ref_kl_coef`` (a float, or ``"adaptive"``), after checking the arguments.
+
+    :param coef: ``ref_kl_coef``: a float >= 0, or ``"adaptive"``.
+    :param target: ``ref_kl_target``, needed by ``"adaptive"``.
+    :param horizon: ``ref_kl_horizon`` (env steps).
+    :return: a :class:`FixedKLController` or an :class:`AdaptiveKLController` (starting at 0.1).
+    :raises ConfigurationError: for an invalid coefficient, target or horizon.
+    """
     if coef == "adaptive":
         if target is None or not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
             raise ConfigurationError(
@@ -223,6 +275,10 @@ def make_kl_controller(coef: float | str, target: float | None, horizon: int) ->
 
 
 def check_ref_kl_mode(mode: Any) -> None:
-    """``ref_kl_mode`` is ``"reward"`` or ``"loss"``."""
+    """``ref_kl_mode`` is ``"reward"`` or ``"loss"``.
+
+    :param mode: the ``ref_kl_mode`` argument.
+    :raises ConfigurationError: for anything else.
+    """
     if mode not in REF_KL_MODES:
         raise ConfigurationError(f"ref_kl_mode={mode!r} is invalid: pass one of {list(REF_KL_MODES)}.")

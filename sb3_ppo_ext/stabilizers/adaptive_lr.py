@@ -31,7 +31,11 @@ class KLAdaptiveLearningRate:
         self.value = min(max(float(initial), self.bounds[0]), self.bounds[1])
 
     def update(self, kl: float) -> float:
-        """Move the rate for a measured ``kl``; return the new rate."""
+        """Move the rate for a measured KL.
+
+        :param kl: the approximate KL of the last epoch (or minibatch).
+        :return: the new rate.
+        """
         if kl > 2.0 * self.target:
             self.value = max(self.value / self.factor, self.bounds[0])
         elif kl < 0.5 * self.target:
@@ -39,7 +43,10 @@ class KLAdaptiveLearningRate:
         return self.value
 
     def apply(self, optimizer: th.optim.Optimizer) -> None:
-        """Set every parameter group's rate to the current value."""
+        """Set every parameter group's rate to the current value.
+
+        :param optimizer: the policy's optimizer.
+        """
         for group in optimizer.param_groups:
             group["lr"] = self.value
 
@@ -56,21 +63,36 @@ class AdaptiveLearningRate(Extension):
         self.every = every
 
     def update_start(self, model: Any) -> None:
-        """The adaptive rate, instead of the schedule's."""
+        """The adaptive rate, instead of the schedule's.
+
+        :param model: the model.
+        """
         self.rule.apply(model.policy.optimizer)
 
     def minibatch_done(self, model: Any, terms: LossTerms) -> None:
-        """``every="minibatch"``: move the rate for this minibatch's KL."""
+        """``every="minibatch"``: move the rate for this minibatch's KL.
+
+        :param model: the model.
+        :param terms: the minibatch's loss terms.
+        """
         if self.every == "minibatch":
             self.rule.update(terms.approx_kl.item())
             self.rule.apply(model.policy.optimizer)
 
     def epoch_done(self, model: Any, terms: list[LossTerms]) -> None:
-        """``every="epoch"``: move the rate for the epoch's mean KL."""
+        """``every="epoch"``: move the rate for the epoch's mean KL.
+
+        :param model: the model.
+        :param terms: the epoch's minibatches' loss terms.
+        """
         if self.every == "epoch":
             self.rule.update(mean_of(terms, "approx_kl"))
             self.rule.apply(model.policy.optimizer)
 
     def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
-        """Log the rate the update ended with."""
+        """Log the rate the update ended with.
+
+        :param model: the model.
+        :param history: each epoch's loss terms.
+        """
         model.logger.record("train/learning_rate", self.rule.value)

@@ -17,13 +17,20 @@ class RPONoise:
 
     Installed as the policy's ``training_params_transform``: applied while the policy evaluates stored actions in
     training mode (the update), never while it acts.
+
+    :param alpha: the noise's half-width, in action units.
     """
 
     def __init__(self, alpha: float) -> None:
         self.alpha = float(alpha)
 
     def __call__(self, head: ActionHead, params: tuple[th.Tensor, ...]) -> tuple[th.Tensor, ...]:
-        """The perturbed parameters."""
+        """The perturbed parameters.
+
+        :param head: the policy's action head.
+        :param params: the head's parameters (for a Gaussian: mean and log std).
+        :return: the mean shifted by ``U(-alpha, alpha)``; the parameters of other heads unchanged.
+        """
         if not isinstance(head, DiagGaussianHead):
             return params
         mean, log_std = params
@@ -40,5 +47,8 @@ class RobustPolicyOptimization(Extension):
         self.alpha = alpha
 
     def setup(self, model: Any) -> None:
-        """Install the noise on the (new or loaded) policy."""
+        """Install the noise on the (new or loaded) policy.
+
+        :param model: the model.
+        """
         model.policy.training_params_transform = RPONoise(self.alpha)

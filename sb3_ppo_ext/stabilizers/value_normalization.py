@@ -44,11 +44,19 @@ class ValueNormalizer:
         return float(np.sqrt(self.statistics.var + self.epsilon))
 
     def normalize(self, values: th.Tensor) -> th.Tensor:
-        """``(x - mean) / std``: what the critic is trained to output."""
+        """``(x - mean) / std``: what the critic is trained to output.
+
+        :param values: targets in reward units.
+        :return: the normalised targets.
+        """
         return (values - self.mean) / self.std
 
     def denormalize(self, values: th.Tensor) -> th.Tensor:
-        """``x * std + mean``: the critic's output in reward units."""
+        """``x * std + mean``: the critic's output in reward units.
+
+        :param values: the critic's (normalised) outputs.
+        :return: the values in reward units.
+        """
         return values * self.std + self.mean
 
     def update(self, returns: np.ndarray, value_head: nn.Linear | None = None) -> None:
@@ -56,6 +64,9 @@ class ValueNormalizer:
 
         PopArt: with old ``(mu, sigma)`` and new ``(mu', sigma')``, ``W' = W sigma / sigma'`` and
         ``b' = (sigma b + mu - mu') / sigma'``, so ``sigma' (W' h + b') + mu' = sigma (W h + b) + mu`` for every ``h``.
+
+        :param returns: the rollout's returns (any shape).
+        :param value_head: the critic's last layer, rescaled in place with PopArt; None: no rescaling.
         """
         old_mean, old_std = self.mean, self.std
         self.statistics.update(np.asarray(returns, dtype=np.float64).reshape(-1))
@@ -76,16 +87,27 @@ class ValueTargetNormalization(Extension):
         self.normalizer = normalizer
 
     def update_start(self, model: Any) -> None:
-        """Fold the rollout's returns (every rank's, so that all statistics and PopArt heads agree) in."""
+        """Fold the rollout's returns (every rank's, so that all statistics and PopArt heads agree) in.
+
+        :param model: the model.
+        """
         head = model.policy.value_net if self.normalizer.popart else None
         self.normalizer.update(model.distributed.all_gather(np.asarray(model.rollout_buffer.returns)), head)
 
     def values_in_reward_units(self, values: th.Tensor) -> th.Tensor:
-        """The critic's output de-normalised."""
+        """The critic's output de-normalised.
+
+        :param values: the critic's outputs.
+        :return: the values in reward units.
+        """
         return self.normalizer.denormalize(values)
 
     def minibatch(self, batch: PPOBatch) -> PPOBatch:
-        """The critic's targets, and its old outputs (for value clipping), in its normalised units."""
+        """The critic's targets, and its old outputs (for value clipping), in its normalised units.
+
+        :param batch: the minibatch.
+        :return: the minibatch the loss sees.
+        """
         return batch._replace(
             old_values=self.normalizer.normalize(batch.old_values), returns=self.normalizer.normalize(batch.returns)
         )

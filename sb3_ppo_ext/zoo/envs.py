@@ -74,7 +74,11 @@ class MaskVelocity(gym.ObservationWrapper):
         self.indices = np.asarray(indices, dtype=np.intp)
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
-        """The observation with the velocity entries set to zero (a copy: the env's array is left alone)."""
+        """The observation with the velocity entries set to zero (a copy: the env's array is left alone).
+
+        :param observation: the wrapped env's observation.
+        :return: a copy with the velocity entries zeroed.
+        """
         observation = np.array(observation, copy=True)
         observation[self.indices] = 0
         return observation
@@ -85,6 +89,10 @@ def make_no_velocity_env(env_id: str, **kwargs: Any) -> gym.Env:
 
     A module-level function (unlike rl_zoo3's closure), so the ids also work in ``SubprocVecEnv`` workers
     started with ``spawn``.
+
+    :param env_id: the id of the env with velocities (``"CartPole-v1"``), a key of rl_zoo3's table.
+    :param kwargs: ``gym.make`` keyword arguments.
+    :return: the env, wrapped in :class:`MaskVelocity`.
     """
     return MaskVelocity(gym.make(env_id, **kwargs), _VELOCITY_INDICES[env_id])
 
@@ -108,6 +116,15 @@ class MaskedMemoryEnv(gym.Env):
 
     ``action_masks()`` follows sb3-contrib's protocol (``MaskablePPO``, ``ClippedPPO``). The final
     ``info`` has ``is_success`` (the cue was recalled), as ``EvalCallback`` reads it.
+
+    :param n_cues: how many cues there are to remember (and answers at the last step).
+    :param n_actions: the size of the Discrete action space.
+    :param n_valid: valid actions at each walk step.
+    :param episode_length: steps per episode, the cue's and the answer's included.
+    :param invalid_penalty: the (negated) reward of an invalid action, which ends the episode.
+    :param layout_seed: seed of the table of valid sets (fixed for the env's lifetime).
+    :param render_mode: ``"rgb_array"`` or None.
+    :raises ValueError: for sizes that leave no task (fewer than 2 cues, more cues than actions, ...).
     """
 
     # rgb_array because SB3's make_vec_env asks every env for it
@@ -167,14 +184,23 @@ class MaskedMemoryEnv(gym.Env):
         return self.answer_mask.copy()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        """Start an episode with a new random cue."""
+        """Start an episode with a new random cue.
+
+        :param seed: seeds the env's generator (the cues), as Gymnasium's ``reset``.
+        :param options: unused.
+        :return: the first observation (it shows the cue) and an empty info.
+        """
         super().reset(seed=seed)
         self.cue = int(self.np_random.integers(self.n_cues))
         self.t = 0
         return self._observation(), {}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Apply one action: an invalid one ends the episode with the penalty, the last step scores the recall."""
+        """Apply one action: an invalid one ends the episode with the penalty, the last step scores the recall.
+
+        :param action: an action index.
+        :return: Gymnasium's ``(observation, reward, terminated, truncated, info)``.
+        """
         action = int(action)
         if not self.action_masks()[action]:
             return self._observation(), -self.invalid_penalty, True, False, {"is_success": False, "invalid": True}
@@ -215,6 +241,7 @@ def make_env(
         rewards (copy the training statistics in with ``sync_envs_normalization``).
     :param env_kwargs: ``gym.make`` keyword arguments over the settings' ``env_kwargs``.
     :param monitor_dir: folder for the ``Monitor`` CSV files; ``None``: none written.
+    :return: the wrapped VecEnv.
     """
     _register(env_id)  # ALE's ids exist only once ale_py has registered them
     env = make_vec_env(

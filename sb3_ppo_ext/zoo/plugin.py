@@ -133,30 +133,48 @@ _PATCHES = {
 
 
 def patch_module(module: ModuleType) -> None:
-    """Register ClippedPPO in one freshly loaded rl_zoo3 module (the import hook calls this)."""
+    """Register ClippedPPO in one freshly loaded rl_zoo3 module (the import hook calls this).
+
+    :param module: ``rl_zoo3.utils``, ``rl_zoo3.hyperparams_opt`` or ``rl_zoo3.exp_manager``.
+    :raises KeyError: for another module.
+    """
     _PATCHES[module.__name__](module)
 
 
 def register() -> None:
-    """Register ClippedPPO as ``clipped_ppo`` with rl_zoo3 (idempotent); requires ``rl_zoo3`` installed."""
+    """Register ClippedPPO as ``clipped_ppo`` with rl_zoo3 (idempotent), in the running interpreter.
+
+    :raises ModuleNotFoundError: when ``rl_zoo3`` is not installed (``pip install ".[zoo]"``).
+    """
     for name in _PATCHES:
         patch_module(importlib.import_module(name))
 
 
 def hook_line() -> str:
-    """The one line of the ``.pth`` start-up hook (site runs lines that start with ``import``)."""
+    """The one line of the ``.pth`` start-up hook (site runs lines that start with ``import``).
+
+    :return: the line, newline included.
+    """
     return f"import sys; exec({_HOOK_SOURCE!r}, {{'__name__': 'sb3_ppo_ext_rl_zoo3_hook'}})\n"
 
 
 def install_hook(site_dir: str | Path | None = None) -> Path:
-    """Write the start-up hook into ``site_dir`` (default: this interpreter's site-packages)."""
+    """Write the start-up hook (for editable installs, which cannot ship it).
+
+    :param site_dir: the folder for the ``.pth`` file; None: this interpreter's site-packages.
+    :return: the path written.
+    """
     path = Path(site_dir or sysconfig.get_path("purelib")) / PTH_NAME
     path.write_text(hook_line())
     return path
 
 
 def uninstall_hook(site_dir: str | Path | None = None) -> Path | None:
-    """Remove the start-up hook; return its path, or ``None`` if it was not there."""
+    """Remove the start-up hook.
+
+    :param site_dir: the folder of the ``.pth`` file; None: this interpreter's site-packages.
+    :return: the path removed, or None if there was no hook.
+    """
     path = Path(site_dir or sysconfig.get_path("purelib")) / PTH_NAME
     if not path.exists():
         return None
@@ -165,7 +183,11 @@ def uninstall_hook(site_dir: str | Path | None = None) -> Path | None:
 
 
 def run_script(name: str, argv: Sequence[str]) -> None:
-    """Register, then run rl_zoo3's script ``name`` as if called as ``python -m rl_zoo3.<name> argv``."""
+    """Register, then run rl_zoo3's script ``name`` as if called as ``python -m rl_zoo3.<name> argv``.
+
+    :param name: ``"train"``, ``"enjoy"``, ``"record_video"`` or ``"record_training"``.
+    :param argv: the script's command-line arguments.
+    """
     module_name, function = _SCRIPTS[name]
     register()
     saved_argv, sys.argv = sys.argv, [module_name, *argv]  # rl_zoo3's scripts parse sys.argv
@@ -179,7 +201,11 @@ def run_script(name: str, argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sb3_ppo_ext.zoo``: run an rl_zoo3 script with ClippedPPO registered, or manage the hook."""
+    """``python -m sb3_ppo_ext.zoo``: run an rl_zoo3 script with ClippedPPO registered, or manage the hook.
+
+    :param argv: the command line without the program name; None: ``sys.argv[1:]``.
+    :return: the exit status, 0.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m sb3_ppo_ext.zoo",

@@ -88,7 +88,7 @@ MASKED_MEMORY_ID = "MaskedMemory-v0"
 
 
 def register_masked_memory_env() -> None:
-    """Register ``MaskedMemory-v0`` (:class:`MaskedMemoryEnv`, default settings) unless it is registered."""
+    """Register ``MaskedMemory-v0`` (:class:`~sb3_ppo_ext.zoo.envs.MaskedMemoryEnv`) unless it is registered."""
     if MASKED_MEMORY_ID not in gym.registry:
         gym.register(MASKED_MEMORY_ID, entry_point="sb3_ppo_ext.zoo.envs:MaskedMemoryEnv")
 
@@ -114,6 +114,9 @@ def is_atari(env_id: str) -> bool:
     ``PongNoFrameskip-v4``, ``Pong-v4``, ...). Ids that are not registered, because ``ale_py`` is not
     installed, are judged by name (``ALE/...`` or ``...NoFrameskip...``), so that the ``atari`` settings
     are still chosen and making the env fails with Gymnasium's message on the missing package.
+
+    :param env_id: a Gymnasium id.
+    :return: whether it is an Atari game.
     """
     _register(env_id)
     try:
