@@ -70,7 +70,8 @@ def parse_hyperparam(item: str) -> tuple[str, Any]:
 def base_block(env_id: str, preset: str | None = None) -> tuple[dict[str, Any], str]:
     """The Zoo-style hyperparameter block for ``env_id`` and a word on where it came from."""
     if preset is not None:
-        return dict(presets.preset(preset).raw), f"seed preset {preset!r}"
+        kind = "preset" if preset in presets.PRESET_FILES else "seed preset"
+        return dict(presets.preset(preset, env_id).raw), f"{kind} {preset!r}"
     key, block = presets.zoo_block(ALGO_NAME, env_id)
     return dict(block), "ClippedPPO defaults" if key == "default" else "RL Zoo"
 
@@ -286,7 +287,7 @@ def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", default=DEFAULT_ENV, help="Gymnasium env id (default: %(default)s)")
     parser.add_argument(
         "--preset",
-        choices=("atari", "mujoco"),
+        choices=tuple(presets.preset_names()),
         default=None,
         help="use a column of the seed's hyperparameter table instead of the RL Zoo settings",
     )

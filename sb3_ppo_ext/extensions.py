@@ -18,8 +18,8 @@ One rollout step, in order (``collect_rollouts``): ``policy_inputs`` -> the poli
 ``value_inputs``) -> ``buffer.add(**buffer_fields)`` -> ``step_end``. Around the rollout: ``rollout_start``,
 ``rollout_end`` (its ``statistics``, merged over ranks, come back through ``rollout_statistics``).
 
-One update (``train``): ``update_start`` -> ``loss_options`` -> per minibatch ``minibatch`` -> loss and
-gradient -> optimizer step -> ``minibatch_done``; ``epoch_done`` after each epoch; ``update_end``.
+One update (``train``): ``update_start`` -> ``loss_options`` -> per epoch ``epoch_start``, then per minibatch
+``minibatch`` -> loss and gradient -> optimizer step -> ``minibatch_done``; ``epoch_done``; ``update_end``.
 """
 
 from __future__ import annotations
@@ -71,8 +71,11 @@ class Extension:
 
     # -- the rollout -------------------------------------------------------------------------------------------
 
-    def rollout_start(self, model: ClippedPPO, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
-        """A rollout begins (after the buffer's reset, before the first step)."""
+    def rollout_start(self, model: ClippedPPO, env: VecEnv, rollout_buffer: RolloutBuffer) -> bool | None:
+        """A rollout begins (after the buffer's reset, before the first step).
+
+        Return False to sit this rollout out: none of the per-step hooks is called until the next rollout.
+        """
 
     def policy_inputs(self, step: int) -> dict[str, Any]:
         """Extra keyword inputs of the policy's acting call at ``step`` (e.g. ``action_masks``)."""
@@ -120,6 +123,9 @@ class Extension:
         """Keyword arguments of :class:`~sb3_ppo_ext.losses.PPOLoss` this extension sets (e.g. ``ref_kl_coef``)."""
         return {}
 
+    def epoch_start(self, model: ClippedPPO, epoch: int) -> None:
+        """Epoch ``epoch`` (0 .. n_epochs - 1) begins, before its minibatches are drawn (e.g. GAE again)."""
+
     def minibatch(self, batch: PPOBatch) -> PPOBatch:
         """The minibatch the loss sees (e.g. targets in other units, extra targets); return ``batch`` to leave it."""
         return batch
@@ -154,21 +160,30 @@ class Extensions:
 
         self._setup = bound("setup")
         self._rollout_start = bound("rollout_start")
-        self._policy_inputs = bound("policy_inputs")
-        self._acted = bound("acted")
         self._values = bound("values_in_reward_units")
-        self._shape_rewards = bound("shape_rewards")
-        self._buffer_fields = bound("buffer_fields")
         self._value_inputs = bound("value_inputs")
-        self._step_end = bound("step_end")
+        self._bind_steps(self.extensions)
         self._rollout_end = bound("rollout_end")
         self._rollout_statistics = bound("rollout_statistics")
         self._update_start = bound("update_start")
         self._loss_options = bound("loss_options")
+        self._epoch_start = bound("epoch_start")
         self._minibatch = bound("minibatch")
         self._minibatch_done = bound("minibatch_done")
         self._epoch_done = bound("epoch_done")
         self._update_end = bound("update_end")
+
+    def _bind_steps(self, extensions: list[Extension]) -> None:
+        """The per-step hooks of a rollout, from the extensions that take part in it."""
+
+        def bound(hook: str) -> list[Callable[..., Any]]:
+            return [getattr(ext, hook) for ext in extensions if _overrides(ext, hook)]
+
+        self._policy_inputs = bound("policy_inputs")
+        self._acted = bound("acted")
+        self._shape_rewards = bound("shape_rewards")
+        self._buffer_fields = bound("buffer_fields")
+        self._step_end = bound("step_end")
 
     def setup(self, model: ClippedPPO) -> None:
         """:meth:`Extension.setup` of each."""
@@ -176,10 +191,13 @@ class Extensions:
             hook(model)
 
     def rollout_start(self, model: ClippedPPO, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
-        """:meth:`Extension.rollout_start` of each; forgets the last rollout's statistics."""
+        """:meth:`Extension.rollout_start` of each; forgets the last rollout's statistics.
+
+        The per-step hooks of this rollout are those of the extensions that did not return False.
+        """
         self._measured = {}
-        for hook in self._rollout_start:
-            hook(model, env, rollout_buffer)
+        sitting_out = {id(hook.__self__) for hook in self._rollout_start if hook(model, env, rollout_buffer) is False}
+        self._bind_steps([ext for ext in self.extensions if id(ext) not in sitting_out])
 
     def policy_inputs(self, step: int) -> dict[str, Any]:
         """The union of every extension's :meth:`Extension.policy_inputs`."""
@@ -250,6 +268,11 @@ class Extensions:
         for hook in self._loss_options:
             options.update(hook())
         return options
+
+    def epoch_start(self, model: ClippedPPO, epoch: int) -> None:
+        """:meth:`Extension.epoch_start` of each."""
+        for hook in self._epoch_start:
+            hook(model, epoch)
 
     def minibatch(self, batch: PPOBatch) -> PPOBatch:
         """:meth:`Extension.minibatch`, chained."""

@@ -13,6 +13,9 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import BasePolicy
 
 from sb3_ppo_ext.buffers import DictGAERolloutBuffer, GAERolloutBuffer
+from sb3_ppo_ext.details.recompute_advantages import RecomputeAdvantages
+from sb3_ppo_ext.details.reward_scaling import RewardScaler, RewardScaling
+from sb3_ppo_ext.errors import ConfigurationError
 from sb3_ppo_ext.extensions import Extension
 from sb3_ppo_ext.masking import ActionMasks
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
@@ -32,6 +35,8 @@ from sb3_ppo_ext.stabilizers.value_normalization import ValueNormalizer, ValueTa
 
 __all__ = [
     "POLICY_ALIASES",
+    "check_extensions",
+    "check_recompute_advantages",
     "configure_features",
     "default_rollout_buffer_class",
     "feature_extensions",
@@ -66,6 +71,8 @@ def configure_features(
     adaptive_lr_bounds: tuple[float, float],
     normalize_value_targets: bool,
     popart: bool,
+    recompute_advantages: bool,
+    scale_rewards: bool,
     extensions: list[Extension] | None,
 ) -> None:
     """Check the feature arguments of ``ClippedPPO`` (named as there) and keep them, with their state, on ``model``.
@@ -103,7 +110,13 @@ def configure_features(
     model.normalize_value_targets = normalize_value_targets
     model.popart = popart
     model.value_normalizer = ValueNormalizer(popart) if normalize_value_targets else None
-    model.extensions = list(extensions or [])
+    for name, value in (("recompute_advantages", recompute_advantages), ("scale_rewards", scale_rewards)):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{name}={value!r} is invalid: pass True or False (default False: off).")
+    model.recompute_advantages = recompute_advantages
+    model.scale_rewards = scale_rewards
+    model.reward_scaler = None  # made with the model's gamma by feature_extensions
+    model.extensions = list(check_extensions(extensions))
 
 
 def feature_extensions(model: Any) -> list[Extension]:
@@ -126,7 +139,41 @@ def feature_extensions(model: Any) -> list[Extension]:
         features.append(AdaptiveLearningRate(model._adaptive_lr, model.adaptive_lr_every))
     if model.rpo_alpha is not None:
         features.append(RobustPolicyOptimization(model.rpo_alpha))
+    if getattr(model, "recompute_advantages", False):  # models saved before the switch existed lack it
+        check_recompute_advantages(model.policy_class, model.normalize_advantage)
+        features.append(RecomputeAdvantages())
+    if getattr(model, "scale_rewards", False):
+        if model.reward_scaler is None:
+            model.reward_scaler = RewardScaler(model.gamma)
+        features.append(RewardScaling(model.reward_scaler))
     return features
+
+
+def check_recompute_advantages(policy_class: Any, normalize_advantage: Any) -> None:
+    """``recompute_advantages`` needs a feed-forward critic and advantages normalised per minibatch or not at all."""
+    if is_recurrent(policy_class):
+        raise ConfigurationError(
+            f"recompute_advantages=True is not supported with the recurrent policy {policy_class.__name__}: its "
+            "critic needs the rollout's LSTM states in sequence. Use a feed-forward policy or pass False."
+        )
+    if normalize_advantage == "batch":
+        raise ConfigurationError(
+            "recompute_advantages=True with normalize_advantage='batch' would train on un-normalised recomputed "
+            "advantages after the first epoch. Use normalize_advantage=True (per minibatch) or False."
+        )
+
+
+def check_extensions(extensions: Any) -> list[Extension]:
+    """``extensions`` is None or a list of :class:`~sb3_ppo_ext.extensions.Extension` instances."""
+    if extensions is None:
+        return []
+    items = list(extensions) if isinstance(extensions, list | tuple) else None
+    if items is None or not all(isinstance(item, Extension) for item in items):
+        raise ConfigurationError(
+            f"extensions={extensions!r} is invalid: pass a list of sb3_ppo_ext.extensions.Extension instances "
+            "(subclass Extension and override the hooks you need)."
+        )
+    return items
 
 
 def is_recurrent(policy_class: Any) -> bool:

@@ -128,8 +128,8 @@ class ActionMasks(Extension):
         self._env: VecEnv | None = None
         self._masks: np.ndarray | None = None
 
-    def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
-        """Decide whether this rollout applies the env's masks."""
+    def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> bool:
+        """Decide whether this rollout applies the env's masks (sit it out when not)."""
         self._env = env if model.use_masking and env_provides_masks(env) else None
         self._masks = None
         if self._env is not None and "action_masks" not in inspect.signature(rollout_buffer.add).parameters:
@@ -139,6 +139,7 @@ class ActionMasks(Extension):
             )
         self._action_space = model.action_space
         self._device = model.device
+        return self._env is not None
 
     def policy_inputs(self, step: int) -> dict[str, Any]:
         """``action_masks`` for this step, read from the env and checked."""

@@ -86,6 +86,8 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
     :param adaptive_lr_bounds: ``(min, max)`` learning rate of the adaptive rule.
     :param normalize_value_targets: the critic learns returns normalised by their running mean and std.
     :param popart: with ``normalize_value_targets``, PopArt's output-preserving rescaling of the value head.
+    :param recompute_advantages: GAE again with the current critic before every epoch (:mod:`sb3_ppo_ext.details`).
+    :param scale_rewards: rewards divided by a running std of the discounted return, inside the algorithm.
     :param distributed: data-parallel training (:mod:`sb3_ppo_ext.distributed`): None (default) detects
         ``torchrun``; False: never; True, a ``DistributedConfig`` or a dict of its fields. Settings are per rank.
     :param extensions: your own :class:`~sb3_ppo_ext.extensions.Extension` objects, called after the package's
@@ -144,6 +146,8 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         adaptive_lr_bounds: tuple[float, float] = (1e-5, 1e-2),
         normalize_value_targets: bool = False,
         popart: bool = False,
+        recompute_advantages: bool = False,
+        scale_rewards: bool = False,
         distributed: bool | data_parallel.DistributedConfig | dict[str, Any] | None = None,
         extensions: list[Extension] | None = None,
     ) -> None:
@@ -187,6 +191,8 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
             adaptive_lr_bounds=adaptive_lr_bounds,
             normalize_value_targets=normalize_value_targets,
             popart=popart,
+            recompute_advantages=recompute_advantages,
+            scale_rewards=scale_rewards,
             extensions=extensions,
         )
         super().__init__(
@@ -243,9 +249,8 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         return next((e for e in self._extensions.extensions if isinstance(e, kind)), None)
 
     def _excluded_save_params(self) -> list[str]:
-        # the states belong to the episodes in flight, not to the model (a loaded model starts from zeros); the
-        # reference's weights are saved as a state dict (_get_torch_save_params), its spec as data; the feature
-        # extensions are rebuilt from the settings (their state lives in value_normalizer, _adaptive_lr, ...)
+        # LSTM states belong to the episodes in flight; the reference is saved as a state dict and a spec; the
+        # feature extensions are rebuilt from the settings (their state lives in value_normalizer, _adaptive_lr...)
         excluded = ["_last_lstm_states", *REFERENCE_UNSAVED, "_extensions"]
         return [*super()._excluded_save_params(), *excluded, "_dist", "_learn"]
 
@@ -278,7 +283,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         callback.on_rollout_start()
         act, extensions = self._learn.backend(self.policy, self.fast_update).act, self._extensions
         extensions.rollout_start(self, env, rollout_buffer)
-        n_steps = 0
+        n_steps, discrete = 0, isinstance(self.action_space, spaces.Discrete)
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
@@ -301,7 +306,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
                 return False
             self._update_info_buffer(infos, dones)
             n_steps += 1
-            if isinstance(self.action_space, spaces.Discrete):
+            if discrete:
                 actions = actions.reshape(-1, 1)
             bootstrap_truncations(rewards, dones, infos, self.gamma, self.policy.obs_to_tensor, self._state_values)
             rollout_buffer.add(
@@ -371,6 +376,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         history: list[list[LossTerms]] = []
         for epoch in range(self.n_epochs):
             history.append([])
+            extensions.epoch_start(self, epoch)
             minibatches = self.rollout_buffer.get(self.batch_size)
             for batch in self._dist.minibatches(minibatches, per_minibatch_normalization):  # several ranks: prefetch
                 advantages = batch.advantages

@@ -34,11 +34,15 @@ def test_ppo_py_reads_like_the_seed() -> None:
 
 
 def test_no_function_over_80_lines_except_constructors() -> None:
+    """Code lines from the signature to the end; a docstring does not count (documentation is not length)."""
     long = []
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name != "__init__":
                 length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and len(node.body) > 1:
+                    length -= first.end_lineno - first.lineno + 1  # type: ignore[operator]
                 if length > 80:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.name} ({length} lines)")
     assert not long

@@ -23,6 +23,11 @@ around, so where the Zoo samples with gSDE (Pendulum-v1) the ``rpo`` variant tur
 ``no_sde`` control (the Zoo's settings with gSDE off, nothing else) runs beside it; on the other tasks
 ``no_sde`` would repeat ``zoo`` and is not planned. The asymmetric critic needs Dict observations with
 privileged keys, which none of the ablation's tasks has, so it is not a variant.
+
+``tuned``: ClippedPPO's tuned MuJoCo preset (``clipped_ppo_tuned``, issue 30) with one of its choices turned
+back to SB3's: advantages not recomputed before each epoch (``no_recompute_adv``), rewards not scaled
+(``no_reward_scaling``), advantages normalised per minibatch (``adv_norm``), observations not normalised
+(``no_obs_norm``).
 """
 
 from __future__ import annotations
@@ -120,6 +125,13 @@ ABLATIONS: dict[str, dict[str, Variant]] = {
         "value_norm": lambda settings: _with(settings, normalize_value_targets=True),
         "popart": lambda settings: _with(settings, normalize_value_targets=True, popart=True),
     },
+    "tuned": {
+        "tuned": lambda settings: settings,
+        "no_recompute_adv": lambda settings: _with(settings, recompute_advantages=False),
+        "no_reward_scaling": lambda settings: _with(settings, scale_rewards=False),
+        "adv_norm": lambda settings: _with(settings, normalize_advantage=True),
+        "no_obs_norm": lambda settings: _with(settings, normalize=None),
+    },
 }
 
 #: Algorithms each ablation may run: the details switches are ClippedPPO arguments (SB3's PPO cannot
@@ -128,11 +140,12 @@ ABLATION_ALGOS: dict[str, tuple[str, ...]] = {
     "lambda": ("clipped_ppo", "ppo", "a2c", "trpo"),
     "details": ("clipped_ppo",),
     "stabilizers": ("clipped_ppo",),
+    "tuned": ("clipped_ppo_tuned",),
 }
 
 
 #: Variants that train exactly the Zoo settings: a plain run of the same spec can stand in for them (``--reuse``).
-ZOO_VARIANTS: dict[str, str] = {"stabilizers": "zoo"}
+ZOO_VARIANTS: dict[str, str] = {"stabilizers": "zoo", "tuned": "tuned"}
 
 #: Variants that change more than their own switch on some envs, and the control that isolates the switch there:
 #: where gSDE is on, ``rpo`` also turns it off, so ``rpo`` against ``no_sde`` (both without gSDE) measures RPO alone.

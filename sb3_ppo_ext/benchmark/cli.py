@@ -14,7 +14,7 @@ from sb3_ppo_ext import distributed
 from sb3_ppo_ext.benchmark import plots, statistics
 from sb3_ppo_ext.benchmark.ablations import ABLATIONS
 from sb3_ppo_ext.benchmark.runner import execute, plan, zoo_budget
-from sb3_ppo_ext.benchmark.runs import ALGOS, RECURRENT_ALGOS
+from sb3_ppo_ext.benchmark.runs import ALGOS, NAMED_ONLY_ALGOS
 
 EPILOG = """examples:
   python -m sb3_ppo_ext.benchmark --envs CartPole-v1,Pendulum-v1 --algos clipped_ppo,ppo,a2c,trpo \\
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv,
         default=None,
         help=f"comma-separated, from {','.join(ALGOS)} (default: all but the LSTM ones "
-        f"{','.join(RECURRENT_ALGOS)}; with --ablation: clipped_ppo)",
+        f"{','.join(NAMED_ONLY_ALGOS)}; with --ablation: clipped_ppo)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m sb3_ppo_ext.benchmark " + shlex.join(a for a in argv if a != "--report-only")
     title = args.title or (f"Ablation: {args.ablation}" if args.ablation else "Benchmark")
     if not args.report_only:
-        default = [algo for algo in ALGOS if algo not in RECURRENT_ALGOS]
+        default = [algo for algo in ALGOS if algo not in NAMED_ONLY_ALGOS]
         algos = args.algos or (["clipped_ppo"] if args.ablation else default)
         if distributed.world_size() > 1:  # torchrun: every rank trains each run, in this process; rank 0 writes
             others = [algo for algo in algos if ALGOS[algo] != ALGOS["clipped_ppo"]]

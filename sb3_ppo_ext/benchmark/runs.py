@@ -45,9 +45,13 @@ ALGOS: dict[str, str] = {
     # LSTM policies, both with the Zoo's ppo_lstm.yml settings (clipped_ppo_lstm.yml)
     "clipped_ppo_lstm": "sb3_ppo_ext.ClippedPPO",
     "recurrent_ppo": "sb3_contrib.RecurrentPPO",
+    # ClippedPPO with its tuned MuJoCo preset (zoo/hyperparams/clipped_ppo_mujoco_tuned.yml)
+    "clipped_ppo_tuned": "sb3_ppo_ext.ClippedPPO",
 }
 #: Algorithms that run only when named: their LSTM settings are tuned for few tasks (the NoVel ones).
 RECURRENT_ALGOS = ("clipped_ppo_lstm", "recurrent_ppo")
+#: Algorithms that run only when named: their settings exist for a few tasks (the NoVel ones, MuJoCo v5).
+NAMED_ONLY_ALGOS = (*RECURRENT_ALGOS, "clipped_ppo_tuned")
 
 # Evaluation envs are seeded apart from the training envs (make_vec_env seeds env i with seed + i).
 EVAL_SEED_OFFSET = 10_000

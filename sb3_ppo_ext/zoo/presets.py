@@ -47,7 +47,12 @@ HYPERPARAMS_FILES: dict[str, str] = {
     # LSTM policies: ClippedPPO's and sb3-contrib's RecurrentPPO read the mirror of the Zoo's ppo_lstm.yml
     "clipped_ppo_lstm": "clipped_ppo_lstm.yml",
     "recurrent_ppo": "clipped_ppo_lstm.yml",
+    # ClippedPPO's own tuned MuJoCo preset (not a Zoo mirror): its rows carry "tuned" in the benchmark's tables
+    "clipped_ppo_tuned": "clipped_ppo_mujoco_tuned.yml",
 }
+
+#: Presets shipped as Zoo-format files with per-env blocks, by ``--preset`` name.
+PRESET_FILES: dict[str, str] = {"mujoco-tuned": "clipped_ppo_mujoco_tuned.yml"}
 
 # Keys of a Zoo block that describe the environment or the run, not the model constructor.
 _NON_MODEL_KEYS = {
@@ -236,16 +241,26 @@ def zoo_settings(algo: str, env_id: str, path: str | Path | None = None) -> Sett
     return parse_zoo_block(zoo_block(algo, env_id, path)[1])
 
 
-def preset(name: str) -> Settings:
-    """One column of the seed's hyperparameter table: ``"atari"`` or ``"mujoco"``."""
+def preset(name: str, env_id: str | None = None) -> Settings:
+    """A column of the seed's hyperparameter table (``"atari"``, ``"mujoco"``) or a shipped preset file's block.
+
+    :param name: a name of :func:`preset_names`.
+    :param env_id: for a preset file (``"mujoco-tuned"``), the env whose block to read; None: its first block.
+    """
+    if name in PRESET_FILES:
+        path = HYPERPARAMS_DIR / PRESET_FILES[name]
+        blocks = load_zoo_file(path)
+        if env_id is not None and env_id not in blocks:
+            raise ValueError(f"preset {name!r} has no block for {env_id!r}; it has {sorted(blocks)} ({path})")
+        return parse_zoo_block(blocks[env_id if env_id is not None else next(iter(blocks))])
     if name not in _SEED_TABLE:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(_SEED_TABLE)}")
+        raise ValueError(f"unknown preset {name!r}; known: {preset_names()}")
     return parse_zoo_block(_SEED_TABLE[name])
 
 
 def preset_names() -> list[str]:
     """Names accepted by :func:`preset`."""
-    return sorted(_SEED_TABLE)
+    return sorted([*_SEED_TABLE, *PRESET_FILES])
 
 
 def import_object(dotted: str) -> Any:
