@@ -48,6 +48,25 @@ class ActionMaskError(ClippedPPOError):
     """An invalid-action mask from the env that cannot be applied: wrong size, not boolean, no valid action."""
 
 
+class PredictInputError(ClippedPPOError):
+    """An argument of ``predict()`` that does not fit the model: a recurrent ``state`` or an ``episode_start``.
+
+    The message names the argument, the shape given, the shape expected and what to pass instead.
+    """
+
+
+class ParameterMismatchError(ClippedPPOError, RuntimeError):
+    """Parameters for ``set_parameters``/``load`` that do not fit the model: missing or unexpected entries, shapes.
+
+    Raised before anything is changed, with every offending entry listed. Also a ``RuntimeError``, the type of
+    torch's ``load_state_dict`` error it replaces (SB3's ``load`` catches that type).
+    """
+
+
+class PreferenceDataError(ClippedPPOError):
+    """A preference segment the reward model cannot encode: actions or observations outside their space."""
+
+
 class ExportError(ClippedPPOError):
     """A policy or option that :mod:`sb3_ppo_ext.export` cannot turn into an ONNX/TorchScript graph; says what to do."""
 
@@ -93,6 +112,9 @@ __all__ = [
     "ModelFileError",
     "NonFiniteError",
     "NotAModelFileError",
+    "ParameterMismatchError",
+    "PredictInputError",
+    "PreferenceDataError",
     "SpaceMismatchError",
     "UnsupportedExportError",
     "UnsupportedSpaceError",

@@ -28,6 +28,7 @@ __all__ = [
     "ActionMasks",
     "MaskedPredictMixin",
     "check_action_masks",
+    "count_observations",
     "env_provides_masks",
     "mask_groups",
     "policy_applies_masks",
@@ -63,14 +64,20 @@ def policy_applies_masks(policy_class: Any) -> bool:
 def check_action_masks(masks: Any, action_space: spaces.Space, n_envs: int | None, *, step: int) -> np.ndarray:
     """Return the masks as a bool array ``[n_envs, mask_size]``, or raise :class:`ActionMaskError` naming the problem.
 
-    :param masks: what the envs' ``action_masks()`` returned, stacked over envs.
+    :param masks: what the envs' ``action_masks()`` returned, stacked over envs, or ``predict``'s ``action_masks``.
     :param action_space: the model's action space.
-    :param n_envs: number of envs (None: as many as the masks hold, e.g. a ``predict`` batch).
-    :param step: rollout step, for the message (``-1``: outside a rollout, e.g. ``predict``).
+    :param n_envs: number of envs, or of observations given to ``predict`` (None: as many as the masks hold).
+    :param step: rollout step, for the message (``-1``: ``predict``, whose argument the message then names).
     """
-    where = "in predict()" if step < 0 else f"at rollout step {step}"
+    in_predict = step < 0
+    where = "in predict()" if in_predict else f"at rollout step {step}"
     groups = mask_groups(action_space)
     if groups is None:
+        if in_predict:
+            raise ActionMaskError(
+                f"action_masks were given to predict(), but the action space {action_space} has no discrete outcomes "
+                "to mask (masks apply to Discrete, MultiDiscrete and MultiBinary). Pass action_masks=None."
+            )
         raise ActionMaskError(
             f"The env provides action masks, but the action space {action_space} has no discrete outcomes to mask "
             "(masks apply to Discrete, MultiDiscrete and MultiBinary). Pass use_masking=False to learn()."
@@ -79,35 +86,51 @@ def check_action_masks(masks: Any, action_space: spaces.Space, n_envs: int | Non
     size = sum(groups)
     if n_envs is None:
         n_envs = max(1, array.size // size)
-    if array.dtype == object or array.size != n_envs * size:
+    # in predict() a batch needs one mask row per observation: a single row is never broadcast to all of them
+    rows_differ = in_predict and n_envs > 1 and array.ndim >= 2 and array.shape[0] != n_envs
+    if array.dtype == object or array.size != n_envs * size or rows_differ:
+        if in_predict:
+            raise ActionMaskError(
+                f"action_masks has shape {array.shape}, but predict() got {n_envs} observation(s) and the action "
+                f"space {action_space} needs {size} booleans per observation: pass one mask row per observation, "
+                f"shape ({n_envs}, {size}) (or ({size},) for a single observation)."
+            )
         raise ActionMaskError(
             f"Action masks {where} have shape {array.shape}, but {n_envs} env(s) with action space {action_space} "
             f"need {size} booleans each ({n_envs} x {size}). Return one flat mask per env from action_masks()."
         )
     array = array.reshape(n_envs, size)
+    row = "action_masks row {} is" if in_predict else "env {} returned"
     if array.dtype != np.bool_:
         binary_rows = np.isin(array, (0, 1)).all(axis=1) if array.dtype.kind in "biuf" else np.zeros(n_envs, bool)
         if not binary_rows.all():
-            bad = np.flatnonzero(~binary_rows)
+            bad = int(np.flatnonzero(~binary_rows)[0])
             raise ActionMaskError(
-                f"Action masks {where} must be booleans (or 0/1); env {int(bad[0])} returned "
-                f"{array[int(bad[0])].tolist()} (dtype {array.dtype})."
+                f"Action masks {where} must be booleans (or 0/1); {row.format(bad)} {array[bad].tolist()} "
+                f"(dtype {array.dtype})."
             )
         array = array.astype(bool)
-    _check_some_action_valid(array, groups, action_space, where)
+    _check_some_action_valid(array, groups, action_space, where, in_predict)
     return array
 
 
-def _check_some_action_valid(array: np.ndarray, groups: list[int], action_space: spaces.Space, where: str) -> None:
+def _check_some_action_valid(
+    array: np.ndarray, groups: list[int], action_space: spaces.Space, where: str, in_predict: bool
+) -> None:
     start = 0
     for index, size in enumerate(groups):
         none_valid = ~array[:, start : start + size].any(axis=1)
         if none_valid.any():
             env = int(np.flatnonzero(none_valid)[0])
             part = "" if len(groups) == 1 else f" in sub-space {index} (mask entries {start}..{start + size - 1})"
+            problem = (
+                f"action_masks row {env} given to predict() has no valid action{part}"
+                if in_predict
+                else f"Env {env} returned an action mask {where} with no valid action{part}"
+            )
             raise ActionMaskError(
-                f"Env {env} returned an action mask {where} with no valid action{part} for {action_space}: "
-                f"{array[env].tolist()}. Every (sub-)space needs at least one valid action."
+                f"{problem} for {action_space}: {array[env].tolist()}. Every (sub-)space needs at least one valid "
+                "action."
             )
         start += size
 
@@ -157,6 +180,7 @@ class MaskedPredictMixin:
     """``predict`` with sb3-contrib's ``action_masks``: only valid actions are returned (SB3's without masks)."""
 
     action_space: spaces.Space
+    observation_space: spaces.Space
     policy: Any
 
     def predict(
@@ -167,8 +191,27 @@ class MaskedPredictMixin:
         deterministic: bool = False,
         action_masks: np.ndarray | None = None,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned."""
+        """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned.
+
+        ``action_masks`` holds one mask row per observation (:func:`check_action_masks`); a single row is not
+        applied to a batch of observations.
+        """
         if action_masks is None:
             return super().predict(observation, state, episode_start, deterministic)  # type: ignore[misc]
-        masks = check_action_masks(action_masks, self.action_space, None, step=-1)
+        n_obs = count_observations(observation, self.observation_space)
+        masks = check_action_masks(action_masks, self.action_space, n_obs, step=-1)
         return self.policy.predict(observation, state, episode_start, deterministic, action_masks=masks)
+
+
+def count_observations(observation: Any, observation_space: spaces.Space) -> int:
+    """How many observations ``predict`` got: 1 for a single one, else the batch size (as SB3 reshapes them)."""
+    if isinstance(observation_space, spaces.Dict):
+        if not isinstance(observation, dict):
+            return 1  # SB3's obs_to_tensor reports the mistake
+        keys = [key for key in observation_space.spaces if key in observation]
+        if not keys:
+            return 1
+        observation, observation_space = observation[keys[0]], observation_space[keys[0]]
+    # SB3 reshapes observations to (-1, *space.shape); a Discrete observation is one index
+    per_observation = int(np.prod(observation_space.shape or ()))
+    return max(1, np.asarray(observation).size // max(1, per_observation))

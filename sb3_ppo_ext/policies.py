@@ -28,6 +28,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from sb3_ppo_ext.distributions import SUPPORTED_ACTION_SPACES, ActionHead, DiagGaussianHead, make_action_head
+from sb3_ppo_ext.masking import check_action_masks
 from sb3_ppo_ext.matmul import use_fast_linears, wants_onednn_matmul
 from sb3_ppo_ext.optim import fast_optimizer_kwargs
 
@@ -488,6 +489,9 @@ class ActorCriticPolicy(BasePolicy):
             return super().predict(observation, state, episode_start, deterministic)
         self.set_training_mode(False)
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
+        # one mask row per observation: torch would broadcast a single row to the batch, or fail obscurely
+        n_obs = next(iter(obs_tensor.values())).shape[0] if isinstance(obs_tensor, dict) else obs_tensor.shape[0]
+        action_masks = check_action_masks(action_masks, self.action_space, n_obs, step=-1)
         with th.no_grad():
             actions = self._predict(obs_tensor, deterministic=deterministic, action_masks=action_masks)
         # masks apply to discrete actions only: no rescaling or clipping as for Box

@@ -19,7 +19,8 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, Combine
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
-from sb3_ppo_ext.errors import ConfigurationAssertionError
+from sb3_ppo_ext.errors import ConfigurationAssertionError, PredictInputError
+from sb3_ppo_ext.masking import check_action_masks
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy, MaybeMasks
 from sb3_ppo_ext.recurrent.sequences import LSTMStates, Sequences, Step
 
@@ -81,18 +82,19 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
                 "If the features extractor is not shared, the LSTM cannot be shared: pass "
                 "share_features_extractor=True or shared_lstm=False."
             )
+        # SB3's flattened sizes may be NumPy integers (MultiDiscrete observations), which nn.LSTM refuses
         self.lstm_actor = nn.LSTM(
-            self.features_dim, self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
+            int(self.features_dim), self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
         )
         self.lstm_critic: nn.LSTM | None = None
         self.critic: nn.Linear | None = None
         if self.enable_critic_lstm:
             self.lstm_critic = nn.LSTM(
-                self.vf_features_dim, self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
+                int(self.vf_features_dim), self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
             )
         elif not self.shared_lstm:
             # no memory for the critic: a linear map to the LSTM's output width, as in sb3-contrib
-            self.critic = nn.Linear(self.vf_features_dim, self.lstm_hidden_size)
+            self.critic = nn.Linear(int(self.vf_features_dim), self.lstm_hidden_size)
         self.mlp_extractor = ActorCriticMLP(self.lstm_hidden_size, self.net_arch, self.activation_fn)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -272,22 +274,14 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         self.set_training_mode(False)
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
         n_envs = _n_rows(obs_tensor)
-        if state is None:
-            zeros = np.zeros((self.n_lstm_layers, n_envs, self.lstm_hidden_size), dtype=np.float32)
-            state = (zeros, zeros)
-        if episode_start is None:
-            episode_start = np.zeros(n_envs, dtype=bool)
+        # checked before the LSTM runs: torch's size errors blame the hidden state whichever argument is wrong
+        h, c = self._check_state(state, n_envs)
+        episode_starts = check_episode_start(episode_start, n_envs)
+        if action_masks is not None:
+            action_masks = check_action_masks(action_masks, self.action_space, n_envs, step=-1)
         with th.no_grad():
-            states = (
-                th.as_tensor(np.asarray(state[0]), dtype=th.float32, device=self.device),
-                th.as_tensor(np.asarray(state[1]), dtype=th.float32, device=self.device),
-            )
-            if states[0].shape[1] != n_envs:
-                raise ValueError(
-                    f"predict() got LSTM states for {states[0].shape[1]} env(s) and observations for {n_envs}: pass "
-                    "the states predict() returned for the same envs (or state=None to start from zero states)."
-                )
-            starts = th.as_tensor(np.asarray(episode_start, dtype=np.float32).reshape(-1), device=self.device)
+            states = (th.as_tensor(h, device=self.device), th.as_tensor(c, device=self.device))
+            starts = th.as_tensor(episode_starts, device=self.device)
             actions, new_states = self._predict(obs_tensor, states, starts, deterministic, action_masks)
         numpy_states = (new_states[0].cpu().numpy(), new_states[1].cpu().numpy())
         actions_np = actions.cpu().numpy().reshape((-1, *self.action_space.shape))  # type: ignore[misc]
@@ -299,6 +293,88 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         if not vectorized_env:
             actions_np = actions_np.squeeze(axis=0)
         return actions_np, numpy_states
+
+    def _check_state(self, state: Any, n_envs: int) -> tuple[np.ndarray, np.ndarray]:
+        """``predict``'s ``state`` as two float32 arrays ``[n_lstm_layers, n_envs, lstm_hidden_size]`` (zeros for None).
+
+        :raises PredictInputError: for anything but an ``(h, c)`` pair of finite arrays of that shape.
+        """
+        expected = (self.n_lstm_layers, n_envs, self.lstm_hidden_size)
+        if state is None:
+            zeros = np.zeros(expected, dtype=np.float32)
+            return zeros, zeros
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            if isinstance(state, (np.ndarray, th.Tensor)):
+                given = f"one array of shape {tuple(state.shape)}"
+            elif isinstance(state, (tuple, list)):
+                given = f"a {type(state).__name__} of {len(state)} item(s)"
+            else:
+                given = f"a {type(state).__name__}"
+            raise PredictInputError(
+                f"state is {given}, but a recurrent policy's state is an (h, c) pair of arrays of shape {expected} "
+                f"(n_lstm_layers, n_envs, lstm_hidden_size). {_STATE_HINT}"
+            )
+        return _state_array(state[0], "state[0] (h)", expected), _state_array(state[1], "state[1] (c)", expected)
+
+
+_STATE_HINT = (
+    "Pass back the state predict() returned for the same envs (a tuple (h, c)), or state=None to start every env "
+    "from zero states."
+)
+
+
+def _state_array(part: Any, name: str, expected: tuple[int, int, int]) -> np.ndarray:
+    """One half of an LSTM state as a float32 array of shape ``expected``, or a :class:`PredictInputError`."""
+    try:
+        array = np.asarray(part.detach().cpu() if isinstance(part, th.Tensor) else part, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise PredictInputError(f"{name} is not an array of numbers ({error}). {_STATE_HINT}") from error
+    if array.shape != expected:
+        layers, n_envs, hidden = expected
+        reasons = []
+        if array.ndim != 3:
+            reasons.append(f"it has {array.ndim} dimension(s), not 3")
+        else:
+            if array.shape[0] != layers:
+                reasons.append(f"{array.shape[0]} LSTM layer(s), the model has n_lstm_layers={layers}")
+            if array.shape[1] != n_envs:
+                reasons.append(f"states for {array.shape[1]} env(s), but {n_envs} observation(s) were given")
+            if array.shape[2] != hidden:
+                reasons.append(f"hidden size {array.shape[2]}, the model has lstm_hidden_size={hidden}")
+        raise PredictInputError(
+            f"{name} has shape {array.shape}, expected {expected} (n_lstm_layers, n_envs, lstm_hidden_size): "
+            f"{'; '.join(reasons)}. {_STATE_HINT}"
+        )
+    if not np.isfinite(array).all():
+        raise PredictInputError(f"{name} contains NaN or inf. {_STATE_HINT}")
+    return array
+
+
+def check_episode_start(episode_start: Any, n_envs: int) -> np.ndarray:
+    """``predict``'s ``episode_start`` as float32 ``[n_envs]`` of 0/1 (zeros for None).
+
+    :raises PredictInputError: for a length other than ``n_envs`` or values other than booleans or 0/1.
+    """
+    if episode_start is None:
+        return np.zeros(n_envs, dtype=np.float32)
+    hint = (
+        f"Pass one flag per observation, shape ({n_envs},): True where that env's episode starts (its state is then "
+        "reset to zeros), e.g. the dones of the previous step."
+    )
+    value = episode_start.detach().cpu() if isinstance(episode_start, th.Tensor) else episode_start
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise PredictInputError(f"episode_start={episode_start!r} is not an array of booleans. {hint}") from error
+    if array.size != n_envs:
+        raise PredictInputError(
+            f"episode_start has shape {array.shape} ({array.size} flag(s)), but predict() got {n_envs} "
+            f"observation(s). {hint}"
+        )
+    array = array.reshape(n_envs)
+    if not np.isin(array, (0.0, 1.0)).all():
+        raise PredictInputError(f"episode_start must be booleans (or 0/1); got {array.tolist()}. {hint}")
+    return array
 
 
 def _n_rows(obs: PyTorchObs) -> int:
