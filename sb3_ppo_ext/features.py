@@ -26,7 +26,7 @@ from sb3_ppo_ext.recurrent.policies import (
     RecurrentMultiInputActorCriticPolicy,
 )
 from sb3_ppo_ext.recurrent.rollout import RecurrentStates
-from sb3_ppo_ext.reliability.checks import validate_stabilizers
+from sb3_ppo_ext.reliability.checks import validate_stabilizers, warn_inactive_settings
 from sb3_ppo_ext.rlhf.penalty import reference_kl
 from sb3_ppo_ext.rlhf.reference import DEFAULT_REF_KL_COEF, check_ref_kl_mode, make_kl_controller
 from sb3_ppo_ext.stabilizers.adaptive_lr import AdaptiveLearningRate, KLAdaptiveLearningRate
@@ -91,6 +91,7 @@ def configure_features(
         action_space=action_space,
         use_sde=use_sde,
     )
+    warn_inactive_settings(locals(), stacklevel=4)  # e.g. ref_kl_coef without ref_policy; 4: the user's ClippedPPO()
     model._ref_kl_controller = None
     if ref_policy is not None:
         coef = DEFAULT_REF_KL_COEF if ref_kl_coef is None else ref_kl_coef

@@ -9,7 +9,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_ppo_ext import ClippedPPO, losses
 from sb3_ppo_ext.backends import AutogradBackend, select_backend
-from sb3_ppo_ext.errors import ConfigurationError
+from sb3_ppo_ext.errors import ConfigurationError, ConfigurationWarning
 from sb3_ppo_ext.optim import KLAdaptiveLearningRate
 from sb3_ppo_ext.stabilizers.value_normalization import ValueNormalizer
 from tests.conftest import DictObsEnv
@@ -193,11 +193,13 @@ def test_stabilizer_arguments_get_clear_errors() -> None:
         (dict(adaptive_lr_kl=0.0), "adaptive_lr_kl=0.0 is invalid"),
         (dict(adaptive_lr_kl=0.01, adaptive_lr_every="rollout"), "adaptive_lr_every='rollout' is invalid"),
         (dict(adaptive_lr_kl=0.01, adaptive_lr_bounds=(1e-2, 1e-5)), "adaptive_lr_bounds"),
-        (dict(popart=True), "Pass normalize_value_targets=True"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ConfigurationError, match=match):
             ClippedPPO("MlpPolicy", "Pendulum-v1", **kwargs)
+    # popart without normalize_value_targets does nothing: a ConfigurationWarning, as for every inactive setting
+    with pytest.warns(ConfigurationWarning, match="Pass normalize_value_targets=True"):
+        ClippedPPO("MlpPolicy", "Pendulum-v1", popart=True)
     with pytest.raises(ConfigurationError, match="RPO perturbs the mean of Gaussian actions"):
         ClippedPPO("MlpPolicy", "CartPole-v1", rpo_alpha=0.5)
     with pytest.raises(ValueError, match="unknown keys"):

@@ -37,6 +37,7 @@ from sb3_ppo_ext.errors import (
 )
 from sb3_ppo_ext.losses import VALUE_CLIP_MODES
 from sb3_ppo_ext.masking import env_provides_masks, policy_applies_masks
+from sb3_ppo_ext.rlhf.reference import DEFAULT_REF_KL_HORIZON
 
 # -- what ClippedPPO supports ----------------------------------------------------------------------
 
@@ -580,6 +581,8 @@ __all__ = [
     "validate_policy_and_buffer",
     "validate_rollout_size",
     "validate_spaces",
+    "validate_stabilizers",
+    "warn_inactive_settings",
 ]
 
 
@@ -625,10 +628,7 @@ def validate_stabilizers(
             or bounds[0] > bounds[1]
         ):
             _fail("adaptive_lr_bounds", adaptive_lr_bounds, "pass (min_lr, max_lr) with 0 < min_lr <= max_lr")
-    if popart and not normalize_value_targets:
-        _fail(
-            "popart", popart, "PopArt rescales normalised value targets", "Pass normalize_value_targets=True as well."
-        )
+    # popart without normalize_value_targets does nothing: warn_inactive_settings says so
 
 
 def validate_policy_and_buffer(policy_class: Any, buffer_class: Any, env: Any, *, recurrent: bool) -> None:
@@ -646,3 +646,78 @@ def validate_policy_and_buffer(policy_class: Any, buffer_class: Any, env: Any, *
             "has no action_masks argument). Use 'MlpPolicy'/'CnnPolicy'/'MultiInputPolicy' (or a subclass of "
             "sb3_ppo_ext.ActorCriticPolicy), or remove the env's action_masks() method."
         )
+
+
+# -- settings whose feature is off -----------------------------------------------------------------
+
+#: ClippedPPO's defaults of the settings that only matter when another switch turns their feature on
+#: (``tests/test_reliability_inputs.py`` checks them against ``ClippedPPO.__init__``)
+INACTIVE_SETTING_DEFAULTS: dict[str, Any] = {
+    "ref_kl_coef": None,
+    "ref_kl_mode": "reward",
+    "ref_kl_target": None,
+    "ref_kl_horizon": DEFAULT_REF_KL_HORIZON,
+    "adaptive_lr_every": "epoch",
+    "adaptive_lr_bounds": (1e-5, 1e-2),
+    "popart": False,
+}
+
+
+def _differs(name: str, value: Any) -> bool:
+    default = INACTIVE_SETTING_DEFAULTS[name]
+    try:
+        if isinstance(default, tuple) and isinstance(value, (tuple, list)):
+            return tuple(value) != default
+        return bool(value != default)
+    except (TypeError, ValueError):  # e.g. an array, whose truth value is ambiguous
+        return True
+
+
+def inactive_settings(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The settings given a non-default value that do nothing because their feature is off.
+
+    :param settings: ClippedPPO's keyword arguments by name (missing ones count as their defaults).
+    :return: ``(setting, what turns its feature on)`` pairs, in the order of ClippedPPO's arguments.
+    """
+    found = []
+    reference = settings.get("ref_policy") is not None
+    coef = settings.get("ref_kl_coef")
+    adaptive_beta = isinstance(coef, str) and coef == "adaptive"
+    for name in ("ref_kl_coef", "ref_kl_mode", "ref_kl_target", "ref_kl_horizon"):
+        if name not in settings or not _differs(name, settings[name]):
+            continue
+        if not reference:
+            found.append((name, "ref_policy=<a trained model, its policy or a saved model's path> (the reference KL)"))
+        elif name in ("ref_kl_target", "ref_kl_horizon") and not adaptive_beta:
+            found.append((name, "ref_kl_coef='adaptive' (the adaptive KL controller)"))
+    if settings.get("adaptive_lr_kl") is None:
+        for name in ("adaptive_lr_every", "adaptive_lr_bounds"):
+            if name in settings and _differs(name, settings[name]):
+                found.append((name, "adaptive_lr_kl=<a target KL, e.g. 0.01> (the KL-adaptive learning rate)"))
+    if settings.get("popart") and not settings.get("normalize_value_targets"):
+        found.append(("popart", "normalize_value_targets=True (value-target normalisation, which PopArt rescales)"))
+    return found
+
+
+def warn_inactive_settings(settings: Mapping[str, Any], *, stacklevel: int = 2) -> list[str]:
+    """Warn (:class:`~sb3_ppo_ext.errors.ConfigurationWarning`) once per setting that does nothing: its feature is off.
+
+    E.g. ``ref_kl_coef`` without ``ref_policy``, ``adaptive_lr_bounds`` without ``adaptive_lr_kl``, ``popart``
+    without ``normalize_value_targets``. The message names the setting, its value and the switch that turns
+    its feature on. ``configure_features`` calls it with ClippedPPO's arguments.
+
+    :param settings: ClippedPPO's keyword arguments by name; other keys are ignored.
+    :param stacklevel: passed to ``warnings.warn`` (the default points at the caller of this function).
+    :return: the names of the settings warned about.
+    """
+    names = []
+    for name, switch in inactive_settings(settings):
+        warnings.warn(
+            f"{name}={settings[name]!r} has no effect: its feature is off. Pass {switch} to turn it on, or leave "
+            f"{name} at its default ({INACTIVE_SETTING_DEFAULTS[name]!r}).",
+            ConfigurationWarning,
+            stacklevel=stacklevel,
+        )
+        names.append(name)
+    return names
+
