@@ -18,13 +18,15 @@ import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
+import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.torch_layers import NatureCNN
 
 from sb3_ppo_ext.distributions import SUPPORTED_ACTION_SPACES
@@ -32,6 +34,7 @@ from sb3_ppo_ext.errors import (
     ConfigurationAssertionError,
     ConfigurationError,
     ConfigurationWarning,
+    ParameterMismatchError,
     SpaceMismatchError,
     UnsupportedSpaceError,
 )
@@ -573,6 +576,7 @@ __all__ = [
     "SUPPORTED_OBSERVATION_SPACES",
     "SUPPORTED_OBSERVATION_SPACE_NAMES",
     "check_clip_range_vf",
+    "check_parameters",
     "check_schedule_value",
     "space_mismatch_error",
     "validate_hyperparameters",
@@ -721,3 +725,110 @@ def warn_inactive_settings(settings: Mapping[str, Any], *, stacklevel: int = 2) 
         names.append(name)
     return names
 
+
+# -- parameters given to set_parameters / load ------------------------------------------------------
+
+#: entries listed per kind of problem before "and N more"
+_LISTED_ENTRIES = 8
+
+
+def _listed(entries: list[str]) -> str:
+    shown = ", ".join(entries[:_LISTED_ENTRIES])
+    return shown + (f" and {len(entries) - _LISTED_ENTRIES} more" if len(entries) > _LISTED_ENTRIES else "")
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, th.Tensor) else None
+
+
+def _described(value: Any) -> str:
+    """A given state-dict value for a message: its shape, or its type when it is no tensor."""
+    shape = _shape(value)
+    return type(value).__name__ if shape is None else str(shape)
+
+
+def _module_problems(name: str, module: th.nn.Module, given: Mapping[str, Any], exact_match: bool) -> list[str]:
+    """What keeps ``module.load_state_dict(given, strict=exact_match)`` from loading all of ``given``."""
+    own = module.state_dict()
+    problems = []
+    if exact_match:
+        missing = [key for key in own if key not in given]
+        unexpected = [key for key in given if key not in own]
+        if missing:  # torch's wording, which SB3's load() looks for to load models saved by SB3 < 1.7
+            problems.append(f"Missing key(s) in state_dict of {name!r}: {_listed(missing)}")
+        if unexpected:
+            problems.append(f"unexpected key(s) in state_dict of {name!r}: {_listed(unexpected)}")
+    mismatched = [
+        f"{key} {_described(value)} (the model's {tuple(own[key].shape)})"
+        for key, value in given.items()
+        if isinstance(own.get(key), th.Tensor) and _shape(value) != tuple(own[key].shape)
+    ]
+    if mismatched:
+        problems.append(f"shape mismatch in {name!r}: {_listed(mismatched)}")
+    return problems
+
+
+def _optimizer_problems(name: str, optimizer: th.optim.Optimizer, given: Mapping[str, Any]) -> list[str]:
+    """What would make ``optimizer.load_state_dict(given)`` fail, or load moments of the wrong shapes."""
+    groups, state = given.get("param_groups"), given.get("state")
+    if not isinstance(groups, list) or not isinstance(state, Mapping):
+        return [f"{name!r} is not an optimizer state_dict (it needs 'state' and 'param_groups')"]
+    own_groups = optimizer.param_groups
+    sizes, own_sizes = [len(group.get("params", ())) for group in groups], [len(g["params"]) for g in own_groups]
+    if sizes != own_sizes:
+        return [f"{name!r} holds parameter groups of sizes {sizes}, the model's optimizer {own_sizes}"]
+    # torch pairs saved and current parameters by position; it checks no shape of the moments (Adam's exp_avg...)
+    saved_ids = [index for group in groups for index in group["params"]]
+    params = [param for group in own_groups for param in group["params"]]
+    mismatched = []
+    for position, (saved_id, param) in enumerate(zip(saved_ids, params, strict=True)):
+        for key, value in (state.get(saved_id) or {}).items():
+            if isinstance(value, th.Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                mismatched.append(
+                    f"{key} of parameter {position} {tuple(value.shape)} (the parameter's {tuple(param.shape)})"
+                )
+    return [f"shape mismatch in {name!r}: {_listed(mismatched)}"] if mismatched else []
+
+
+def check_parameters(model: Any, params: Any, exact_match: bool = True, *, optional: Sequence[str] = ()) -> None:
+    """Check that ``model.set_parameters(params, exact_match)`` can load every entry; nothing is changed here.
+
+    Every problem is collected, then reported in one :class:`~sb3_ppo_ext.errors.ParameterMismatchError`:
+    unknown object names, and with ``exact_match`` missing objects and missing or unexpected keys; shape
+    mismatches of module tensors and optimizer moments in any case.
+
+    :param model: an SB3 algorithm.
+    :param params: ``{object name: state_dict}``, as ``get_parameters()`` returns and a model file holds.
+    :param exact_match: SB3's meaning: every object and key of the model must be given, and nothing else.
+    :param optional: objects that may be left out even with ``exact_match`` (a frozen reference policy).
+    """
+    if not isinstance(params, Mapping):
+        raise ParameterMismatchError(
+            f"set_parameters() needs a path or a dict {{object name: state_dict}} as get_parameters() returns; got "
+            f"a {type(params).__name__}."
+        )
+    expected = list(model._get_torch_save_params()[0])
+    problems = []
+    for name, given in params.items():
+        try:
+            target = recursive_getattr(model, name)
+        except Exception:  # SB3 catches anything here too: KeyError, AttributeError...
+            target = None
+        if exact_match and name not in expected or not isinstance(target, (th.nn.Module, th.optim.Optimizer)):
+            problems.append(f"unexpected object {name!r} (the model's are {expected})")
+        elif not isinstance(given, Mapping):
+            problems.append(f"{name!r} is a {type(given).__name__}, not a state_dict")
+        elif isinstance(target, th.optim.Optimizer):
+            problems.extend(_optimizer_problems(name, target, given))
+        else:
+            problems.extend(_module_problems(name, target, given, exact_match))
+    missing = [name for name in expected if name not in params and name not in optional]
+    if exact_match and missing:
+        problems.append(f"missing object(s) {missing}")
+    if problems:
+        raise ParameterMismatchError(
+            "The parameters do not fit this model, so none were loaded (the model is unchanged): "
+            + "; ".join(problems)
+            + ". Load parameters saved from a model with the same policy class and policy_kwargs (net_arch, "
+            "lstm_hidden_size...), or pass exact_match=False to load a subset of objects and keys."
+        )

@@ -11,27 +11,53 @@ calls SB3's own and adds one guarantee:
 * ``load``: truncated, corrupt or foreign files raise :class:`~sb3_ppo_ext.errors.ModelFileError`;
 * ``load``/``set_env``: an env whose spaces differ from the model's raises
   :class:`~sb3_ppo_ext.errors.SpaceMismatchError` naming both spaces;
+* ``set_parameters`` (which ``load`` calls too): all or nothing, every entry checked before any is loaded
+  (:class:`~sb3_ppo_ext.errors.ParameterMismatchError`), and a given dict is copied, so that two models
+  loaded from one ``get_parameters()`` dict share no tensor (Adam's moments included);
 * data-parallel runs (:mod:`sb3_ppo_ext.distributed`): ``save`` writes on rank 0 only, and
   ``load(..., distributed=False)`` loads a plain single-process model inside a data-parallel run.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
 from sb3_ppo_ext import distributed as data_parallel
 from sb3_ppo_ext.reliability import checkpoints
-from sb3_ppo_ext.reliability.checks import space_mismatch_error
+from sb3_ppo_ext.reliability.checks import check_parameters, space_mismatch_error
 from sb3_ppo_ext.reliability.finite import check_env_data
 from sb3_ppo_ext.reliability.worker_guard import guard_subprocess_workers
 
 SelfReliable = TypeVar("SelfReliable", bound="ReliabilityMixin")
+
+#: the state dict of a frozen reference policy (``ref_policy``): saved with the model, not a trainable parameter
+_REFERENCE = "ref_policy"
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor cloned; dicts (a state_dict's ``_metadata`` kept), lists and tuples rebuilt."""
+    if isinstance(value, th.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        result = value.copy()  # same class (an OrderedDict stays one); its entries are replaced below
+        for key, item in value.items():
+            result[key] = _copied(item)
+        if hasattr(value, "_metadata"):  # module versions, read by load_state_dict; dict.copy() drops attributes
+            result._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+        return result
+    if isinstance(value, list):
+        return [_copied(item) for item in value]
+    if type(value) is tuple:
+        return tuple(_copied(item) for item in value)
+    return value
 
 
 @contextmanager
@@ -116,6 +142,35 @@ class ReliabilityMixin:
                 force_reset=force_reset,
                 **kwargs,
             )
+
+    def set_parameters(
+        self, load_path_or_dict: Any, exact_match: bool = True, device: th.device | str = "auto"
+    ) -> None:
+        """SB3's ``set_parameters``, all or nothing, and copying what it is given.
+
+        Every entry is checked against the model before any is loaded
+        (:func:`~sb3_ppo_ext.reliability.checks.check_parameters`): unknown or (with ``exact_match``) missing
+        objects and keys, and tensors or optimizer moments of another shape, are reported together in one
+        :class:`~sb3_ppo_ext.errors.ParameterMismatchError` (also a ``RuntimeError``, as torch's), and the model is
+        left unchanged. A dict is copied first: torch's optimizer ``load_state_dict`` keeps the tensors it is given,
+        so without the copy two models loaded from one ``get_parameters()`` dict would update each other's Adam
+        moments (and the dict). A frozen reference (``ref_policy``) is not a trainable parameter: a dict without
+        ``"ref_policy"``, e.g. a pretrained model's ``get_parameters()``, loads with ``exact_match=True`` too and
+        the reference stays as it is.
+        """
+        if isinstance(load_path_or_dict, dict):
+            params = load_path_or_dict
+        else:
+            source = checkpoints.check_model_file(load_path_or_dict)
+            _, params, _ = load_from_zip_file(source, device=device, load_data=False)
+        has_reference = _REFERENCE in self._get_torch_save_params()[0]  # type: ignore[attr-defined]
+        check_parameters(self, params, exact_match, optional=(_REFERENCE,) if has_reference else ())
+        if params is load_path_or_dict:
+            params = _copied(params)
+        reference_left_out = has_reference and _REFERENCE not in params
+        super().set_parameters(  # type: ignore[misc]
+            params, exact_match=exact_match and not reference_left_out, device=device
+        )
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         """SB3's ``set_env``, with :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for mismatched spaces."""
