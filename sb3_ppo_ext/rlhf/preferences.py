@@ -37,6 +37,8 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 from torch import nn
 
+from sb3_ppo_ext.errors import NonFiniteError, PreferenceDataError
+
 _SUPPORTED_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
 
@@ -57,14 +59,43 @@ def _input_dim(space: spaces.Space, what: str) -> int:
     return int(np.prod(space.shape))
 
 
-def _encode(x: th.Tensor, space: spaces.Space, normalize_images: bool) -> th.Tensor:
-    """``x`` of shape ``[B, *space.shape]`` -> float ``[B, D]``: Box flattened, discrete spaces one-hot."""
+def check_space_values(x: th.Tensor, space: spaces.Space, what: str) -> None:
+    """Discrete values within ``space`` (``x``: ``[B, *space.shape]``); Box values are not bounded here.
+
+    :raises PreferenceDataError: naming ``what`` (``"actions"``, ``"observations"``), a bad value and the space,
+        where one-hot encoding would fail with torch's "Class values must be smaller than num_classes".
+    """
+    if isinstance(space, spaces.Box) or x.numel() == 0:
+        return
+    if isinstance(space, spaces.MultiBinary):
+        bad = (x != 0) & (x != 1)
+    else:
+        starts = th.as_tensor(np.asarray(space.start), device=x.device).reshape(-1)
+        sizes = th.as_tensor(np.asarray(space.nvec if isinstance(space, spaces.MultiDiscrete) else space.n))
+        index = x.reshape(x.shape[0], -1) - starts
+        bad = (index < 0) | (index >= sizes.reshape(-1).to(x.device))
+        if x.is_floating_point():
+            bad |= index != index.floor()
+    if bad.any():
+        value = x.reshape(bad.shape)[bad][0].item()
+        raise PreferenceDataError(
+            f"{what} hold {value!r}, outside the {what[:-1]} space {space} (the reward model one-hot encodes "
+            f"discrete values). Record the {what} the env takes, or give the reward model the space they come from."
+        )
+
+
+def _encode(x: th.Tensor, space: spaces.Space, normalize_images: bool, what: str = "inputs") -> th.Tensor:
+    """``x`` of shape ``[B, *space.shape]`` -> float ``[B, D]``: Box flattened, discrete spaces one-hot.
+
+    :raises PreferenceDataError: for discrete values outside ``space`` (:func:`check_space_values`).
+    """
     batch = x.shape[0]
     if isinstance(space, spaces.Box):
         out = x.float()
         if normalize_images and is_image_space(space):
             out = out / 255.0
         return out.reshape(batch, -1)
+    check_space_values(x, space, what)
     if isinstance(space, spaces.Discrete):
         # gymnasium's Discrete may start at a non-zero value; SB3's preprocess_obs ignores that
         return F.one_hot((x.long() - int(space.start)).reshape(batch), int(space.n)).float()
@@ -129,7 +160,7 @@ class RewardModel(nn.Module):
         lead = self._leading_shape(obs)
         batch = math.prod(lead)
         obs = obs.to(self.device).reshape(batch, *(self.observation_space.shape or ()))
-        features = [_encode(obs, self.observation_space, self.normalize_images)]
+        features = [_encode(obs, self.observation_space, self.normalize_images, "observations")]
         if self.use_action:
             action_shape = tuple(self.action_space.shape or ())
             if math.prod(actions.shape) != batch * math.prod(action_shape):
@@ -138,7 +169,7 @@ class RewardModel(nn.Module):
                     f"and the action space's shape {action_shape}"
                 )
             actions = actions.to(self.device).reshape(batch, *action_shape)
-            features.append(_encode(actions, self.action_space, normalize_images=False))
+            features.append(_encode(actions, self.action_space, normalize_images=False, what="actions"))
         return self.net(th.cat(features, dim=1)).reshape(lead)
 
     def segment_return(self, obs_seq: th.Tensor, act_seq: th.Tensor) -> th.Tensor:
@@ -198,12 +229,30 @@ def _check_label(label: float) -> float:
     return label
 
 
+def check_finite_segment(array: np.ndarray, what: str) -> None:
+    """Refuse a segment's observations or actions with NaN/inf (:class:`~sb3_ppo_ext.errors.NonFiniteError`).
+
+    A single NaN/inf in a segment makes ``fit`` turn every weight of the reward model into NaN. Arrays that are
+    not numbers raise a ``ValueError``.
+    """
+    if array.dtype.kind not in "biufc":
+        raise ValueError(f"{what} must be numbers, got an array of dtype {array.dtype}")
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        step = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0])
+        raise NonFiniteError(
+            f"{what} contain NaN or inf (first at step {step} of {len(array)}): fitting on them would turn every "
+            "weight of the reward model into NaN. Leave out or repair the segments recorded from broken steps (the "
+            "env's observations can be checked with SB3's VecCheckNan)."
+        )
+
+
 class PreferenceDataset:
     """Labelled pairs of segments, all of one length ``L`` and one observation / action shape.
 
     A label is the probability that the first segment is preferred: 1 (first), 0 (second), 0.5 (equally
     good); soft labels in between are accepted. The first pair fixes ``L`` and the shapes; later pairs must
-    match them (a ValueError otherwise). With ``capacity`` the oldest pairs are dropped first.
+    match them (a ValueError otherwise). Segments with NaN/inf are refused (:func:`check_finite_segment`), and the
+    arrays are copied, so the pairs stay as checked. With ``capacity`` the oldest pairs are dropped first.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
@@ -223,7 +272,8 @@ class PreferenceDataset:
         return None if self._shapes is None else self._shapes[0][0]
 
     def _check_segment(self, obs: Any, actions: Any, which: str) -> tuple[np.ndarray, np.ndarray]:
-        obs, actions = np.asarray(obs), np.asarray(actions)
+        # copies: a caller that reuses its arrays must not change (or put NaN into) pairs already checked
+        obs, actions = np.array(obs), np.array(actions)
         if obs.ndim == 0 or actions.ndim == 0 or len(obs) != len(actions):
             raise ValueError(
                 f"segment {which}: observations {obs.shape} and actions {actions.shape} must have the same "
@@ -231,6 +281,8 @@ class PreferenceDataset:
             )
         if len(obs) == 0:
             raise ValueError(f"segment {which} is empty")
+        check_finite_segment(obs, f"segment {which}: observations")
+        check_finite_segment(actions, f"segment {which}: actions")
         return obs, actions
 
     def add(self, obs1: Any, act1: Any, obs2: Any, act2: Any, label: float) -> None:
@@ -295,8 +347,27 @@ def bradley_terry_loss(returns1: th.Tensor, returns2: th.Tensor, labels: th.Tens
     return F.binary_cross_entropy_with_logits(returns1 - returns2, labels.to(returns1.dtype))
 
 
-def _dataset_tensors(dataset: PreferenceDataset, device: th.device) -> tuple[th.Tensor, ...]:
-    return tuple(th.as_tensor(array, device=device) for array in dataset.arrays())
+def _dataset_tensors(dataset: PreferenceDataset, model: RewardModel) -> tuple[th.Tensor, ...]:
+    """The dataset's arrays as tensors on the model's device, checked against the model's spaces first.
+
+    Checked as a whole, before ``fit`` changes any weight: a bad value in a later minibatch would otherwise
+    stop the fit half-way through.
+    """
+    tensors = tuple(th.as_tensor(array, device=model.device) for array in dataset.arrays())
+    obs1, act1, obs2, act2, _ = tensors
+    for obs, actions, which in ((obs1, act1, "1"), (obs2, act2, "2")):
+        lead = model._leading_shape(obs)  # a clear error for observations of another shape
+        flat = obs.reshape(math.prod(lead), *(model.observation_space.shape or ()))
+        check_space_values(flat, model.observation_space, "observations")
+        if model.use_action:
+            action_shape = tuple(model.action_space.shape or ())
+            if math.prod(actions.shape) != math.prod(lead) * math.prod(action_shape):
+                raise PreferenceDataError(
+                    f"the segments' actions {tuple(actions.shape)} ([pairs, L, ...], segments {which}) do not fit the "
+                    f"reward model's action space {model.action_space}: expected {(*lead, *action_shape)}."
+                )
+            check_space_values(actions.reshape(-1, *action_shape), model.action_space, "actions")
+    return tensors
 
 
 @th.no_grad()
@@ -308,7 +379,7 @@ def evaluate(model: RewardModel, dataset: PreferenceDataset, batch_size: int = 2
     """
     was_training = model.training
     model.eval()
-    obs1, act1, obs2, act2, labels = _dataset_tensors(dataset, model.device)
+    obs1, act1, obs2, act2, labels = _dataset_tensors(dataset, model)
     losses, hits, counted = [], 0, 0
     for start in range(0, len(labels), batch_size):
         batch = slice(start, start + batch_size)
@@ -343,9 +414,10 @@ def fit(
     """
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0; got {epochs}, {batch_size}, {lr}")
+    # checked as a whole before the first step: no weight changes when a pair cannot be encoded
+    obs1, act1, obs2, act2, labels = _dataset_tensors(dataset, model)
     if optimizer is None:
         optimizer = th.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    obs1, act1, obs2, act2, labels = _dataset_tensors(dataset, model.device)
     generator = th.Generator()
     generator.manual_seed(int(th.randint(2**31, ())) if seed is None else seed)
     was_training = model.training
@@ -701,6 +773,8 @@ __all__ = [
     "SyntheticPreferenceCollector",
     "Trajectories",
     "bradley_terry_loss",
+    "check_finite_segment",
+    "check_space_values",
     "evaluate",
     "find_reward_wrapper",
     "fit",
