@@ -19,7 +19,10 @@ unscaled when the policy squashes them. Inputs and outputs have a dynamic batch 
 Spaces, versions and export options travel with the file (ONNX ``metadata_props``, a TorchScript extra
 file); :func:`read_metadata` reads either. ONNX export uses torch's TorchScript-based exporter
 (``dynamo=False``): it needs only the ``onnx`` package, where the ``torch.export``-based one also needs
-``onnxscript`` and takes seconds per model.
+``onnxscript`` and takes seconds per model. ``opset_version`` is checked first (:func:`supported_opsets`).
+
+Files are built and checked in memory, then written to a temporary file renamed over the target: a failed
+export leaves neither a partial file nor a folder it created behind.
 
 Recurrent policies (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``) export as
 :class:`RecurrentExportModule`: one step of each env, the LSTM state in and out as ``predict(obs, state,
@@ -30,7 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
+import numbers
+import os
 import pickle
 import warnings
 from collections.abc import Iterator, Sequence
@@ -50,16 +56,21 @@ from sb3_ppo_ext.errors import ExportError, UnsupportedExportError
 from sb3_ppo_ext.masking import mask_groups, policy_applies_masks
 from sb3_ppo_ext.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_ppo_ext.recurrent.sequences import LSTMStates
+from sb3_ppo_ext.reliability.checkpoints import atomic_write
 
 __all__ = [
+    "DEFAULT_OPSET",
     "METADATA_FILE",
+    "MIN_OPSET",
     "PolicyExportModule",
     "RecurrentExportModule",
     "TensorSpec",
     "build_module",
+    "check_opset",
     "export",
     "is_recurrent",
     "read_metadata",
+    "supported_opsets",
     "to_onnx",
     "to_torchscript",
 ]
@@ -67,6 +78,8 @@ __all__ = [
 ExportFormat = Literal["onnx", "torchscript"]
 # ONNX opset 17: every op the policies need, and run by onnxruntime releases of the last few years
 DEFAULT_OPSET = 17
+#: the lowest ONNX opset every policy kind exports with (MultiBinary actions need Round, opset 11; masks need Where, 9)
+MIN_OPSET = 11
 # name of the metadata JSON stored inside a TorchScript archive (its ``_extra_files``)
 METADATA_FILE = "sb3_ppo_ext_metadata.json"
 BATCH = "batch"
@@ -534,10 +547,38 @@ def _training_mode_kept(model: BaseAlgorithm | BasePolicy) -> Iterator[None]:
         policy.set_training_mode(training)
 
 
-def _ensure_path(path: str | Path) -> Path:
+def _check_target(path: str | Path) -> Path:
+    """The file to write, refused up front when it cannot be written: a folder, or a path through a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ExportError(
+            f"{str(path)!r} is a folder: pass the path of the file to write in it, e.g. "
+            f"{str(path / 'policy.onnx')!r} or {str(path / 'policy.pt')!r}."
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"Cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder.")
+            break
     return path
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed over it), creating missing folders.
+
+    On any failure nothing is left behind: no partial file (:func:`~sb3_ppo_ext.reliability.checkpoints.atomic_write`)
+    and none of the folders this call created.
+    """
+    created = [folder for folder in [path.parent, *path.parent.parents] if not folder.exists()]  # deepest first
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as file:
+            file.write(data)
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _traced(module: PolicyExportModule, example: tuple[th.Tensor, ...]) -> Any:
@@ -565,6 +606,86 @@ def _weights_without_grad(module: nn.Module) -> Iterator[None]:
     finally:
         for parameter in parameters:
             parameter.requires_grad_(True)
+
+
+def supported_opsets() -> range:
+    """The ONNX opsets :func:`to_onnx` accepts: :data:`MIN_OPSET` up to the highest torch's exporter and onnx know."""
+    import onnx
+
+    try:  # torch's own bound for its TorchScript-based exporter; a private module, hence the fallback
+        from torch.onnx import _constants
+
+        highest = int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", DEFAULT_OPSET))
+    except ImportError:  # pragma: no cover - a torch without it
+        highest = DEFAULT_OPSET
+    return range(MIN_OPSET, min(highest, int(onnx.defs.onnx_opset_version())) + 1)
+
+
+def check_opset(opset_version: Any) -> int:
+    """``opset_version`` as an int, or an :class:`ExportError` listing the supported range.
+
+    The range is :func:`supported_opsets`: checked before anything is traced or written.
+    """
+    supported = supported_opsets()
+    if isinstance(opset_version, numbers.Integral) and not isinstance(opset_version, bool):
+        if int(opset_version) in supported:
+            return int(opset_version)
+    import onnx
+
+    raise ExportError(
+        f"opset_version={opset_version!r} is not supported: pass an int from {supported.start} to {supported[-1]}, "
+        f"the opsets that torch {th.__version__}'s exporter and onnx {onnx.__version__} both support and every "
+        f"policy exports with. The default, {DEFAULT_OPSET}, runs on onnxruntime releases of the last few years."
+    )
+
+
+@contextlib.contextmanager
+def _exporter_errors(opset_version: int) -> Iterator[None]:
+    """Run torch's exporter quietly: its errors as an :class:`ExportError`, no graph dump on stdout or stderr."""
+    with _native_output_silenced():
+        try:
+            yield
+        except ExportError:
+            raise
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            summary = lines[0].rstrip(".") if lines else type(error).__name__
+            raise ExportError(
+                f"torch could not export the policy to ONNX opset {opset_version}: {summary[:300]}. Try the default "
+                f"opset_version={DEFAULT_OPSET}, or export to TorchScript (a .pt file) instead."
+            ) from error
+
+
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """Send what is written to file descriptors 1 and 2 (torch's C++ graph dumps) to a temporary file meanwhile."""
+    import sys
+    import tempfile
+
+    try:
+        saved = [os.dup(fd) for fd in (1, 2)]
+    except OSError:  # no such descriptors (a service without stdout): nothing to silence
+        yield
+        return
+    streams = [stream for stream in (sys.stdout, sys.stderr) if stream is not None]
+    try:
+        with tempfile.TemporaryFile() as sink:
+            for stream in streams:  # Python's buffered output so far goes where it was meant to
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            try:
+                yield
+            finally:
+                for stream in streams:
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.flush()
+                for fd, copy_of_fd in zip((1, 2), saved, strict=True):
+                    os.dup2(copy_of_fd, fd)
+    finally:
+        for copy_of_fd in saved:
+            os.close(copy_of_fd)
 
 
 # -- public API --------------------------------------------------------------------------------------
@@ -596,16 +717,19 @@ def to_onnx(
         import onnx  # noqa: F401 - checked here, used by _write_onnx
     except ImportError as exc:
         raise ImportError("ONNX export needs the onnx package: pip install 'sb3_ppo_ext[export]'") from exc
+    check_opset(opset_version)
+    target = _check_target(path)
     with _training_mode_kept(model):
         module, options = build_module(
             model, vecnormalize=vecnormalize, with_value=with_value, action_masks=action_masks
         )
-        return _write_onnx(module, options, _ensure_path(path), opset_version, check)
+        return _write_onnx(module, options, target, opset_version, check)
 
 
 def _write_onnx(
     module: PolicyExportModule, options: dict[str, Any], path: Path, opset_version: int, check: bool
 ) -> Path:
+    """Export to memory, add the metadata, check the model (and run it), then write the file atomically."""
     import onnx
 
     example = module.example_inputs(_TRACE_BATCH)
@@ -614,39 +738,46 @@ def _write_onnx(
         spec.name: {axis: BATCH for axis, size in enumerate(spec.shape) if size == BATCH}
         for spec in [*module.input_specs(), *module.output_specs()]
     }
-    with warnings.catch_warnings(), th.no_grad():
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), th.no_grad(), _exporter_errors(opset_version):
         # the TorchScript-based exporter is deprecated in favour of dynamo=True, which needs onnxscript
         warnings.simplefilter("ignore")
         th.onnx.export(
             module,
             example,
-            str(path),
+            buffer,
             dynamo=False,
             input_names=module.input_names,
             output_names=module.output_names,
             dynamic_axes=dynamic_axes,
             opset_version=opset_version,
         )
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(buffer.getvalue())
     options["opset_version"] = opset_version
     for key, value in _metadata(module, options, "onnx").items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "sb3_ppo_ext"
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    data = proto.SerializeToString()
     if check:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return path
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        check_inputs = module.example_inputs(_CHECK_BATCH, seed=1)
-        with th.no_grad():
-            expected = _outputs(module(*check_inputs))
-        feed = {name: tensor.numpy() for name, tensor in zip(module.input_names, check_inputs, strict=True)}
-        _check_outputs(expected, session.run(None, feed), "ONNX model")
+        _check_onnx(module, data)
+    _write_file(path, data)
     return path
+
+
+def _check_onnx(module: PolicyExportModule, data: bytes) -> None:
+    """Run the serialised model once with onnxruntime (when installed) and compare it with the module."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    check_inputs = module.example_inputs(_CHECK_BATCH, seed=1)
+    with th.no_grad():
+        expected = _outputs(module(*check_inputs))
+    feed = {name: tensor.numpy() for name, tensor in zip(module.input_names, check_inputs, strict=True)}
+    _check_outputs(expected, session.run(None, feed), "ONNX model")
 
 
 def to_torchscript(
@@ -665,25 +796,30 @@ def to_torchscript(
     ``module(obs, state_h, state_c, episode_start)`` for a recurrent policy, :class:`RecurrentExportModule`).
     The metadata is the archive's extra file :data:`METADATA_FILE`.
     """
+    target = _check_target(path)
     with _training_mode_kept(model):
         module, options = build_module(
             model, vecnormalize=vecnormalize, with_value=with_value, action_masks=action_masks
         )
-        return _write_torchscript(module, options, _ensure_path(path), check)
+        return _write_torchscript(module, options, target, check)
 
 
 def _write_torchscript(module: PolicyExportModule, options: dict[str, Any], path: Path, check: bool) -> Path:
+    """Trace and save to memory, check the saved module, then write the file atomically."""
     metadata = _metadata(module, options, "torchscript")
+    buffer = io.BytesIO()
     # saved before the weights need gradients again: the weights left unfrozen are the model's own tensors
     with th.no_grad(), _weights_without_grad(module):
         traced = _traced(module, module.example_inputs(_TRACE_BATCH))
-        th.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        th.jit.save(traced, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    data = buffer.getvalue()
     if check:
         check_inputs = module.example_inputs(_CHECK_BATCH, seed=1)
         with th.no_grad():
             expected = _outputs(module(*check_inputs))
-            got = _outputs(th.jit.load(str(path))(*check_inputs))
+            got = _outputs(th.jit.load(io.BytesIO(data))(*check_inputs))
         _check_outputs(expected, got, "TorchScript module")
+    _write_file(path, data)
     return path
 
 
