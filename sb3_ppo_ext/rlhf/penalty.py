@@ -7,6 +7,22 @@ beta, fixed or adapted by Ziegler et al.'s controller (:mod:`sb3_ppo_ext.rlhf.re
   - log pi_ref(a_t|s_t))``, before GAE; ``train/ref_kl`` is the mean of that sampled log-ratio.
 * :class:`LossKLPenalty` (``ref_kl_mode="loss"``): ``beta * KL(pi_theta || pi_ref)`` per sample, in closed form
   where both action heads allow it, added to the loss (:func:`sb3_ppo_ext.losses.reference_kl_loss`).
+
+The keys an RLHF user watches for over-optimisation, one name per quantity (``train/ref_kl`` and
+``train/ref_kl_coef`` stay, with their mode-dependent meaning, for older dashboards):
+
+* ``rlhf/beta``: the coefficient the last update used.
+* ``rlhf/kl_sampled_per_step``: mean of ``log pi_old(a_t|s_t) - log pi_ref(a_t|s_t)`` over the rollout's steps
+  (reward mode: the penalty's KL).
+* ``rlhf/kl_sampled_per_episode``: the same log-ratio summed over each episode that ended in the rollout, averaged
+  over those episodes (reward mode; the per-sequence KL of Ziegler et al. and TRL).
+* ``rlhf/score``: the env's reward (before the penalty) summed per episode, averaged over the rollout's episodes.
+* ``rlhf/non_score_reward``: the penalty ``-beta * KL`` summed per episode, averaged likewise (reward mode).
+* ``rlhf/kl_exact_per_step``: ``KL(pi_theta || pi_ref)`` of the moving policy, averaged over the update's
+  minibatches (loss mode; the term's own value).
+* ``rlhf/entropy``: the policy's entropy, averaged over the update's minibatches.
+
+With several ranks each per-rollout number is the mean of the ranks' means.
 """
 
 from __future__ import annotations
@@ -19,7 +35,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_ppo_ext.extensions import Extension, RolloutStep
-from sb3_ppo_ext.losses import LossTerms, PPOBatch
+from sb3_ppo_ext.losses import LossTerms, PPOBatch, mean_of
 from sb3_ppo_ext.rlhf.reference import (
     KLController,
     ReferencePolicy,
@@ -40,6 +56,9 @@ __all__ = [
 
 #: the model's attributes that are not pickled: the reference's weights go in a state dict, its spec as data
 REFERENCE_UNSAVED = ("ref_policy", "_reference", "_ref_policy_source")
+
+#: the per-episode statistics of the reward mode, in the order of the rollout's statistics
+EPISODE_KEYS = ("kl_sampled_per_episode", "score", "non_score_reward")
 
 
 def setup_reference(model: Any) -> ReferencePolicy | None:
@@ -102,13 +121,15 @@ class RewardKLPenalty(_ReferenceKL):
     :param controller: beta's controller (:func:`~sb3_ppo_ext.rlhf.reference.make_kl_controller`).
     """
 
-    statistics = ("ref_kl",)
+    statistics = ("ref_kl", *EPISODE_KEYS)
 
     def __init__(self, controller: KLController) -> None:
         super().__init__(controller)
         self.rollout_kl: float | None = None  # the last rollout's mean log-ratio, over every rank
+        self.rollout_statistics_: dict[str, float] = {}
         self._kl_sum, self._samples = 0.0, 0
         self._step_kl: th.Tensor | None = None
+        self._episodes = _EpisodeSums()
 
     def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> None:
         """Start the rollout's sum of log-ratios.
@@ -118,6 +139,7 @@ class RewardKLPenalty(_ReferenceKL):
         :param rollout_buffer: the model's rollout buffer, reset.
         """
         self._kl_sum, self._samples = 0.0, 0
+        self._episodes.start_rollout()
 
     def acted(self, step: RolloutStep) -> None:
         """``log pi_old - log pi_ref`` of the actions just sampled, under the same masks.
@@ -138,26 +160,46 @@ class RewardKLPenalty(_ReferenceKL):
         step_kl = self._step_kl
         assert step_kl is not None
         beta = self.controller.value
+        kl = step_kl.cpu().numpy().astype(np.float64)
+        self._episodes.add(score=np.asarray(rewards, dtype=np.float64), kl=kl, penalty=-float(beta or 0.0) * kl)
         if beta:
             rewards = (rewards - beta * step_kl.cpu().numpy()).astype(rewards.dtype, copy=False)
         self._kl_sum += step_kl.sum().item()
         self._samples += len(step_kl)
         return rewards
 
+    def step_end(self, model: Any) -> None:
+        """Close the sums of the episodes that ended at this step.
+
+        :param model: the model (its ``_last_episode_starts`` are the step's done flags).
+        """
+        self._episodes.end(model._last_episode_starts)
+
     def rollout_end(self, model: Any) -> dict[str, float]:
-        """The mean log-ratio over the rollout's steps.
+        """The mean log-ratio over the rollout's steps, and the per-episode means of the episodes that ended.
 
         :param model: the model.
         :return: the statistics measured over the rollout.
         """
-        return {"ref_kl": self._kl_sum / self._samples}
+        return {"ref_kl": self._kl_sum / self._samples, **self._episodes.means()}
 
     def rollout_statistics(self, statistics: dict[str, float]) -> None:
-        """Keep the mean over every rank (None when the rollout stopped early everywhere).
+        """Keep the means over every rank (the KL is None when the rollout stopped early everywhere).
 
         :param statistics: the rollout's statistics, over every rank.
         """
         self.rollout_kl = statistics.get("ref_kl")
+        self.rollout_statistics_ = statistics
+
+    def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
+        """The ``train/ref_kl*`` keys and beta's move (see the base class), then the ``rlhf/`` keys.
+
+        :param model: the model.
+        :param history: each epoch's loss terms.
+        """
+        beta = self.controller.value
+        super().update_end(model, history)
+        _record_rlhf(model, beta, history, self.rollout_statistics_)
 
     def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
         return self.rollout_kl
@@ -208,6 +250,58 @@ class LossKLPenalty(_ReferenceKL):
     def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
         measured = [t.ref_kl for epoch in history for t in epoch if t.ref_kl is not None]
         return th.stack(measured).mean().item() if measured else None
+
+    def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
+        """The ``train/ref_kl*`` keys and beta's move (see the base class), then the ``rlhf/`` keys.
+
+        :param model: the model.
+        :param history: each epoch's loss terms.
+        """
+        beta, kl = self.controller.value, self._measured_kl(history)
+        super().update_end(model, history)
+        _record_rlhf(model, beta, history, {} if kl is None else {"kl_exact_per_step": kl})
+
+
+class _EpisodeSums:
+    """Per env, the running sums of the episode in flight; the sums of the episodes that ended in this rollout."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, np.ndarray] = {}
+        self._ended: dict[str, list[float]] = {key: [] for key in EPISODE_KEYS}
+
+    def start_rollout(self) -> None:
+        """Forget the last rollout's ended episodes (the ones in flight go on)."""
+        self._ended = {key: [] for key in EPISODE_KEYS}
+
+    def add(self, *, score: np.ndarray, kl: np.ndarray, penalty: np.ndarray) -> None:
+        """Add one step of every env."""
+        for key, value in zip(EPISODE_KEYS, (kl, score, penalty), strict=True):
+            running = self._running.get(key)
+            self._running[key] = value.copy() if running is None or running.shape != value.shape else running + value
+
+    def end(self, dones: np.ndarray) -> None:
+        """The envs whose episode ended: their sums are kept, and start again from zero."""
+        ended = np.flatnonzero(np.asarray(dones, dtype=bool))
+        if len(ended) == 0 or not self._running:
+            return
+        for key in EPISODE_KEYS:
+            self._ended[key].extend(self._running[key][ended].tolist())
+            self._running[key][ended] = 0.0
+
+    def means(self) -> dict[str, float]:
+        """The mean of each sum over the episodes that ended in this rollout (nothing if none ended)."""
+        return {key: float(np.mean(values)) for key, values in self._ended.items() if values}
+
+
+def _record_rlhf(model: Any, beta: float, history: list[list[LossTerms]], measured: dict[str, float]) -> None:
+    """Log the ``rlhf/`` keys (see the module's docstring)."""
+    model.logger.record("rlhf/beta", beta)
+    model.logger.record("rlhf/entropy", -mean_of(history, "entropy_loss"))
+    if "ref_kl" in measured:
+        model.logger.record("rlhf/kl_sampled_per_step", measured["ref_kl"])
+    for key in (*EPISODE_KEYS, "kl_exact_per_step"):
+        if key in measured:
+            model.logger.record(f"rlhf/{key}", measured[key])
 
 
 def reference_kl(controller: KLController, mode: str) -> _ReferenceKL:
