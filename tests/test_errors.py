@@ -17,6 +17,9 @@ from sb3_ppo_ext.errors import (
     ModelFileError,
     NonFiniteError,
     NotAModelFileError,
+    ParameterMismatchError,
+    PredictInputError,
+    PreferenceDataError,
     SpaceMismatchError,
     UnsupportedSpaceError,
 )
@@ -31,6 +34,9 @@ SB3_COMPATIBLE = [
     (NotAModelFileError, (ValueError, AssertionError)),
     (NonFiniteError, (ValueError, FloatingPointError)),
     (EnvWorkerError, (ValueError, EOFError)),
+    (ParameterMismatchError, (ValueError, RuntimeError)),  # RuntimeError: torch's load_state_dict, caught by SB3's load
+    (PredictInputError, (ValueError,)),
+    (PreferenceDataError, (ValueError,)),
 ]
 
 
