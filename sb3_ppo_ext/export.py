@@ -841,6 +841,11 @@ def export(
     if export_format == "onnx":
         return to_onnx(model, path, **options)
     if export_format == "torchscript":
+        if "opset_version" in options:
+            raise ExportError(
+                f"opset_version applies to ONNX files only; {str(path)!r} is written as TorchScript. Drop "
+                "opset_version, or export to a .onnx file (export_format='onnx')."
+            )
         return to_torchscript(model, path, **options)
     raise ExportError(f"export_format must be 'onnx' or 'torchscript', got {export_format!r}.")
 

@@ -135,3 +135,9 @@ def test_a_successful_export_writes_just_the_file(tmp_path) -> None:
     to_torchscript(model, tmp_path / "policy.pt")
     assert _listing(tmp_path) == ["deep", "deep/er", "deep/er/policy.onnx", "policy.pt"]
     assert read_metadata(tmp_path / "policy.pt")["format"] == "torchscript"
+
+
+def test_an_opset_for_a_torchscript_file_is_refused(tmp_path) -> None:
+    with pytest.raises(ExportError, match="opset_version applies to ONNX files only"):
+        _model().export(tmp_path / "policy.pt", opset_version=DEFAULT_OPSET)
+    assert _listing(tmp_path) == []

@@ -143,6 +143,9 @@ def test_a_model_with_a_reference_loads_a_pretrained_dict_in_strict_mode() -> No
     with pytest.raises(ParameterMismatchError, match=r"shape mismatch in 'ref_policy': action_net.weight \(5, 64\)"):
         model.set_parameters(own)
     _assert_same(model.ref_policy.state_dict(), reference)
+    # and a model without a reference refuses one, saying what it is
+    with pytest.raises(ParameterMismatchError, match="unexpected object 'ref_policy' \\(a frozen reference"):
+        pretrained.set_parameters(model.get_parameters())
     model.learn(32)
     obs = np.zeros((1, 4), np.float32)
     assert model.predict(obs)[0].shape == (1,)

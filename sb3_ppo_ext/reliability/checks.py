@@ -815,7 +815,8 @@ def check_parameters(model: Any, params: Any, exact_match: bool = True, *, optio
         except Exception:  # SB3 catches anything here too: KeyError, AttributeError...
             target = None
         if exact_match and name not in expected or not isinstance(target, (th.nn.Module, th.optim.Optimizer)):
-            problems.append(f"unexpected object {name!r} (the model's are {expected})")
+            hint = " (a frozen reference this model has none of: leave it out)" if name == "ref_policy" else ""
+            problems.append(f"unexpected object {name!r}{hint} (the model's are {expected})")
         elif not isinstance(given, Mapping):
             problems.append(f"{name!r} is a {type(given).__name__}, not a state_dict")
         elif isinstance(target, th.optim.Optimizer):
