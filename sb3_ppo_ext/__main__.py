@@ -54,6 +54,10 @@ def parse_hyperparam(item: str) -> tuple[str, Any]:
 
     ``n_epochs=4`` -> ``("n_epochs", 4)``, ``learning_rate=lin_1e-3`` -> ``("learning_rate", "lin_1e-3")``,
     ``policy_kwargs=dict(net_arch=[64])`` -> a string, evaluated later like the Zoo does.
+
+    :param item: one ``key=value`` word of ``--hyperparams``.
+    :return: ``(key, value)``.
+    :raises argparse.ArgumentTypeError: without ``=`` or without a key.
     """
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -68,7 +72,12 @@ def parse_hyperparam(item: str) -> tuple[str, Any]:
 
 
 def base_block(env_id: str, preset: str | None = None) -> tuple[dict[str, Any], str]:
-    """The Zoo-style hyperparameter block for ``env_id`` and a word on where it came from."""
+    """The Zoo-style hyperparameter block for ``env_id`` and a word on where it came from.
+
+    :param env_id: the Gymnasium id.
+    :param preset: a preset name, or None for the Zoo's block.
+    :return: the block and its origin.
+    """
     if preset is not None:
         kind = "preset" if preset in presets.PRESET_FILES else "seed preset"
         return dict(presets.preset(preset, env_id).raw), f"{kind} {preset!r}"
@@ -85,6 +94,11 @@ def resolve_settings(
 ) -> tuple[Settings, str]:
     """Zoo (or preset, or default) block for ``env_id`` with ``overrides`` applied, parsed.
 
+    :param env_id: the Gymnasium id.
+    :param overrides: ``(key, value)`` pairs from ``--hyperparams``.
+    :param preset: ``--preset`` (``"atari"``, ``"mujoco"``, ``"mujoco-tuned"``), or None for the Zoo's block.
+    :param n_envs: ``--n-envs``, over the block's.
+    :param n_timesteps: ``--timesteps``, over the block's.
     :return: the settings (``n_timesteps`` always set) and where they came from, for the log line.
     """
     block, source = base_block(env_id, preset)
@@ -101,7 +115,11 @@ def resolve_settings(
 
 
 def vecnormalize_path(model_path: str | Path) -> Path:
-    """Where the ``VecNormalize`` statistics of a saved model live: ``<model>_vecnormalize.pkl``."""
+    """Where the ``VecNormalize`` statistics of a saved model live: ``<model>_vecnormalize.pkl``.
+
+    :param model_path: the model's path, with or without ``.zip``.
+    :return: the statistics' path.
+    """
     path = Path(model_path)
     stem = path.with_suffix("") if path.suffix == ".zip" else path
     return stem.with_name(stem.name + "_vecnormalize.pkl")
@@ -136,7 +154,11 @@ def _plus_minus() -> str:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train, evaluate (deterministic) and save; print one result line."""
+    """Train, evaluate (deterministic) and save; print one result line.
+
+    :param args: the parsed ``train`` command line.
+    :return: the exit status.
+    """
     start = time.perf_counter()
     settings, source = resolve_settings(args.env, args.hyperparams, args.preset, args.n_envs, args.timesteps)
     env = make_env(args.env, settings, seed=args.seed)
@@ -188,7 +210,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def enjoy(args: argparse.Namespace) -> int:
-    """Load a saved model and run it for a few episodes, printing each return."""
+    """Load a saved model and run it for a few episodes, printing each return.
+
+    :param args: the parsed ``enjoy`` command line.
+    :return: the exit status.
+    """
     settings, _ = resolve_settings(args.env, args.hyperparams, args.preset, n_envs=1)
     stats_path = vecnormalize_path(args.load)
     env = make_env(
@@ -220,7 +246,11 @@ def enjoy(args: argparse.Namespace) -> int:
 
 
 def export_policy(args: argparse.Namespace) -> int:
-    """Write a saved model's deterministic policy as ONNX (or TorchScript); print what was written."""
+    """Write a saved model's deterministic policy as ONNX (or TorchScript); print what was written.
+
+    :param args: the parsed ``export`` command line.
+    :return: the exit status.
+    """
     from sb3_ppo_ext.export import export, read_metadata
 
     load = Path(args.load)
@@ -261,7 +291,11 @@ def export_policy(args: argparse.Namespace) -> int:
 
 
 def benchmark(argv: Sequence[str]) -> int:
-    """Run ``python -m sb3_ppo_ext.benchmark argv`` in this process; return its exit status."""
+    """Run ``python -m sb3_ppo_ext.benchmark argv`` in this process; return its exit status.
+
+    :param argv: the harness's command-line arguments.
+    :return: the exit status.
+    """
     try:
         # the benchmark needs the "benchmark" extra (rich, rliable, matplotlib, ...)
         from sb3_ppo_ext.benchmark.cli import main as benchmark_main
@@ -311,7 +345,10 @@ def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m sb3_ppo_ext`` argument parser."""
+    """The ``python -m sb3_ppo_ext`` argument parser.
+
+    :return: the parser, with the ``train``, ``enjoy``, ``export`` and ``benchmark`` subcommands.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m sb3_ppo_ext",
         description="Train, evaluate and save ClippedPPO agents.",
@@ -361,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m sb3_ppo_ext``."""
+    """Entry point of ``python -m sb3_ppo_ext``.
+
+    :param argv: the command line without the program name; None: ``sys.argv[1:]``.
+    :return: the exit status.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "benchmark":
         # everything after the word goes to the benchmark's own parser, --help included
