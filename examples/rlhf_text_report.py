@@ -171,13 +171,22 @@ def markdown(results: list[dict[str, Any]], summary: dict[str, Any], findings: s
     for label in summary["runs"]:
         curves = [r["runs"][label]["curve"] for r in results if label in r["runs"]]
         count = min(len(c) for c in curves)
-        lines += [f"**{label}**", "", "| steps | gold | proxy | KL | beta |", "|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"**{label}**",
+            "",
+            "| steps | gold | proxy | KL | topic words | odd pairs | repeats | distinct words | beta |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for i in range(count):
             points = [c[i] for c in curves]
+
+            def mean(key: str, points: list[dict[str, float]] = points) -> float:
+                return float(np.mean([p[key] for p in points]))
+
             lines.append(
-                f"| {points[0]['step']} | {np.mean([p['gold'] for p in points]):.2f} | "
-                f"{np.mean([p['proxy'] for p in points]):.2f} | {np.mean([p['kl'] for p in points]):.1f} | "
-                f"{np.mean([p['beta'] for p in points]):.3g} |"
+                f"| {points[0]['step']} | {mean('gold'):.2f} | {mean('proxy'):.2f} | {mean('kl'):.1f} | "
+                f"{mean('topic'):.2f} | {mean('odd_pairs'):.2f} | {mean('repeats'):.2f} | {mean('distinct'):.2f} | "
+                f"{mean('beta'):.3g} |"
             )
         lines.append("")
     lines += [
