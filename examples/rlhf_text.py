@@ -31,9 +31,10 @@ The seed's section-7 loop (Ouyang et al. 2022; Gao et al. 2022's over-optimisati
   controller. Every evaluation samples continuations of fixed prompts and records the gold score, the proxy
   score and the exact KL to the SFT model summed over the continuation (nats per continuation).
 
-The default run takes about 7 minutes on one idle core (one thread), about three times that on 2 cores shared
-with two other trainings. ``--seeds 1`` runs another seed; ``--full --seeds 0`` one seed of the sweep (a
-process per seed runs the sweep in parallel; the last one to finish writes the summary of all).
+The default run (one seed, one thread) takes about 7 minutes on an idle core (estimated from its stages); in
+the committed sweep each seed took 18.5 minutes, 3 seeds in parallel on 2 cores beside two other trainings.
+``--seeds 1`` runs another seed; ``--full --seeds 0`` one seed of the sweep (a process per seed runs the sweep
+in parallel; the last one to finish writes the summary of all; ``--summarise`` rewrites it from ``raw/``).
 
 ``--out DIR`` (``--full`` sets benchmarks/results/rlhf_text) writes ``raw/seed_*.json``, ``summary.json``,
 ``summary.md`` (with samples at each stage) and ``curves.png`` (gold and proxy against KL, per beta).
