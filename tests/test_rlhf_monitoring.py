@@ -111,3 +111,63 @@ def test_loss_mode_logs_the_exact_kl_of_the_update() -> None:
     row = next(r for r in capture.rows if "rlhf/beta" in r)
     assert row["rlhf/kl_exact_per_step"] == pytest.approx(row["train/ref_kl"]) and row["rlhf/kl_exact_per_step"] > 0
     assert "rlhf/kl_sampled_per_step" not in row
+
+
+class _RecordVecNormalize(Extension):
+    """After the penalty: the rewards it returned, the env's raw rewards and VecNormalize's scale; the raw obs."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, np.ndarray]] = []
+        self._obs: Any = None
+
+    def rollout_start(self, model: Any, env: Any, rollout_buffer: Any) -> None:
+        self._venv = model.get_vec_normalize_env()
+
+    def acted(self, step: Any) -> None:
+        self._obs = self._venv.get_original_obs()
+
+    def shape_rewards(self, rewards: np.ndarray, step: Any) -> np.ndarray:
+        venv = self._venv
+        self.steps.append(
+            dict(
+                penalized=rewards.copy(),
+                raw=venv.get_original_reward(),
+                scale=np.sqrt(venv.ret_rms.var + venv.epsilon),
+                raw_obs=self._obs,
+                actions=step.actions.numpy().copy(),
+                log_probs=step.log_probs.numpy().copy(),
+            )
+        )
+        return rewards
+
+
+def test_under_vecnormalize_the_penalty_is_in_raw_units_and_the_reference_reads_frozen_statistics() -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    reference = ClippedPPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=5), seed=5)
+    record = _RecordVecNormalize()
+    beta = 0.5
+    env = VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0))
+    model = ClippedPPO(
+        "MlpPolicy",
+        env,
+        n_steps=64,
+        batch_size=64,
+        n_epochs=1,
+        seed=0,
+        ref_policy=reference,
+        ref_kl_coef=beta,
+        extensions=[record],
+    )
+    model.learn(256)  # two rollouts: the live statistics move on after the reference's were frozen
+    frozen_rms, eps, clip = model._ref_obs_rms
+    assert not np.allclose(frozen_rms.mean, env.obs_rms.mean)  # frozen at the first rollout, the live ones moved
+    for step in record.steps[-8:]:
+        obs = np.clip((step["raw_obs"] - frozen_rms.mean) / np.sqrt(frozen_rms.var + eps), -clip, clip)
+        with th.no_grad():
+            ref_log_prob = reference.policy.get_distribution(th.as_tensor(obs, dtype=th.float32)).log_prob(
+                th.as_tensor(step["actions"])
+            )
+        kl = step["log_probs"] - ref_log_prob.numpy()
+        env_reward = np.clip(step["raw"] / step["scale"], -env.clip_reward, env.clip_reward)
+        np.testing.assert_allclose(step["penalized"], env_reward - beta * kl / step["scale"], rtol=1e-4, atol=1e-5)

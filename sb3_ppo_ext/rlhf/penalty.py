@@ -8,6 +8,15 @@ beta, fixed or adapted by Ziegler et al.'s controller (:mod:`sb3_ppo_ext.rlhf.re
 * :class:`LossKLPenalty` (``ref_kl_mode="loss"``): ``beta * KL(pi_theta || pi_ref)`` per sample, in closed form
   where both action heads allow it, added to the loss (:func:`sb3_ppo_ext.losses.reference_kl_loss`).
 
+With ``VecNormalize`` (reward mode): the penalty is in the env's raw reward units. The env's reward reaches the
+rollout divided by VecNormalize's return scale ``sqrt(var(R) + eps)`` (and clipped); the penalty is divided by
+the same scale before it is subtracted, so the reward GAE sees is ``(r_raw - beta * KL) / scale`` (the clip
+applies to the env's reward alone) and beta keeps its meaning while the return statistics move. The reference
+reads observations normalised by frozen statistics: its own, saved next to it (``<model>_vecnormalize.pkl``)
+when it is given as a path, else the env's as they were at the first rollout with the reference; they are
+saved with the model (``_ref_obs_rms``). In loss mode the reference reads the stored minibatch observations,
+normalised by the statistics of their step.
+
 The keys an RLHF user watches for over-optimisation, one name per quantity (``train/ref_kl`` and
 ``train/ref_kl_coef`` stay, with their mode-dependent meaning, for older dashboards):
 
@@ -27,11 +36,15 @@ With several ranks each per-rollout number is the mean of the ranks' means.
 
 from __future__ import annotations
 
+import copy
+import pickle
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_ppo_ext.extensions import Extension, RolloutStep
@@ -61,6 +74,30 @@ REFERENCE_UNSAVED = ("ref_policy", "_reference", "_ref_policy_source")
 EPISODE_KEYS = ("kl_sampled_per_episode", "score", "non_score_reward")
 
 
+def reference_obs_statistics(source: Any) -> Any:
+    """The observation statistics saved next to a reference given as a path (``<stem>_vecnormalize.pkl``), or None.
+
+    :param source: the ``ref_policy`` argument.
+    :return: ``(obs_rms, epsilon, clip_obs)`` of the saved ``VecNormalize``, or None.
+    """
+    if not isinstance(source, str | Path):
+        return None
+    path = Path(source)
+    stats = path.with_name(f"{path.name.removesuffix('.zip')}_vecnormalize.pkl")
+    if not stats.is_file():
+        return None
+    with open(stats, "rb") as file:
+        saved = pickle.load(file)
+    return (copy.deepcopy(saved.obs_rms), float(saved.epsilon), float(saved.clip_obs)) if saved.norm_obs else None
+
+
+def _reward_scale(venv: Any) -> float:
+    """The divisor VecNormalize applied to this step's rewards (1.0 without reward normalisation)."""
+    if venv is None or not venv.norm_reward:
+        return 1.0
+    return float(np.sqrt(venv.ret_rms.var + venv.epsilon))
+
+
 def setup_reference(model: Any) -> ReferencePolicy | None:
     """The model's frozen reference: from its ``ref_policy`` argument, or rebuilt from the spec ``load`` restored.
 
@@ -74,6 +111,7 @@ def setup_reference(model: Any) -> ReferencePolicy | None:
     source = getattr(model, "_ref_policy_source", None)
     if source is not None:
         reference = resolve_reference(source, model.device)
+        model._ref_obs_rms = reference_obs_statistics(source)
         model._ref_policy_spec = reference_spec(reference.policy)
         model._ref_policy_source = None
     elif model._ref_policy_spec is not None:
@@ -140,6 +178,12 @@ class RewardKLPenalty(_ReferenceKL):
         """
         self._kl_sum, self._samples = 0.0, 0
         self._episodes.start_rollout()
+        self._model = model
+        self._venv = model.get_vec_normalize_env()
+        if self._venv is not None and self._venv.norm_obs and getattr(model, "_ref_obs_rms", None) is None:
+            # frozen from now on: the reference's outputs must not move with the live statistics
+            venv = self._venv
+            model._ref_obs_rms = (copy.deepcopy(venv.obs_rms), float(venv.epsilon), float(venv.clip_obs))
 
     def acted(self, step: RolloutStep) -> None:
         """``log pi_old - log pi_ref`` of the actions just sampled, under the same masks.
@@ -148,7 +192,11 @@ class RewardKLPenalty(_ReferenceKL):
         """
         assert self.reference is not None
         masks = step.policy_inputs.get("action_masks")
-        self._step_kl = step.log_probs - self.reference.log_prob(step.observations, step.actions, masks)
+        observations = step.observations
+        frozen = getattr(self._model, "_ref_obs_rms", None)
+        if frozen is not None and self._venv is not None and self._venv.norm_obs:
+            observations = obs_as_tensor(_normalize(self._venv.get_original_obs(), *frozen), self._model.device)
+        self._step_kl = step.log_probs - self.reference.log_prob(observations, step.actions, masks)
 
     def shape_rewards(self, rewards: np.ndarray, step: RolloutStep) -> np.ndarray:
         """The seed's per-step KL penalty.
@@ -161,9 +209,13 @@ class RewardKLPenalty(_ReferenceKL):
         assert step_kl is not None
         beta = self.controller.value
         kl = step_kl.cpu().numpy().astype(np.float64)
-        self._episodes.add(score=np.asarray(rewards, dtype=np.float64), kl=kl, penalty=-float(beta or 0.0) * kl)
-        if beta:
+        scale = _reward_scale(self._venv)
+        score = rewards if self._venv is None else self._venv.get_original_reward()
+        self._episodes.add(score=np.asarray(score, dtype=np.float64), kl=kl, penalty=-float(beta or 0.0) * kl)
+        if beta and scale == 1.0:
             rewards = (rewards - beta * step_kl.cpu().numpy()).astype(rewards.dtype, copy=False)
+        elif beta:  # in raw reward units, scaled as VecNormalize scaled the env's reward
+            rewards = (rewards - beta * step_kl.cpu().numpy() / scale).astype(rewards.dtype, copy=False)
         self._kl_sum += step_kl.sum().item()
         self._samples += len(step_kl)
         return rewards
@@ -293,6 +345,14 @@ class _EpisodeSums:
         return {key: float(np.mean(values)) for key, values in self._ended.items() if values}
 
 
+def _normalize(obs: Any, obs_rms: Any, epsilon: float, clip_obs: float) -> Any:
+    """VecNormalize's observation normalisation with given (frozen) statistics."""
+    if isinstance(obs, dict):
+        return {key: _normalize(value, obs_rms[key], epsilon, clip_obs) for key, value in obs.items()}
+    normalized = (obs - obs_rms.mean) / np.sqrt(obs_rms.var + epsilon)
+    return np.clip(normalized, -clip_obs, clip_obs).astype(np.float32)
+
+
 def _record_rlhf(model: Any, beta: float, history: list[list[LossTerms]], measured: dict[str, float]) -> None:
     """Log the ``rlhf/`` keys (see the module's docstring)."""
     model.logger.record("rlhf/beta", beta)
@@ -319,6 +379,8 @@ class ReferenceKLMixin:
 
     ref_policy: Any = None
     _ref_kl_controller: KLController | None = None
+    #: the reference's frozen observation statistics under VecNormalize: ``(obs_rms, epsilon, clip_obs)``, saved
+    _ref_obs_rms: Any = None
 
     @property
     def ref_kl_coef(self) -> float | None:
