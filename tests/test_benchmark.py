@@ -455,7 +455,7 @@ def test_recurrent_algorithms_read_the_zoo_lstm_settings_and_run_only_when_named
     monkeypatch.setattr(cli, "execute", lambda specs, *a, **k: planned.extend(specs) or Outcome())
     monkeypatch.setattr(cli, "report", lambda *a, **k: 0)
     assert cli.main(["--envs", "CartPole-v1", "--seeds", "1", "--timesteps", "10", "--out", str(tmp_path)]) == 0
-    assert {s.algo for s in planned} == set(runs.ALGOS) - set(runs.RECURRENT_ALGOS)
+    assert {s.algo for s in planned} == set(runs.ALGOS) - set(runs.NAMED_ONLY_ALGOS)
 
 
 def test_masked_memory_task_runs_for_each_algorithm_with_the_right_evaluation(tmp_path, monkeypatch):

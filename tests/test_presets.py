@@ -249,7 +249,7 @@ def test_mujoco_preset_is_the_seeds_mujoco_column():
 def test_presets_are_fresh_copies():
     preset("mujoco").model_kwargs["n_steps"] = 1
     assert preset("mujoco").model_kwargs["n_steps"] == 2048
-    assert presets.preset_names() == ["atari", "mujoco"]
+    assert presets.preset_names() == ["atari", "mujoco", "mujoco-tuned"]
 
 
 def test_unknown_preset_and_algorithm_are_errors():
