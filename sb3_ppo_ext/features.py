@@ -91,7 +91,19 @@ def configure_features(
         action_space=action_space,
         use_sde=use_sde,
     )
-    warn_inactive_settings(locals(), stacklevel=4)  # e.g. ref_kl_coef without ref_policy; 4: the user's ClippedPPO()
+    settings = dict(
+        ref_policy=ref_policy,
+        ref_kl_coef=ref_kl_coef,
+        ref_kl_mode=ref_kl_mode,
+        ref_kl_target=ref_kl_target,
+        ref_kl_horizon=ref_kl_horizon,
+        adaptive_lr_kl=adaptive_lr_kl,
+        adaptive_lr_every=adaptive_lr_every,
+        adaptive_lr_bounds=adaptive_lr_bounds,
+        normalize_value_targets=normalize_value_targets,
+        popart=popart,
+    )
+    warn_inactive_settings(settings, stacklevel=4)  # e.g. ref_kl_coef without ref_policy; 4: the user's ClippedPPO()
     model._ref_kl_controller = None
     if ref_policy is not None:
         coef = DEFAULT_REF_KL_COEF if ref_kl_coef is None else ref_kl_coef

@@ -28,7 +28,6 @@ __all__ = [
     "ActionMasks",
     "MaskedPredictMixin",
     "check_action_masks",
-    "count_observations",
     "env_provides_masks",
     "mask_groups",
     "policy_applies_masks",
@@ -180,7 +179,6 @@ class MaskedPredictMixin:
     """``predict`` with sb3-contrib's ``action_masks``: only valid actions are returned (SB3's without masks)."""
 
     action_space: spaces.Space
-    observation_space: spaces.Space
     policy: Any
 
     def predict(
@@ -198,20 +196,5 @@ class MaskedPredictMixin:
         """
         if action_masks is None:
             return super().predict(observation, state, episode_start, deterministic)  # type: ignore[misc]
-        n_obs = count_observations(observation, self.observation_space)
-        masks = check_action_masks(action_masks, self.action_space, n_obs, step=-1)
-        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=masks)
-
-
-def count_observations(observation: Any, observation_space: spaces.Space) -> int:
-    """How many observations ``predict`` got: 1 for a single one, else the batch size (as SB3 reshapes them)."""
-    if isinstance(observation_space, spaces.Dict):
-        if not isinstance(observation, dict):
-            return 1  # SB3's obs_to_tensor reports the mistake
-        keys = [key for key in observation_space.spaces if key in observation]
-        if not keys:
-            return 1
-        observation, observation_space = observation[keys[0]], observation_space[keys[0]]
-    # SB3 reshapes observations to (-1, *space.shape); a Discrete observation is one index
-    per_observation = int(np.prod(observation_space.shape or ()))
-    return max(1, np.asarray(observation).size // max(1, per_observation))
+        # the policy checks the masks against its batch of observations (once, for model and policy calls alike)
+        return self.policy.predict(observation, state, episode_start, deterministic, action_masks=action_masks)

@@ -490,8 +490,7 @@ class ActorCriticPolicy(BasePolicy):
         self.set_training_mode(False)
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
         # one mask row per observation: torch would broadcast a single row to the batch, or fail obscurely
-        n_obs = next(iter(obs_tensor.values())).shape[0] if isinstance(obs_tensor, dict) else obs_tensor.shape[0]
-        action_masks = check_action_masks(action_masks, self.action_space, n_obs, step=-1)
+        action_masks = check_action_masks(action_masks, self.action_space, n_rows(obs_tensor), step=-1)
         with th.no_grad():
             actions = self._predict(obs_tensor, deterministic=deterministic, action_masks=action_masks)
         # masks apply to discrete actions only: no rescaling or clipping as for Box
@@ -572,3 +571,8 @@ def env_actions(policy: BasePolicy, action_space: spaces.Space, actions: np.ndar
     # an unbounded Gaussian sample must be clipped to the env's bounds; the buffer keeps the unclipped action so
     # that its log-probability stays consistent. np.clip's values, without its Python layers (~10 us per step)
     return np.minimum(np.maximum(actions, action_space.low), action_space.high)
+
+
+def n_rows(obs: PyTorchObs) -> int:
+    """The batch size of observations as tensors (a Dict's: its first key's)."""
+    return next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]

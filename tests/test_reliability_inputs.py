@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.errors import ActionMaskError, PredictInputError
-from sb3_ppo_ext.masking import count_observations
 from sb3_ppo_ext.policies import ActorCriticPolicy
 from sb3_ppo_ext.recurrent.policies import RecurrentActorCriticPolicy
 
@@ -181,24 +180,6 @@ def test_multidiscrete_observations_count_their_rows() -> None:
     assert actions.shape == (4,) and set(actions) <= {0, 2}
     with pytest.raises(ActionMaskError, match=r"action_masks has shape \(2, 3\), but predict\(\) got 4 obs"):
         model.predict(obs, action_masks=np.ones((2, 3), bool))
-
-
-def test_count_observations_as_sb3_reshapes_them() -> None:
-    image = spaces.Box(0, 255, (3, 36, 36), np.uint8)
-    dict_space = spaces.Dict({"index": spaces.Discrete(3), "vec": spaces.Box(-1, 1, (2,))})
-    cases = [
-        (OBS_SPACE, np.zeros(3), 1),
-        (OBS_SPACE, np.zeros((5, 3)), 5),
-        (spaces.Discrete(4), 2, 1),
-        (spaces.Discrete(4), np.array([1, 2, 3]), 3),
-        (spaces.MultiDiscrete([2, 3]), np.zeros((4, 2)), 4),
-        (image, np.zeros((36, 36, 3)), 1),  # channel-last, as SB3 transposes it
-        (image, np.zeros((2, 3, 36, 36)), 2),
-        (dict_space, {"index": 1, "vec": np.zeros(2)}, 1),
-        (dict_space, {"index": np.array([0, 1]), "vec": np.zeros((2, 2))}, 2),
-    ]
-    for space, obs, expected in cases:
-        assert count_observations(obs, space) == expected, (space, np.shape(obs))
 
 
 # -- LSTM on MultiDiscrete observations, with masks ------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 
 from sb3_ppo_ext.errors import ConfigurationAssertionError, PredictInputError
 from sb3_ppo_ext.masking import check_action_masks
-from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy, MaybeMasks
+from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy, MaybeMasks, n_rows
 from sb3_ppo_ext.recurrent.sequences import LSTMStates, Sequences, Step
 
 # How a recurrent policy is told where it is in time: one step of each env, or minibatch sequences.
@@ -225,8 +225,7 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
     ) -> th.Tensor:
         """``V(s)`` ``[B, 1]`` given the critic's states (sb3-contrib passes ``lstm_states.vf``)."""
         states = LSTMStates(lstm_states, lstm_states)
-        n_rows = _n_rows(obs)
-        return self._critic_value(obs, self._memory(states, episode_starts, n_rows))
+        return self._critic_value(obs, self._memory(states, episode_starts, n_rows(obs)))
 
     def get_distribution(  # type: ignore[override]
         self,
@@ -273,7 +272,7 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         """
         self.set_training_mode(False)
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
-        n_envs = _n_rows(obs_tensor)
+        n_envs = n_rows(obs_tensor)
         # checked before the LSTM runs: torch's size errors blame the hidden state whichever argument is wrong
         h, c = self._check_state(state, n_envs)
         episode_starts = check_episode_start(episode_start, n_envs)
@@ -375,10 +374,6 @@ def check_episode_start(episode_start: Any, n_envs: int) -> np.ndarray:
     if not np.isin(array, (0.0, 1.0)).all():
         raise PredictInputError(f"episode_start must be booleans (or 0/1); got {array.tolist()}. {hint}")
     return array
-
-
-def _n_rows(obs: PyTorchObs) -> int:
-    return next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]
 
 
 class RecurrentActorCriticCnnPolicy(RecurrentActorCriticPolicy):

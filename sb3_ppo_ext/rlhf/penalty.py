@@ -208,14 +208,15 @@ class RewardKLPenalty(_ReferenceKL):
         step_kl = self._step_kl
         assert step_kl is not None
         beta = self.controller.value
-        kl = step_kl.cpu().numpy().astype(np.float64)
+        step_kl_np = step_kl.cpu().numpy()
+        kl = step_kl_np.astype(np.float64)
         scale = _reward_scale(self._venv)
         score = rewards if self._venv is None else self._venv.get_original_reward()
         self._episodes.add(score=np.asarray(score, dtype=np.float64), kl=kl, penalty=-float(beta or 0.0) * kl)
         if beta and scale == 1.0:
-            rewards = (rewards - beta * step_kl.cpu().numpy()).astype(rewards.dtype, copy=False)
+            rewards = (rewards - beta * step_kl_np).astype(rewards.dtype, copy=False)
         elif beta:  # in raw reward units, scaled as VecNormalize scaled the env's reward
-            rewards = (rewards - beta * step_kl.cpu().numpy() / scale).astype(rewards.dtype, copy=False)
+            rewards = (rewards - beta * step_kl_np / scale).astype(rewards.dtype, copy=False)
         self._kl_sum += step_kl.sum().item()
         self._samples += len(step_kl)
         return rewards
