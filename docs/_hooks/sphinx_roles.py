@@ -29,7 +29,7 @@ SB3_ARGUMENTS = {"sb3_ppo_ext.ppo.ClippedPPO": "As SB3's ``PPO``: same name, def
 LITERAL_MARKER = re.compile(r"(\S)::\n\n(?=[ \t])")
 FIELD = re.compile(r"^:(param|type|return|returns|rtype|raises?|var|ivar|cvar)\b")
 # (docstring's object, role) pairs known to name nothing, to be fixed in their modules (then removed from here)
-KNOWN_UNRESOLVED = {("sb3_ppo_ext.reliability", ":class:`ReliabilityMixin`")}
+KNOWN_UNRESOLVED: set[tuple[str, str]] = set()
 EXTERNAL_PREFIXES = ("th", "torch", "np", "numpy", "gym", "gymnasium", "spaces")
 log = logging.getLogger("mkdocs.plugins.sphinx_roles")
 

@@ -2,7 +2,7 @@
 
 ``checks`` (arguments and spaces), ``finite`` (NaN/inf in env data and updates), ``checkpoints`` (atomic
 writes, checked model files), ``worker_guard`` (a dead ``SubprocVecEnv`` worker), ``mixin``
-(:class:`ReliabilityMixin`, which ``ClippedPPO`` inherits).
+(:class:`~sb3_ppo_ext.reliability.mixin.ReliabilityMixin`, which ``ClippedPPO`` inherits).
 """
 
 from __future__ import annotations
