@@ -59,7 +59,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
     """Proximal Policy Optimization, clip version (Schulman et al. 2017), drop-in for SB3's ``PPO``.
 
     Every argument of SB3 2.9's ``PPO`` is accepted with the same name, default and meaning (SB3's documentation
-    applies word for word; the three below say what we add). The additions are keyword-only.
+    applies word for word; the fields below say what we add or change). The additions are keyword-only.
 
     :param policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"``, their recurrent versions
         ``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``, ``"MultiInputLstmPolicy"`` (sb3-contrib's ``RecurrentPPO``
