@@ -117,7 +117,11 @@ def _obs_shape(space: spaces.Space) -> tuple[int, ...]:
 
 
 def is_recurrent(policy: nn.Module) -> bool:
-    """Whether ``policy`` carries an LSTM state between steps (sb3-contrib's RecurrentPPO layout)."""
+    """Whether ``policy`` carries an LSTM state between steps (sb3-contrib's RecurrentPPO layout).
+
+    :param policy: the policy to export.
+    :return: True when it has ``lstm_actor`` or ``lstm_hidden_state_shape``.
+    """
     return any(hasattr(policy, name) for name in ("lstm_actor", "lstm_hidden_state_shape"))
 
 
@@ -237,7 +241,10 @@ class PolicyExportModule(nn.Module):
         return []
 
     def input_specs(self) -> list[TensorSpec]:
-        """The graph's inputs, in order."""
+        """The graph's inputs, in order.
+
+        :return: one spec (name, shape with ``"batch"`` for the batch axis, dtype) per input.
+        """
         specs = [
             TensorSpec(name, (BATCH, *_obs_shape(space)), str(_obs_input_dtype(space)).removeprefix("torch."))
             for name, space in zip(self.obs_keys or ["obs"], self.obs_spaces, strict=True)
@@ -247,7 +254,10 @@ class PolicyExportModule(nn.Module):
         return specs
 
     def output_specs(self) -> list[TensorSpec]:
-        """The graph's outputs, in order."""
+        """The graph's outputs, in order.
+
+        :return: one spec (name, shape with ``"batch"`` for the batch axis, dtype) per output.
+        """
         action_space = self.policy.action_space
         if isinstance(action_space, (spaces.Discrete, spaces.MultiDiscrete)):
             dtype = "int64"
@@ -259,7 +269,12 @@ class PolicyExportModule(nn.Module):
         return specs
 
     def example_inputs(self, batch_size: int, seed: int = 0) -> tuple[th.Tensor, ...]:
-        """Random inputs of the right shapes and dtypes (for tracing and for checking an exported file)."""
+        """Random inputs of the right shapes and dtypes (for tracing and for checking an exported file).
+
+        :param batch_size: rows of each input.
+        :param seed: seed of the random generator, so the same call gives the same inputs.
+        :return: one tensor per :meth:`input_specs` entry, in order.
+        """
         generator = th.Generator().manual_seed(seed)
         inputs = []
         for space in self.obs_spaces:
@@ -302,7 +317,11 @@ class PolicyExportModule(nn.Module):
         return th.minimum(th.maximum(actions, self.action_low), self.action_high)
 
     def forward(self, *inputs: th.Tensor) -> th.Tensor | tuple[th.Tensor, th.Tensor]:
-        """``action`` (and ``value``) for the inputs listed by :meth:`input_specs`."""
+        """``action`` (and ``value``) for the inputs listed by :meth:`input_specs`.
+
+        :param inputs: one tensor per :meth:`input_specs` entry, in order.
+        :return: the actions, or ``(actions, values)`` with ``with_value``.
+        """
         n_obs = len(self.obs_spaces)
         obs = self._observations(inputs[:n_obs])
         if self.action_masks:
@@ -330,6 +349,12 @@ class RecurrentExportModule(PolicyExportModule):
     own state, so the graph then also takes ``critic_state_h``, ``critic_state_c`` (last inputs) and returns
     ``critic_state_h_out``, ``critic_state_c_out`` (last outputs); a shared LSTM or a memoryless critic adds
     no state. Start every state at zero (or set ``episode_start`` to 1 on the first step).
+
+    :param policy: a recurrent policy of this package (in eval mode; not copied).
+    :param with_value: add the ``value`` output (and the critic's state, when it has its own LSTM).
+    :param action_masks: add the ``action_masks`` input, as :class:`PolicyExportModule`.
+    :param obs_stats: VecNormalize statistics, as :class:`PolicyExportModule`.
+    :param clip_obs: VecNormalize's ``clip_obs``.
     """
 
     def __init__(
@@ -354,7 +379,10 @@ class RecurrentExportModule(PolicyExportModule):
         return [TensorSpec(name, (layers, BATCH, hidden), "float32") for name in names]
 
     def input_specs(self) -> list[TensorSpec]:
-        """The graph's inputs, in order (see the class docstring)."""
+        """The graph's inputs, in order (see the class docstring).
+
+        :return: one spec per input: the observations, the states, ``episode_start``, the masks, the critic's states.
+        """
         specs = super().input_specs()
         n_obs = len(self.obs_spaces)
         recurrent = [*self._state_specs(["state_h", "state_c"]), TensorSpec("episode_start", (BATCH,), "float32")]
@@ -364,7 +392,10 @@ class RecurrentExportModule(PolicyExportModule):
         return specs
 
     def output_specs(self) -> list[TensorSpec]:
-        """The graph's outputs, in order (see the class docstring)."""
+        """The graph's outputs, in order (see the class docstring).
+
+        :return: one spec per output: ``action``, the actor's states, ``value``, the critic's states.
+        """
         action, *value = super().output_specs()
         specs = [action, *self._state_specs(["state_h_out", "state_c_out"]), *value]
         if self.critic_state:
@@ -372,7 +403,12 @@ class RecurrentExportModule(PolicyExportModule):
         return specs
 
     def example_inputs(self, batch_size: int, seed: int = 0) -> tuple[th.Tensor, ...]:
-        """Random inputs; ``episode_start`` alternates 1 and 0, so both the reset and the carried state are traced."""
+        """Random inputs; ``episode_start`` alternates 1 and 0, so both the reset and the carried state are traced.
+
+        :param batch_size: rows of each input (the states' second axis).
+        :param seed: seed of the random generators.
+        :return: one tensor per :meth:`input_specs` entry, in order.
+        """
         base = super().example_inputs(batch_size, seed)
         n_obs = len(self.obs_spaces)
         generator = th.Generator().manual_seed(seed + 1)
@@ -386,7 +422,11 @@ class RecurrentExportModule(PolicyExportModule):
         return (*base[:n_obs], state(), state(), starts, *base[n_obs:], *critic)
 
     def forward(self, *inputs: th.Tensor) -> tuple[th.Tensor, ...]:  # type: ignore[override]
-        """``action``, the actor's new state (and ``value``, the critic's new state) for :meth:`input_specs`."""
+        """``action``, the actor's new state (and ``value``, the critic's new state) for :meth:`input_specs`.
+
+        :param inputs: one tensor per :meth:`input_specs` entry, in order.
+        :return: one tensor per :meth:`output_specs` entry, in order.
+        """
         n_obs = len(self.obs_spaces)
         obs = self._observations(inputs[:n_obs])
         state = (inputs[n_obs], inputs[n_obs + 1])
@@ -458,6 +498,13 @@ def build_module(
 
     The policy is shared with ``model`` when it lives on the CPU, and copied otherwise; it is left in eval
     mode (:func:`to_onnx` and :func:`to_torchscript` restore the mode it had).
+
+    :param model: a model or its policy.
+    :param vecnormalize: a ``VecNormalize`` (or its saved statistics' path) to bake in, or None.
+    :param with_value: add the ``value`` output.
+    :param action_masks: add the ``action_masks`` input.
+    :return: the module (a :class:`RecurrentExportModule` for a recurrent policy) and the options to record.
+    :raises ExportError: the policy, its masks or the statistics cannot be exported as asked.
     """
     policy = _policy_of(model)
     _check_exportable(policy, action_masks, with_value)
@@ -609,7 +656,10 @@ def _weights_without_grad(module: nn.Module) -> Iterator[None]:
 
 
 def supported_opsets() -> range:
-    """The ONNX opsets :func:`to_onnx` accepts: :data:`MIN_OPSET` up to the highest torch's exporter and onnx know."""
+    """The ONNX opsets :func:`to_onnx` accepts.
+
+    :return: :data:`MIN_OPSET` up to the highest opset that torch's exporter and onnx both know.
+    """
     import onnx
 
     try:  # torch's own bound for its TorchScript-based exporter; a private module, hence the fallback
@@ -625,6 +675,10 @@ def check_opset(opset_version: Any) -> int:
     """``opset_version`` as an int, or an :class:`ExportError` listing the supported range.
 
     The range is :func:`supported_opsets`: checked before anything is traced or written.
+
+    :param opset_version: the ``opset_version`` argument.
+    :return: the opset, as an int.
+    :raises ExportError: it is not an int in the supported range.
     """
     supported = supported_opsets()
     if isinstance(opset_version, numbers.Integral) and not isinstance(opset_version, bool):
@@ -712,6 +766,7 @@ def to_onnx(
     :param action_masks: add the ``action_masks`` input (bool ``[batch, mask_size]``).
     :param opset_version: ONNX opset.
     :param check: run the file once with onnxruntime (when installed) and compare with the policy.
+    :return: the path written.
     """
     try:
         import onnx  # noqa: F401 - checked here, used by _write_onnx
@@ -795,6 +850,14 @@ def to_torchscript(
     with tensors (``module(obs)``, ``module(obs, masks)``, one tensor per Dict key in the space's order;
     ``module(obs, state_h, state_c, episode_start)`` for a recurrent policy, :class:`RecurrentExportModule`).
     The metadata is the archive's extra file :data:`METADATA_FILE`.
+
+    :param model: a ClippedPPO model (SB3's PPO works too) or its policy.
+    :param path: the file to write (``.pt`` by convention).
+    :param vecnormalize: a ``VecNormalize`` (or its saved statistics' path) to bake in, as :func:`to_onnx`.
+    :param with_value: add the ``value`` output, as :func:`to_onnx`.
+    :param action_masks: add the ``action_masks`` input, as :func:`to_onnx`.
+    :param check: load the saved module once and compare it with the policy.
+    :return: the path written.
     """
     target = _check_target(path)
     with _training_mode_kept(model):
@@ -829,6 +892,12 @@ def export(
     """:func:`to_onnx` or :func:`to_torchscript`, by ``export_format`` or else by the file suffix.
 
     ``.onnx`` is ONNX; ``.pt``, ``.pth`` and ``.ts`` are TorchScript. ``options`` go to the chosen function.
+
+    :param model: a ClippedPPO model (SB3's PPO works too) or its policy.
+    :param path: the file to write.
+    :param export_format: ``"onnx"`` or ``"torchscript"``; None: from the suffix of ``path``.
+    :return: the path written.
+    :raises ExportError: the format is unknown, or ``opset_version`` is given for TorchScript.
     """
     if export_format is None:
         suffix = Path(path).suffix.lower()
@@ -851,7 +920,11 @@ def export(
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of an exported file (ONNX or TorchScript); JSON values (inputs, options...) decoded."""
+    """The metadata of an exported file (ONNX or TorchScript).
+
+    :param path: a file written by :func:`to_onnx` or :func:`to_torchscript`.
+    :return: the metadata by key, with the JSON values (inputs, outputs, options...) decoded.
+    """
     path = Path(path)
     with open(path, "rb") as file:
         is_zip = file.read(4) == b"PK\x03\x04"  # TorchScript archives are zip files, ONNX models are protobuf

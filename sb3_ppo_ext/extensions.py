@@ -67,33 +67,59 @@ class Extension:
     # -- set-up ------------------------------------------------------------------------------------------------
 
     def setup(self, model: ClippedPPO) -> None:
-        """Called at the end of ``_setup_model`` (construction and ``load``): the policy exists now."""
+        """Called at the end of ``_setup_model`` (construction and ``load``): the policy exists now.
+
+        :param model: the model being set up.
+        """
 
     # -- the rollout -------------------------------------------------------------------------------------------
 
     def rollout_start(self, model: ClippedPPO, env: VecEnv, rollout_buffer: RolloutBuffer) -> bool | None:
         """A rollout begins (after the buffer's reset, before the first step).
 
-        Return False to sit this rollout out: none of the per-step hooks is called until the next rollout.
+        :param model: the model collecting the rollout.
+        :param env: the env the rollout steps.
+        :param rollout_buffer: the buffer the rollout fills, just reset.
+        :return: False to sit this rollout out (none of the per-step hooks is called until the next rollout);
+            None or True to take part.
         """
 
     def policy_inputs(self, step: int) -> dict[str, Any]:
-        """Extra keyword inputs of the policy's acting call at ``step`` (e.g. ``action_masks``)."""
+        """Extra keyword inputs of the policy's acting call at ``step`` (e.g. ``action_masks``).
+
+        :param step: index of the step in the rollout (0 .. n_steps - 1).
+        :return: keyword arguments for the policy, by name.
+        """
         return {}
 
     def acted(self, step: RolloutStep) -> None:
-        """The policy acted (before ``env.step``; in inference mode): read its outputs, or ask another network."""
+        """The policy acted (before ``env.step``; in inference mode): read its outputs, or ask another network.
+
+        :param step: what the policy saw and did at this step.
+        """
 
     def values_in_reward_units(self, values: th.Tensor) -> th.Tensor:
-        """The critic's output as a value in reward units (the units GAE and bootstraps use)."""
+        """The critic's output as a value in reward units (the units GAE and bootstraps use).
+
+        :param values: the critic's output, in the units it learns in.
+        :return: the same values in reward units (``values`` itself when the critic learns in reward units).
+        """
         return values
 
     def shape_rewards(self, rewards: np.ndarray, step: RolloutStep) -> np.ndarray:
-        """The rewards GAE sees for this step (e.g. minus a KL penalty); return ``rewards`` to leave them."""
+        """The rewards GAE sees for this step (e.g. minus a KL penalty).
+
+        :param rewards: the env's rewards for this step, one per env (after earlier extensions shaped them).
+        :param step: what the policy saw and did at this step.
+        :return: the rewards to store; ``rewards`` itself to leave them.
+        """
         return rewards
 
     def buffer_fields(self) -> dict[str, Any]:
-        """Extra keyword arguments of ``rollout_buffer.add`` for this step (e.g. ``action_masks``)."""
+        """Extra keyword arguments of ``rollout_buffer.add`` for this step (e.g. ``action_masks``).
+
+        :return: the fields to store, by the buffer's argument name.
+        """
         return {}
 
     def value_inputs(self, rows: np.ndarray | None, episode_starts: np.ndarray) -> dict[str, Any]:
@@ -101,43 +127,80 @@ class Extension:
 
         :param rows: the envs whose observations are evaluated (None: all of them, in order).
         :param episode_starts: per evaluated env, whether its episode starts at that observation.
+        :return: keyword arguments for ``predict_values``, by name.
         """
         return {}
 
     def step_end(self, model: ClippedPPO) -> None:
-        """The step is stored; the model's last observation is the new one."""
+        """The step is stored; the model's last observation is the new one.
+
+        :param model: the model collecting the rollout.
+        """
 
     def rollout_end(self, model: ClippedPPO) -> dict[str, float]:
-        """The rollout is complete and its advantages computed; return the :attr:`statistics` measured."""
+        """The rollout is complete and its advantages computed.
+
+        :param model: the model that collected the rollout.
+        :return: the :attr:`statistics` measured during the rollout, by name.
+        """
         return {}
 
     def rollout_statistics(self, statistics: dict[str, float]) -> None:
-        """The :attr:`statistics` of the rollout, over every rank (missing where no rank measured them)."""
+        """The :attr:`statistics` of the rollout, over every rank.
+
+        :param statistics: each name's value averaged over the ranks (missing where no rank measured it).
+        """
 
     # -- the update --------------------------------------------------------------------------------------------
 
     def update_start(self, model: ClippedPPO) -> None:
-        """An update begins (after the learning-rate schedule set the optimizer's rate)."""
+        """An update begins (after the learning-rate schedule set the optimizer's rate).
+
+        :param model: the model being updated.
+        """
 
     def loss_options(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~sb3_ppo_ext.losses.PPOLoss` this extension sets (e.g. ``ref_kl_coef``)."""
+        """Keyword arguments of :class:`~sb3_ppo_ext.losses.PPOLoss` this extension sets (e.g. ``ref_kl_coef``).
+
+        :return: the loss's keyword arguments for this update, by name.
+        """
         return {}
 
     def epoch_start(self, model: ClippedPPO, epoch: int) -> None:
-        """Epoch ``epoch`` (0 .. n_epochs - 1) begins, before its minibatches are drawn (e.g. GAE again)."""
+        """An epoch begins, before its minibatches are drawn (e.g. GAE again).
+
+        :param model: the model being updated.
+        :param epoch: the epoch's index, 0 .. n_epochs - 1.
+        """
 
     def minibatch(self, batch: PPOBatch) -> PPOBatch:
-        """The minibatch the loss sees (e.g. targets in other units, extra targets); return ``batch`` to leave it."""
+        """The minibatch the loss sees (e.g. targets in other units, extra targets).
+
+        :param batch: the minibatch drawn from the buffer (after earlier extensions changed it).
+        :return: the minibatch for the loss; ``batch`` itself to leave it.
+        """
         return batch
 
     def minibatch_done(self, model: ClippedPPO, terms: LossTerms) -> None:
-        """A minibatch's optimizer step is done."""
+        """A minibatch's optimizer step is done.
+
+        :param model: the model being updated.
+        :param terms: the minibatch's loss terms.
+        """
 
     def epoch_done(self, model: ClippedPPO, terms: list[LossTerms]) -> None:
-        """An epoch is done; ``terms`` are its minibatches' loss terms."""
+        """An epoch is done.
+
+        :param model: the model being updated.
+        :param terms: the loss terms of the epoch's minibatches, in order.
+        """
 
     def update_end(self, model: ClippedPPO, history: list[list[LossTerms]]) -> None:
-        """The update is done (``history``: each epoch's loss terms); log ``train/`` keys here."""
+        """The update is done; log ``train/`` keys here.
+
+        :param model: the model that was updated.
+        :param history: per epoch, the loss terms of its minibatches.
+        """
 
 
 def _overrides(extension: Extension, hook: str) -> bool:
@@ -147,7 +210,10 @@ def _overrides(extension: Extension, hook: str) -> bool:
 class Extensions:
     """The model's extensions as one object: each hook calls, in order, the extensions that override it.
 
-    Hooks nobody overrides cost one loop over an empty list, so a plain run pays nothing measurable.
+    Hooks nobody overrides cost one loop over an empty list, so a plain run pays nothing measurable. Each method
+    calls the :class:`Extension` hook of the same name, with the arguments documented there.
+
+    :param extensions: the model's extensions, in the order their hooks are called.
     """
 
     def __init__(self, extensions: Sequence[Extension]) -> None:
@@ -248,7 +314,10 @@ class Extensions:
             self._measured.update(hook(model))
 
     def take_statistics(self) -> dict[str, float]:
-        """The statistics of the last complete rollout (empty if it stopped early), then forgotten."""
+        """The statistics of the last complete rollout, then forgotten.
+
+        :return: every extension's ``rollout_end`` statistics, by name (empty if the rollout stopped early).
+        """
         measured, self._measured = self._measured, {}
         return measured
 

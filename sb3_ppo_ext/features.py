@@ -77,7 +77,28 @@ def configure_features(
 ) -> None:
     """Check the feature arguments of ``ClippedPPO`` (named as there) and keep them, with their state, on ``model``.
 
-    Runs in the constructor before the env is stepped, so a bad setting fails before any work is done.
+    Runs in the constructor before the env is stepped, so a bad setting fails before any work is done. The
+    keyword arguments are ``ClippedPPO``'s, with the meaning documented there.
+
+    :param model: the ``ClippedPPO`` being constructed.
+    :param action_space: the env's action space (None: not known yet), for the checks that depend on it.
+    :param use_sde: whether the model uses gSDE exploration (RPO needs plain Gaussian noise).
+    :param ref_policy: the frozen reference policy, or None.
+    :param ref_kl_coef: the reference KL's beta (a float or ``"adaptive"``), or None for the default.
+    :param ref_kl_mode: ``"reward"`` or ``"loss"``.
+    :param ref_kl_target: the adaptive beta's target KL per step.
+    :param ref_kl_horizon: env steps over which the adaptive beta may change by about 20%.
+    :param dual_clip: dual-clip PPO's c, or None.
+    :param rpo_alpha: RPO's noise scale, or None.
+    :param adaptive_lr_kl: the KL-adaptive learning rate's target, or None.
+    :param adaptive_lr_every: ``"epoch"`` or ``"minibatch"``.
+    :param adaptive_lr_bounds: the adaptive learning rate's ``(min, max)``.
+    :param normalize_value_targets: whether the critic learns normalised returns.
+    :param popart: whether the value head is rescaled as PopArt does.
+    :param recompute_advantages: whether GAE is computed again before every epoch.
+    :param scale_rewards: whether rewards are divided by a running std of the return.
+    :param extensions: the user's own extensions, or None.
+    :raises ConfigurationError: a setting is invalid or does not fit another.
     """
     check_ref_kl_mode(ref_kl_mode)
     validate_stabilizers(
@@ -137,6 +158,9 @@ def feature_extensions(model: Any) -> list[Extension]:
 
     Their state lives on the model, where ``save`` finds it (``value_normalizer``, ``_adaptive_lr``,
     ``_ref_kl_controller``), so that the extensions can be rebuilt by every ``_setup_model`` (``load`` included).
+
+    :param model: a ``ClippedPPO`` after :func:`configure_features`, whose policy class and schedule are set.
+    :return: the features' extensions (the masks' always first), without the user's own.
     """
     features: list[Extension] = [ActionMasks()]
     if is_recurrent(model.policy_class):
@@ -163,7 +187,12 @@ def feature_extensions(model: Any) -> list[Extension]:
 
 
 def check_recompute_advantages(policy_class: Any, normalize_advantage: Any) -> None:
-    """``recompute_advantages`` needs a feed-forward critic and advantages normalised per minibatch or not at all."""
+    """``recompute_advantages`` needs a feed-forward critic and advantages normalised per minibatch or not at all.
+
+    :param policy_class: the model's policy class.
+    :param normalize_advantage: the model's ``normalize_advantage`` setting.
+    :raises ConfigurationError: the policy is recurrent, or advantages are normalised per batch.
+    """
     if is_recurrent(policy_class):
         raise ConfigurationError(
             f"recompute_advantages=True is not supported with the recurrent policy {policy_class.__name__}: its "
@@ -177,7 +206,12 @@ def check_recompute_advantages(policy_class: Any, normalize_advantage: Any) -> N
 
 
 def check_extensions(extensions: Any) -> list[Extension]:
-    """``extensions`` is None or a list of :class:`~sb3_ppo_ext.extensions.Extension` instances."""
+    """``extensions`` is None or a list of :class:`~sb3_ppo_ext.extensions.Extension` instances.
+
+    :param extensions: the ``extensions`` argument of ``ClippedPPO``.
+    :return: the extensions as a new list (empty for None).
+    :raises ConfigurationError: it is anything else.
+    """
     if extensions is None:
         return []
     items = list(extensions) if isinstance(extensions, list | tuple) else None
@@ -190,12 +224,21 @@ def check_extensions(extensions: Any) -> list[Extension]:
 
 
 def is_recurrent(policy_class: Any) -> bool:
-    """Whether the policy has memory (``MlpLstmPolicy`` and the like): rollouts then carry LSTM states."""
+    """Whether the policy has memory (``MlpLstmPolicy`` and the like): rollouts then carry LSTM states.
+
+    :param policy_class: a policy class (anything else is not recurrent).
+    :return: True for a subclass of :class:`~sb3_ppo_ext.recurrent.policies.RecurrentActorCriticPolicy`.
+    """
     return isinstance(policy_class, type) and issubclass(policy_class, RecurrentActorCriticPolicy)
 
 
 def default_rollout_buffer_class(observation_space: spaces.Space, recurrent: bool) -> type[RolloutBuffer]:
-    """Our GAE buffer for the observation space (flat or Dict), with LSTM states for a recurrent policy."""
+    """Our GAE buffer for the observation space (flat or Dict), with LSTM states for a recurrent policy.
+
+    :param observation_space: the env's observation space.
+    :param recurrent: whether the policy is recurrent.
+    :return: the buffer class ``ClippedPPO`` uses when ``rollout_buffer_class`` is not given.
+    """
     is_dict = isinstance(observation_space, spaces.Dict)
     if recurrent:
         return RecurrentDictGAERolloutBuffer if is_dict else RecurrentGAERolloutBuffer

@@ -36,7 +36,12 @@ __all__ = [
 
 
 def mask_groups(action_space: spaces.Space) -> list[int] | None:
-    """Sizes of the mask's sub-spaces (each needs a valid action), or None where masks do not apply."""
+    """Sizes of the mask's sub-spaces, each of which needs a valid action.
+
+    :param action_space: the model's action space.
+    :return: one size per sub-space (``[n]`` for ``Discrete(n)``, ``nvec`` for ``MultiDiscrete``, ``2`` per bit for
+        ``MultiBinary``), or None for a space without discrete outcomes to mask.
+    """
     if isinstance(action_space, spaces.Discrete):
         return [int(action_space.n)]
     if isinstance(action_space, spaces.MultiDiscrete):
@@ -47,12 +52,20 @@ def mask_groups(action_space: spaces.Space) -> list[int] | None:
 
 
 def env_provides_masks(env: Any) -> bool:
-    """Whether the env (a VecEnv or a Gymnasium env) has an ``action_masks()`` method."""
+    """Whether the env has an ``action_masks()`` method.
+
+    :param env: a VecEnv, a Gymnasium env, or None.
+    :return: True when masks can be read from it (False for None).
+    """
     return env is not None and is_masking_supported(env)
 
 
 def policy_applies_masks(policy_class: Any) -> bool:
-    """Whether ``policy_class.forward`` takes ``action_masks`` (ours and sb3-contrib's maskable policies do)."""
+    """Whether ``policy_class.forward`` takes ``action_masks`` (ours and sb3-contrib's maskable policies do).
+
+    :param policy_class: a policy class (or instance).
+    :return: True when its ``forward`` has an ``action_masks`` parameter.
+    """
     forward = getattr(policy_class, "forward", None)
     try:
         return forward is not None and "action_masks" in inspect.signature(forward).parameters
@@ -67,6 +80,8 @@ def check_action_masks(masks: Any, action_space: spaces.Space, n_envs: int | Non
     :param action_space: the model's action space.
     :param n_envs: number of envs, or of observations given to ``predict`` (None: as many as the masks hold).
     :param step: rollout step, for the message (``-1``: ``predict``, whose argument the message then names).
+    :return: the masks, shape ``[n_envs, mask_size]``, dtype bool.
+    :raises ActionMaskError: the masks have the wrong size, are not booleans, or leave a (sub-)space no valid action.
     """
     in_predict = step < 0
     where = "in predict()" if in_predict else f"at rollout step {step}"
@@ -135,7 +150,13 @@ def _check_some_action_valid(
 
 
 def read_action_masks(env: Any, action_space: spaces.Space, *, step: int) -> np.ndarray:
-    """``get_action_masks(env)``, checked (:func:`check_action_masks`)."""
+    """``get_action_masks(env)``, checked (:func:`check_action_masks`).
+
+    :param env: the VecEnv whose ``action_masks()`` are read.
+    :param action_space: the model's action space.
+    :param step: the rollout step, for the error message.
+    :return: the masks, shape ``[env.num_envs, mask_size]``, dtype bool.
+    """
     return check_action_masks(get_action_masks(env), action_space, env.num_envs, step=step)
 
 
@@ -151,7 +172,10 @@ class ActionMasks(Extension):
         self._masks: np.ndarray | None = None
 
     def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> bool:
-        """Decide whether this rollout applies the env's masks (sit it out when not)."""
+        """Decide whether this rollout applies the env's masks (sit it out when not): :meth:`Extension.rollout_start`.
+
+        :raises ConfigurationError: the env has masks but the rollout buffer cannot store them.
+        """
         self._env = env if model.use_masking and env_provides_masks(env) else None
         self._masks = None
         if self._env is not None and "action_masks" not in inspect.signature(rollout_buffer.add).parameters:
@@ -164,14 +188,17 @@ class ActionMasks(Extension):
         return self._env is not None
 
     def policy_inputs(self, step: int) -> dict[str, Any]:
-        """``action_masks`` for this step, read from the env and checked."""
+        """``action_masks`` for this step, read from the env and checked: :meth:`Extension.policy_inputs`."""
         if self._env is None:
             return {}
         self._masks = read_action_masks(self._env, self._action_space, step=step)
         return {"action_masks": th.as_tensor(self._masks, device=self._device)}
 
     def buffer_fields(self) -> dict[str, Any]:
-        """The step's masks, for the minibatches (the update evaluates the policy under them)."""
+        """The step's masks, for the minibatches (the update evaluates the policy under them).
+
+        Implements :meth:`Extension.buffer_fields`.
+        """
         return {} if self._masks is None else {"action_masks": self._masks}
 
 
@@ -191,8 +218,13 @@ class MaskedPredictMixin:
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
         """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned.
 
-        ``action_masks`` holds one mask row per observation (:func:`check_action_masks`); a single row is not
-        applied to a batch of observations.
+        :param observation: one observation, or a batch of them.
+        :param state: the LSTM states of a recurrent policy (None: the initial ones); ignored by a feed-forward one.
+        :param episode_start: per observation, whether an episode starts there (resets a recurrent policy's states).
+        :param deterministic: return the most likely valid action instead of sampling.
+        :param action_masks: one mask row per observation (:func:`check_action_masks`); a single row is not applied
+            to a batch of observations. None: SB3's ``predict``, no masks.
+        :return: the actions and the next LSTM states (None for a feed-forward policy).
         """
         if action_masks is None:
             return super().predict(observation, state, episode_start, deterministic)  # type: ignore[misc]
