@@ -60,7 +60,11 @@ def _gae_lambda(value: float) -> Variant:
 
 
 def all_details_on(settings: Settings) -> Settings:
-    """The details ablation's baseline: the Zoo settings with every implementation detail on."""
+    """The details ablation's baseline: the Zoo settings with every implementation detail on.
+
+    :param settings: an env's Zoo settings.
+    :return: a copy with every detail of the module's list switched on.
+    """
     kwargs = settings.model_kwargs
     policy_kwargs = {**(kwargs.get("policy_kwargs") or {}), "ortho_init": True}
     normalize = {**(settings.normalize or {"norm_reward": False}), "norm_obs": True}
@@ -91,7 +95,11 @@ def _without_sde(settings: Settings) -> Settings:
 
 
 def uses_sde(settings: Settings) -> bool:
-    """Whether these settings sample actions with gSDE."""
+    """Whether these settings sample actions with gSDE.
+
+    :param settings: an env's settings.
+    :return: True when their ``use_sde`` is set.
+    """
     return bool(settings.model_kwargs.get("use_sde", False))
 
 
@@ -156,14 +164,26 @@ APPLIES: dict[tuple[str, str], Callable[[Settings], bool]] = {("stabilizers", "n
 
 
 def applies(ablation: str | None, variant: str, settings: Settings) -> bool:
-    """Whether ``variant`` of ``ablation`` is worth running on top of ``settings``."""
+    """Whether ``variant`` of ``ablation`` is worth running on top of ``settings``.
+
+    :param ablation: a key of :data:`ABLATIONS`, or None (no ablation: every run applies).
+    :param variant: one of the ablation's variants.
+    :param settings: the env's Zoo settings.
+    :return: False where the variant would repeat the reference (:data:`APPLIES`).
+    """
     if ablation is None:
         return True
     return APPLIES.get((ablation, variant), lambda _: True)(settings)
 
 
 def apply(ablation: str | None, variant: str, settings: Settings) -> Settings:
-    """The settings that ``variant`` of ``ablation`` runs (``settings`` unchanged without an ablation)."""
+    """The settings that ``variant`` of ``ablation`` runs.
+
+    :param ablation: a key of :data:`ABLATIONS`, or None.
+    :param variant: one of the ablation's variants.
+    :param settings: the env's Zoo settings.
+    :return: the variant's settings (``settings`` unchanged without an ablation).
+    """
     if ablation is None:
         return settings
     return ABLATIONS[ablation][variant](settings)

@@ -42,7 +42,10 @@ def _budget_overrides(items: Sequence[str]) -> dict[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command's argument parser."""
+    """The command's argument parser.
+
+    :return: the parser of ``python -m sb3_ppo_ext.benchmark``'s options.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m sb3_ppo_ext.benchmark",
         description=__doc__,
@@ -85,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_budgets(args: argparse.Namespace) -> dict[str, int]:
-    """Env steps per env: ``--budget``, else ``--timesteps`` or the Zoo budget times ``--timesteps-scale``."""
+    """Env steps per env: ``--budget``, else ``--timesteps`` or the Zoo budget times ``--timesteps-scale``.
+
+    :param args: the parsed command line.
+    :return: the budget of each env of ``--envs``, in env steps.
+    """
     overrides = _budget_overrides(args.budget)
     budgets = {}
     for env_id in args.envs:
@@ -98,7 +105,15 @@ def resolve_budgets(args: argparse.Namespace) -> dict[str, int]:
 
 
 def report(out: Path, *, title: str, command: str, reps: int, console: Console) -> int:
-    """Rebuild ``summary.md``/``summary.json`` and the plots from the results in ``out``."""
+    """Rebuild ``summary.md``/``summary.json`` and the plots from the results in ``out``.
+
+    :param out: the output folder (``--out``).
+    :param title: the summary's heading.
+    :param command: the command line that reproduces the results, shown in the summary.
+    :param reps: bootstrap resamples for the confidence intervals.
+    :param console: where progress and errors are printed.
+    :return: the exit status: 0, or 1 when ``out`` holds no finished run.
+    """
     results = statistics.load_results(out)
     if not results:
         console.print(f"[red]no finished runs in {out}[/red]")
@@ -115,7 +130,11 @@ def report(out: Path, *, title: str, command: str, reps: int, console: Console) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark command; return its exit status."""
+    """Run the benchmark command.
+
+    :param argv: the arguments (None: ``sys.argv[1:]``).
+    :return: the exit status: 0, 1 when a run failed or nothing finished, 2 for invalid arguments.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     console = Console()

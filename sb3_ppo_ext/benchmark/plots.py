@@ -22,13 +22,23 @@ AGGREGATE_ROW_HEIGHT = 0.5  # inches per algorithm in the aggregate plot
 
 
 def curve_grid(runs_by_label: dict[str, list[dict[str, Any]]], points: int = CURVE_POINTS) -> np.ndarray:
-    """Common env-step grid: 0 to the shortest run's last evaluation (runs overshoot budgets differently)."""
+    """Common env-step grid: 0 to the shortest run's last evaluation (runs overshoot budgets differently).
+
+    :param runs_by_label: the result records of one env, by algorithm or variant.
+    :param points: number of grid points.
+    :return: ``points`` env-step counts, evenly spaced.
+    """
     end = min(run["evaluations"]["timesteps"][-1] for runs in runs_by_label.values() for run in runs)
     return np.linspace(0, end, points)
 
 
 def interpolated_returns(runs: Sequence[dict[str, Any]], grid: np.ndarray) -> np.ndarray:
-    """Each run's evaluation returns linearly interpolated onto ``grid``: ``[n_runs, len(grid)]``."""
+    """Each run's evaluation returns linearly interpolated onto ``grid``.
+
+    :param runs: result records, each with its ``evaluations``.
+    :param grid: env-step counts (:func:`curve_grid`).
+    :return: the returns, shape ``[n_runs, len(grid)]``.
+    """
     return np.stack(
         [np.interp(grid, run["evaluations"]["timesteps"], run["evaluations"]["mean_return"]) for run in runs]
     )
@@ -40,7 +50,14 @@ def _iqm_per_point(scores: np.ndarray) -> np.ndarray:
 
 
 def plot_curves(env_id: str, runs_by_label: dict[str, list[dict[str, Any]]], path: Path, reps: int = 2000) -> Path:
-    """Learning curves of every label on ``env_id``: IQM of the eval return with a shaded 95% CI."""
+    """Learning curves of every label on ``env_id``: IQM of the eval return with a shaded 95% CI.
+
+    :param env_id: the env, for the title.
+    :param runs_by_label: the env's result records, by algorithm or variant.
+    :param path: the PNG file to write.
+    :param reps: bootstrap resamples for the confidence intervals.
+    :return: ``path``.
+    """
     grid = curve_grid(runs_by_label)
     scores = {label: interpolated_returns(runs, grid)[:, None, :] for label, runs in runs_by_label.items()}
     points, intervals = interval_estimates(scores, _iqm_per_point, reps)
@@ -61,7 +78,13 @@ def plot_curves(env_id: str, runs_by_label: dict[str, list[dict[str, Any]]], pat
 
 
 def plot_aggregate(aggregates: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], path: Path) -> Path:
-    """Plot rliable's interval estimates of the aggregate metrics across envs."""
+    """Plot rliable's interval estimates of the aggregate metrics across envs.
+
+    :param aggregates: point estimates and intervals per label, as :func:`~sb3_ppo_ext.benchmark.statistics.aggregate`
+        returns them.
+    :param path: the PNG file to write.
+    :return: ``path``.
+    """
     points, intervals = aggregates
     fig, _ = plot_utils.plot_interval_estimates(
         points,
@@ -83,7 +106,14 @@ def plot_aggregate(aggregates: tuple[dict[str, np.ndarray], dict[str, np.ndarray
 def plot_all(
     out: Path, results: Results, aggregates: tuple[dict[str, Any], dict[str, Any]] | None, reps: int = 2000
 ) -> list[str]:
-    """Write ``curves_<env>.png`` per env and ``summary_aggregate.png``; return the file names."""
+    """Write ``curves_<env>.png`` per env and ``summary_aggregate.png``.
+
+    :param out: the output folder.
+    :param results: result records by env and label (:func:`~sb3_ppo_ext.benchmark.statistics.load_results`).
+    :param aggregates: the aggregate estimates across envs, or None (one env: no aggregate plot).
+    :param reps: bootstrap resamples for the curves' confidence intervals.
+    :return: the names of the files written, in ``out``.
+    """
     out = Path(out)
     names = []
     for env_id, runs_by_label in results.items():

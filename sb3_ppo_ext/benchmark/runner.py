@@ -38,6 +38,11 @@ def zoo_budget(env_id: str, hyperparams_dir: Path | None = None) -> int:
 
     An env that the PPO file lists only under its ``default``/``atari`` block but the recurrent file
     (``ppo_lstm.yml``'s mirror) lists by name, as the NoVel tasks, takes the recurrent file's budget.
+
+    :param env_id: a Gymnasium id.
+    :param hyperparams_dir: folder of Zoo-format files (None: the shipped ones).
+    :return: the budget, in env steps.
+    :raises ValueError: the settings give the env no ``n_timesteps``.
     """
     folder = presets.HYPERPARAMS_DIR if hyperparams_dir is None else Path(hyperparams_dir)
     key, block = presets.zoo_block("clipped_ppo", env_id, folder / presets.HYPERPARAMS_FILES["clipped_ppo"])
@@ -66,8 +71,17 @@ def plan(
 
     Ablation variants that would repeat the reference on an env (see ``ablations.applies``) are left out.
 
+    :param envs: Gymnasium ids.
+    :param algos: names from :data:`~sb3_ppo_ext.benchmark.runs.ALGOS` (one, with an ablation).
+    :param seeds: the seeds, each run once per env and algorithm or variant.
     :param budgets: training env steps per env id.
+    :param ablation: a key of :data:`~sb3_ppo_ext.benchmark.ablations.ABLATIONS`, or None for a comparison.
     :param eval_freq: env steps between evaluations; default: the budget / 20.
+    :param eval_episodes: episodes per evaluation.
+    :param device: torch device for training.
+    :param hyperparams_dir: folder of Zoo-format files (None: the shipped ones).
+    :return: the specs, by env, algorithm, variant and seed.
+    :raises ValueError: an unknown algorithm or ablation, or an ablation with the wrong algorithms.
     """
     unknown = [algo for algo in algos if algo not in ALGOS]
     if unknown:
@@ -167,14 +181,21 @@ def execute(
 ) -> Outcome:
     """Run every spec whose result is not already in ``out``; ``n_jobs`` runs at a time.
 
-    ``reuse``: folders of earlier plain runs (``--out`` of a run without ``--ablation``). An ablation variant that
-    trains exactly the Zoo settings (``ablations.ZOO_VARIANTS``) takes a finished run with the same spec and
-    hyperparameters from there instead of training it again; its result file records ``reused_from``.
-
     Each run writes its result file as soon as it finishes and saves a checkpoint after each
     evaluation, so an interrupted call loses only the steps each run in flight made since its last
     evaluation; the next call continues those runs. A failed run is reported and left without a
     result, so the next call retries it.
+
+    :param specs: the runs (:func:`plan`).
+    :param out: the output folder: results go to ``out/raw``, checkpoints to ``out/partial``.
+    :param n_jobs: runs at a time, each in its own process with one torch thread.
+    :param hyperparams_dir: folder of Zoo-format files (None: the shipped ones).
+    :param show_progress: show rich progress bars.
+    :param console: where messages are printed (None: a new rich console).
+    :param reuse: folders of earlier plain runs (``--out`` of a run without ``--ablation``). An ablation variant
+        that trains exactly the Zoo settings (``ablations.ZOO_VARIANTS``) takes a finished run with the same spec
+        and hyperparameters from there instead of training it again; its result file records ``reused_from``.
+    :return: which runs were skipped, completed and failed.
     """
     out = Path(out)
     console = console or Console()

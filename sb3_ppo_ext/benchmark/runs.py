@@ -70,7 +70,7 @@ class RunSpec:
     :param timesteps: training budget in env steps.
     :param eval_freq: evaluate every this many env steps (plus at 0 and at the end).
     :param eval_episodes: episodes per evaluation.
-    :param ablation: ``None``, ``"lambda"`` or ``"details"``.
+    :param ablation: None, or a key of :data:`~sb3_ppo_ext.benchmark.ablations.ABLATIONS` (``"lambda"``, ...).
     :param variant: the ablation's variant name (``""`` without an ablation).
     :param device: torch device.
     """
@@ -96,11 +96,19 @@ class RunSpec:
         return f"{self.env_id}/{self.label}/seed{self.seed}"
 
     def result_path(self, out: Path) -> Path:
-        """Where this run's JSON result is written under the output folder ``out``."""
+        """Where this run's JSON result is written.
+
+        :param out: the output folder.
+        :return: ``out/raw/<env>/<label>/seed<k>.json``.
+        """
         return Path(out) / "raw" / self.env_id / self.label / f"seed{self.seed}.json"
 
     def partial_dir(self, out: Path) -> Path:
-        """Where an unfinished run keeps its last checkpoint (deleted once the result is written)."""
+        """Where an unfinished run keeps its last checkpoint (deleted once the result is written).
+
+        :param out: the output folder.
+        :return: ``out/partial/<env>/<label>/seed<k>``.
+        """
         return Path(out) / "partial" / self.env_id / self.label / f"seed{self.seed}"
 
 
@@ -108,6 +116,9 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON through :func:`sb3_ppo_ext.reliability.checkpoints.atomic_write`, creating the folder.
 
     Readers see the old file or the whole new one, never a partial one.
+
+    :param path: the file to write.
+    :param data: anything ``json.dumps`` accepts.
     """
     text = json.dumps(data, indent=1)  # serialized before the file is opened: a failure leaves no trace
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +127,11 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def load_result(path: Path) -> dict[str, Any] | None:
-    """A finished run's result, or ``None`` if the file is missing or unreadable."""
+    """A finished run's result.
+
+    :param path: a result file (:meth:`RunSpec.result_path`).
+    :return: the result, or None if the file is missing, unreadable or holds no spec.
+    """
     try:
         with open(path) as f:
             result = json.load(f)
@@ -126,7 +141,12 @@ def load_result(path: Path) -> dict[str, Any] | None:
 
 
 def is_finished(spec: RunSpec, out: Path) -> bool:
-    """Whether ``out`` already holds a result of exactly this spec (resume skips it)."""
+    """Whether ``out`` already holds a result of exactly this spec (resume skips it).
+
+    :param spec: the run.
+    :param out: the output folder.
+    :return: True when its result file exists and records the same spec.
+    """
     result = load_result(spec.result_path(out))
     return result is not None and result["spec"] == dataclasses.asdict(spec)
 
@@ -136,7 +156,13 @@ def reusable_result(spec: RunSpec, source: Path, hyperparams_dir: Path | None = 
 
     The plain run must match ``spec`` in everything but the ablation fields (env, algorithm, seed, budget,
     evaluation protocol, device) and must have trained with the same hyperparameters. Its result is returned
-    with ``spec`` as its spec and ``reused_from`` naming the file; None when there is no such run.
+    with ``spec`` as its spec and ``reused_from`` naming the file.
+
+    :param spec: a run of an ablation variant.
+    :param source: the output folder of earlier plain runs.
+    :param hyperparams_dir: folder of Zoo-format files (None: the shipped ones).
+    :return: the result to write for ``spec``, or None when the variant is not a Zoo-settings one or there is no
+        such run.
     """
     if spec.ablation is None or ablations.ZOO_VARIANTS.get(spec.ablation) != spec.variant:
         return None
@@ -151,14 +177,24 @@ def reusable_result(spec: RunSpec, source: Path, hyperparams_dir: Path | None = 
 
 
 def recorded_hyperparameters(settings: presets.Settings) -> dict[str, Any]:
-    """The settings as a result file records them (readable JSON: schedules and classes by name)."""
+    """The settings as a result file records them.
+
+    :param settings: a run's settings.
+    :return: the policy, ``n_envs``, ``normalize`` and the model's arguments as readable JSON values (schedules
+        and classes by name).
+    """
     return _jsonable(
         {"policy": settings.policy, "n_envs": settings.n_envs, "normalize": settings.normalize, **settings.model_kwargs}
     )
 
 
 def run_settings(spec: RunSpec, hyperparams_dir: Path | None = None) -> presets.Settings:
-    """The settings this run trains with: the Zoo's for its algorithm and env, then its ablation variant."""
+    """The settings this run trains with: the Zoo's for its algorithm and env, then its ablation variant.
+
+    :param spec: the run.
+    :param hyperparams_dir: folder of Zoo-format files (None: the shipped ones).
+    :return: the settings.
+    """
     path = None if hyperparams_dir is None else Path(hyperparams_dir) / presets.HYPERPARAMS_FILES[spec.algo]
     settings = presets.zoo_settings(spec.algo, spec.env_id, path)
     return ablations.apply(spec.ablation, spec.variant, settings)
@@ -169,6 +205,13 @@ class EvalRecorder(BaseCallback):
 
     Records env steps, mean/std return and wall-clock; time spent evaluating is kept apart so
     that env-steps/s measures training alone. Under torchrun it runs on rank 0 only.
+
+    :param eval_env: the evaluation env (its VecNormalize statistics are copied from training before each one).
+    :param spec: the run.
+    :param deterministic: evaluate with deterministic actions.
+    :param report: called with the run's key and the env steps done since the last call (progress bars), or None.
+    :param checkpoint: called with this recorder at the first rollout boundary after an evaluation, or None.
+    :param resumed: the state of the checkpoint the run resumes from (its history and clocks), or None.
     """
 
     rank_zero_only = True  # data-parallel runs: rank 0 evaluates, reports and checkpoints
@@ -212,7 +255,10 @@ class EvalRecorder(BaseCallback):
         self._cpu_start = 0.0
 
     def elapsed(self) -> float:
-        """Wall-clock of the whole run so far, earlier segments included."""
+        """Wall-clock of the whole run so far, earlier segments included.
+
+        :return: seconds since training started, plus the earlier segments'.
+        """
         return self.prior_wall_s + time.perf_counter() - self._start
 
     def cpu_seconds(self) -> float | None:
@@ -220,7 +266,7 @@ class EvalRecorder(BaseCallback):
 
         With one thread per run, ``cpu_seconds() / elapsed()`` is the share of a core the run had: about 1
         when it ran alone on its core, lower when other processes shared the CPU or the run was paused.
-        None when an earlier segment did not record its CPU time.
+        :return: CPU seconds, or None when an earlier segment did not record its CPU time.
         """
         if self.prior_cpu_s is None:
             return None
@@ -285,6 +331,12 @@ def evaluate_returns(model: Any, env: VecEnv, n_episodes: int, deterministic: bo
     Without masks: SB3's ``evaluate_policy`` (which carries LSTM states). With masks: sb3-contrib's
     masked ``evaluate_policy``, except for recurrent policies, which it would run without memory (it
     drops the states ``predict`` returns), so those go through :func:`evaluate_masked_recurrent`.
+
+    :param model: the model being trained.
+    :param env: the evaluation env.
+    :param n_episodes: episodes to run.
+    :param deterministic: deterministic actions.
+    :return: the return of each episode.
     """
     if not (is_masking_supported(env) and predict_takes_masks(model)):
         returns, _ = evaluate_policy(
@@ -304,6 +356,12 @@ def evaluate_masked_recurrent(model: Any, env: VecEnv, n_episodes: int, determin
 
     sb3-contrib 2.9's masked ``evaluate_policy`` assigns ``predict``'s new states to ``state`` and passes ``states``
     (always ``None``) back in, so a recurrent policy would start from zero states at every step.
+
+    :param model: a model with a recurrent policy.
+    :param env: the evaluation env, which provides masks.
+    :param n_episodes: episodes to run.
+    :param deterministic: deterministic actions.
+    :return: the return of each episode.
     """
     returns, _ = evaluate_policy_with_states(
         model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True, warn=False
@@ -332,6 +390,9 @@ def segment_hosts(state: dict[str, Any] | None) -> list[str | None]:
 
     Checkpoints travel between machines (a later session resumes them elsewhere), so one run's wall-clock can
     span machines; only a run trained on one machine throughout says how fast that machine runs the code.
+
+    :param state: the checkpoint the run resumes from, or None for a new run.
+    :return: one entry per segment, this machine's (:func:`host_description`) last.
     """
     if state is None:
         return [host_description()]
@@ -340,12 +401,19 @@ def segment_hosts(state: dict[str, Any] | None) -> list[str | None]:
 
 
 def single_host(hosts: Sequence[str | None]) -> str | None:
-    """The one machine all segments ran on, or ``None`` where they ran on several or did not say."""
+    """The one machine all segments ran on.
+
+    :param hosts: each segment's machine (:func:`segment_hosts`).
+    :return: that machine, or None where they ran on several or did not say.
+    """
     return hosts[0] if hosts and hosts[0] is not None and all(h == hosts[0] for h in hosts) else None
 
 
 def host_description() -> str:
-    """The machine a run trained on: CPU model and logical CPU count (e.g. ``"Intel(R) Xeon(R) Processor x2"``)."""
+    """The machine a run trains on.
+
+    :return: its CPU model and logical CPU count (e.g. ``"Intel(R) Xeon(R) Processor x2"``).
+    """
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -375,10 +443,14 @@ _STATE_FILE = "state.json"
 def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: int, hosts: list[str | None]) -> None:
     """Save the model, its VecNormalize statistics and the recorder's history so the run can resume.
 
-    ``hosts`` names the machine of each segment so far (see :func:`segment_hosts`).
-
     Files carry the step count in their names and ``state.json`` is replaced last, atomically: a
     machine that stops mid-save leaves the previous checkpoint intact.
+
+    :param spec: the run.
+    :param out: the output folder; the checkpoint goes to ``spec.partial_dir(out)``.
+    :param recorder: the run's recorder, whose model, history and clocks are saved.
+    :param segments: the number of this segment (1: the run was never resumed).
+    :param hosts: the machine of each segment so far (see :func:`segment_hosts`).
     """
     model = recorder.model
     folder = spec.partial_dir(out)
@@ -410,7 +482,13 @@ def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: 
 
 
 def load_checkpoint(spec: RunSpec, out: Path) -> dict[str, Any] | None:
-    """The checkpoint of an unfinished run of exactly this spec, or ``None``."""
+    """The checkpoint of an unfinished run of exactly this spec.
+
+    :param spec: the run.
+    :param out: the output folder.
+    :return: the checkpoint's state (``state.json``), or None when there is none for this spec or its model file
+        is missing.
+    """
     folder = spec.partial_dir(out)
     try:
         with open(folder / _STATE_FILE) as f:
@@ -467,7 +545,12 @@ def train_and_evaluate(
     and a later call continues from there (fresh env episodes, the same model, optimizer, schedules,
     normalization statistics and learning curve) instead of starting over.
 
-    :return: the result written to ``spec.result_path(out)``.
+    :param spec: the run.
+    :param out: the output folder.
+    :param report: called with the run's key and the env steps done since the last call, or None.
+    :param hyperparams_dir: folder of Zoo-format files (None: the shipped ones).
+    :param checkpoints: save a checkpoint after each evaluation and resume from one.
+    :return: the result written to ``spec.result_path(out)`` (empty on ranks other than 0 under torchrun).
     """
     torch.set_num_threads(1)  # one core per run: runs are parallelised across processes instead
     settings = run_settings(spec, hyperparams_dir)

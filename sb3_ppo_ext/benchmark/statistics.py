@@ -73,7 +73,12 @@ Results = dict[str, dict[str, list[dict[str, Any]]]]  # env -> label -> runs (so
 
 
 def load_results(out: Path) -> Results:
-    """Every finished run under ``out/raw``, grouped by env and label, labels in the benchmark's order."""
+    """Every finished run under ``out/raw``, grouped by env and label.
+
+    :param out: the output folder.
+    :return: env -> label -> result records sorted by seed; labels in the benchmark's order (unreadable files
+        are skipped).
+    """
     results: Results = {}
     for path in sorted(Path(out).glob("raw/*/*/seed*.json")):
         result = load_result(path)
@@ -95,7 +100,11 @@ def _label_order(label: str) -> tuple[int, str]:
 
 
 def final_scores(runs: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Final evaluation returns of ``runs``, shape ``[n_runs]``."""
+    """Final evaluation returns of ``runs``.
+
+    :param runs: result records.
+    :return: each run's ``final_return``, shape ``[n_runs]``.
+    """
     return np.array([run["final_return"] for run in runs], dtype=float)
 
 
@@ -106,6 +115,9 @@ def interval_estimates(
 
     :param scores: label -> scores ``[n_runs, n_tasks, ...]``.
     :param func: scores -> array of statistics.
+    :param reps: bootstrap resamples.
+    :param seed: seed of the resampling (NumPy's global generator is restored afterwards).
+    :return: per label the point estimates, and per label their CIs (``[2, n_statistics]``: low, high).
     """
     global_state = np.random.get_state()
     # rliable 1.2's bootstrap over pairs of score arrays (probability of improvement) draws from NumPy's
@@ -121,7 +133,13 @@ def interval_estimates(
 
 
 def iqm_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """IQM of ``scores`` (``[n_runs]``) with its 95% percentile-bootstrap CI: ``(iqm, low, high)``."""
+    """IQM of ``scores`` with its 95% percentile-bootstrap CI.
+
+    :param scores: one score per run, ``[n_runs]``.
+    :param reps: bootstrap resamples.
+    :param seed: seed of the resampling.
+    :return: ``(iqm, low, high)``.
+    """
     points, intervals = interval_estimates(
         {"x": scores.reshape(-1, 1)}, lambda s: np.array([metrics.aggregate_iqm(s)]), reps, seed
     )
@@ -152,7 +170,12 @@ class Row:
 
 
 def summarize(results: Results, reps: int = 2000) -> list[Row]:
-    """One :class:`Row` per (env, label)."""
+    """One :class:`Row` per (env, label).
+
+    :param results: result records by env and label (:func:`load_results`).
+    :param reps: bootstrap resamples for the IQM's CI.
+    :return: the rows, in the order of ``results``.
+    """
     rows = []
     for env_id, by_label in results.items():
         for label, runs in by_label.items():
@@ -181,7 +204,11 @@ def summarize(results: Results, reps: int = 2000) -> list[Row]:
 
 
 def shared_cpu(run: dict[str, Any]) -> bool | None:
-    """Whether a run shared the CPU (had less than :data:`SHARED_CPU_BELOW` of a core); None if not recorded."""
+    """Whether a run shared the CPU (had less than :data:`SHARED_CPU_BELOW` of a core).
+
+    :param run: a result record.
+    :return: True or False, or None where the run did not record its CPU share.
+    """
     share = run.get("cpu_share")
     return None if share is None else bool(share < SHARED_CPU_BELOW)
 
@@ -191,6 +218,9 @@ def improvement_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
 
     Algorithms: ClippedPPO (or the first label) over each other one. Ablation variants: each variant over
     the ablation's reference, the first label, and over its control (``ablations.CONTROLS``) where that ran.
+
+    :param labels: the labels that ran, in the benchmark's order.
+    :return: the ``(X, Y)`` pairs (none with fewer than two labels).
     """
     if len(labels) < 2:
         return []
@@ -213,6 +243,9 @@ def probability_of_improvement(
     averaged over envs (rliable's ``probability_of_improvement``, Agarwal et al. 2021). Over several envs each
     label keeps its first common seeds, as for the aggregate metrics.
 
+    :param results: result records by env and label (:func:`load_results`).
+    :param reps: bootstrap resamples.
+    :param seed: seed of the resampling.
     :return: rows ``(env or "all envs", X, Y, p, low, high, runs of X, runs of Y)``.
     """
     rows = []
@@ -236,7 +269,12 @@ def probability_of_improvement(
 
 
 def normalization_bounds(env_id: str, by_label: dict[str, list[dict[str, Any]]]) -> tuple[float, float]:
-    """``(random, reference)`` of an env: :data:`REFERENCE_SCORES`, else the min and max over all its runs here."""
+    """``(random, reference)`` scores of an env, the ends of its normalised scale.
+
+    :param env_id: the env.
+    :param by_label: the env's result records, by label.
+    :return: :data:`REFERENCE_SCORES`'s entry, else the min and max final score over all its runs here.
+    """
     if env_id in REFERENCE_SCORES:
         return REFERENCE_SCORES[env_id]
     values = np.concatenate([final_scores(runs) for runs in by_label.values()])
@@ -244,7 +282,12 @@ def normalization_bounds(env_id: str, by_label: dict[str, list[dict[str, Any]]])
 
 
 def normalize(scores: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
-    """Scores on the ``(score - random) / (reference - random)`` scale of :func:`normalization_bounds`."""
+    """Scores on the ``(score - random) / (reference - random)`` scale.
+
+    :param scores: raw scores.
+    :param bounds: ``(random, reference)`` (:func:`normalization_bounds`).
+    :return: the normalised scores (zeros where the bounds are equal).
+    """
     low, high = bounds
     return (scores - low) / (high - low) if high != low else np.zeros_like(scores)
 
@@ -254,6 +297,11 @@ def score_matrix(results: Results, label: str, *, normalized: bool = False) -> n
 
     rliable needs the same number of runs per env, so the label keeps its first common seeds. With
     ``normalized``, each env's column is put on the :func:`normalize` scale.
+
+    :param results: result records by env and label; every env must have runs of ``label``.
+    :param label: the algorithm or variant.
+    :param normalized: normalise each env's scores.
+    :return: the scores, ``[n_runs, n_envs]``.
     """
     n_runs = min(len(by_label[label]) for by_label in results.values())
     columns = []
@@ -266,13 +314,22 @@ def score_matrix(results: Results, label: str, *, normalized: bool = False) -> n
 
 
 def normalized_score_matrices(results: Results) -> dict[str, np.ndarray]:
-    """Normalized final scores per label (:func:`score_matrix`) over the envs every label ran on."""
+    """Normalized final scores per label (:func:`score_matrix`).
+
+    :param results: result records by env and label.
+    :return: label -> ``[n_runs, n_envs]`` for the labels that ran on every env.
+    """
     labels = [label for label in next(iter(results.values()), {}) if all(label in r for r in results.values())]
     return {label: score_matrix(results, label, normalized=True) for label in labels}
 
 
 def aggregate(results: Results, reps: int = 2000) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The aggregate metrics (:data:`AGGREGATE_METRICS`, rliable) across envs: point estimates and CIs."""
+    """The aggregate metrics (:data:`AGGREGATE_METRICS`, rliable) across envs.
+
+    :param results: result records by env and label.
+    :param reps: bootstrap resamples.
+    :return: per label the metrics' point estimates, and per label their 95% CIs.
+    """
     return interval_estimates(
         normalized_score_matrices(results), lambda s: np.array([func(s) for func in _AGGREGATE_FUNCS]), reps
     )
@@ -297,7 +354,17 @@ def summary_markdown(
     plots: Sequence[str] = (),
     reps: int = 2000,
 ) -> str:
-    """The text of ``summary.md``."""
+    """The text of ``summary.md``.
+
+    :param results: result records by env and label (:func:`load_results`).
+    :param rows: the table's rows (:func:`summarize`).
+    :param aggregates: the aggregate estimates across envs (:func:`aggregate`), or None with one env.
+    :param title: the heading.
+    :param command: the command that reproduces the results.
+    :param plots: file names of the plots to show, in the output folder.
+    :param reps: bootstrap resamples for the probabilities of improvement.
+    :return: the Markdown text.
+    """
     lines = [f"# {title}", "", "Reproduce with:", "", "```", command, "```", ""]
     lines += [
         "Score of a run: mean return over the episodes of its last evaluation (separate eval env,",
@@ -407,7 +474,11 @@ def _published_lines(rows: Sequence[Row]) -> list[str]:
 
 
 def run_hosts(run: dict[str, Any]) -> list[str | None]:
-    """The machine of each segment of a run (``None``: not recorded); results before per-segment hosts give one."""
+    """The machine of each segment of a run.
+
+    :param run: a result record.
+    :return: one machine per segment (None: not recorded); a result from before per-segment hosts gives one.
+    """
     return list(run.get("hosts") or [run.get("host")])
 
 
@@ -417,6 +488,9 @@ def unshared_speeds(results: Results) -> dict[tuple[str, str, str], list[float]]
     Only these compare across algorithms: a run that shared the CPU, or did not record whether it did,
     or ran on another machine, says how busy the machine was as much as how fast the code is. A run
     resumed on another machine has no single ``host`` and is left out too.
+
+    :param results: result records by env and label.
+    :return: ``(env, machine, label)`` -> the env-steps/s of each such run.
     """
     speeds: dict[tuple[str, str, str], list[float]] = {}
     for env_id, by_label in results.items():
@@ -479,7 +553,13 @@ def _run_lines(results: Results) -> list[str]:
 
 
 def write_summary(out: Path, rows: Sequence[Row], markdown: str) -> tuple[Path, Path]:
-    """Write ``summary.md`` and ``summary.json`` (the rows) atomically; return their paths."""
+    """Write ``summary.md`` and ``summary.json`` (the rows) atomically.
+
+    :param out: the output folder.
+    :param rows: the table's rows, for ``summary.json``.
+    :param markdown: the text of ``summary.md``.
+    :return: the paths of ``summary.md`` and ``summary.json``.
+    """
     out = Path(out)
     md_path, json_path = out / "summary.md", out / "summary.json"
     write_json(json_path, [asdict(row) for row in rows])
