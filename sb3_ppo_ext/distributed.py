@@ -148,21 +148,30 @@ def _env_world_size() -> int:
 
 
 def world_size() -> int:
-    """The number of ranks: the process group's, else torchrun's ``WORLD_SIZE``, else 1."""
+    """The number of ranks.
+
+    :return: the process group's size, else torchrun's ``WORLD_SIZE``, else 1.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return _env_world_size()
 
 
 def rank() -> int:
-    """The rank of this process: the process group's, else torchrun's ``RANK``, else 0."""
+    """The rank of this process.
+
+    :return: the process group's rank, else torchrun's ``RANK``, else 0.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0") or 0)
 
 
 def is_main_process() -> bool:
-    """Whether this process is rank 0 (the one that logs, saves and prints), also before any model exists."""
+    """Whether this process is rank 0 (the one that logs, saves and prints), also before any model exists.
+
+    :return: True on rank 0 and without torchrun.
+    """
     return rank() == 0
 
 

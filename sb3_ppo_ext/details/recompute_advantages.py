@@ -47,7 +47,7 @@ class RecomputeAdvantages(Extension):
     """Runs :func:`recompute_gae` before epochs 2..K of every update (the first epoch's GAE is current)."""
 
     def epoch_start(self, model: Any, epoch: int) -> None:
-        """GAE again, from the second epoch on."""
+        """GAE again, from the second epoch on: :meth:`Extension.epoch_start`."""
         if epoch > 0:
             with th.inference_mode():
                 recompute_gae(model)

@@ -47,7 +47,10 @@ class RewardScaler:
         return (rewards / self.scale).astype(np.asarray(rewards).dtype, copy=False)
 
     def end_episodes(self, dones: np.ndarray) -> None:
-        """The returns of the envs whose episode just ended start again from zero."""
+        """The returns of the envs whose episode just ended start again from zero.
+
+        :param dones: per env, whether its episode ended at this step.
+        """
         if self.returns is not None:
             self.returns[np.asarray(dones, dtype=bool)] = 0.0
 
@@ -62,9 +65,9 @@ class RewardScaling(Extension):
         self.scaler = scaler
 
     def shape_rewards(self, rewards: np.ndarray, step: RolloutStep) -> np.ndarray:
-        """``r_t / sqrt(var(R) + eps)``."""
+        """``r_t / sqrt(var(R) + eps)``: :meth:`Extension.shape_rewards`."""
         return self.scaler(rewards)
 
     def step_end(self, model: Any) -> None:
-        """Reset the returns of the episodes that ended at this step."""
+        """Reset the returns of the episodes that ended at this step: :meth:`Extension.step_end`."""
         self.scaler.end_episodes(model._last_episode_starts)

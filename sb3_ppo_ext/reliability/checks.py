@@ -166,6 +166,8 @@ def check_schedule_value(name: str, value: float, progress_remaining: float) -> 
     :param name: ``"clip_range"`` or ``"clip_range_vf"``.
     :param value: the value to check.
     :param progress_remaining: SB3's progress, 1 at the start of training and 0 at the end.
+    :return: the value, as a float.
+    :raises ConfigurationError: the value is not finite, or not positive while training runs.
     """
     value = float(value)
     if not math.isfinite(value) or (value <= 0 and progress_remaining > 0):
@@ -289,6 +291,23 @@ def validate_hyperparameters(
     The arguments mean what they mean in ``ClippedPPO.__init__`` and have no defaults here, so that
     the defaults live in one place. Nothing here depends on the env; :func:`validate_rollout_size`
     runs the checks that need ``n_envs``.
+
+    :param learning_rate: a finite number >= 0, or a schedule returning finite numbers.
+    :param n_steps: an int >= 1.
+    :param batch_size: an int >= 1 (> 1 with advantage normalisation on).
+    :param n_epochs: an int >= 1.
+    :param gamma: in [0, 1].
+    :param gae_lambda: in [0, 1].
+    :param clip_range: a positive finite number, or a schedule (:func:`check_schedule_value`).
+    :param clip_range_vf: None, or as ``clip_range``.
+    :param normalize_advantage: one of :data:`ADVANTAGE_NORMALIZATION_MODES`.
+    :param ent_coef: a finite number >= 0.
+    :param vf_coef: a finite number >= 0.
+    :param max_grad_norm: None or a number > 0 (inf allowed).
+    :param target_kl: None or a number > 0 (inf allowed).
+    :param stats_window_size: an int >= 0.
+    :param vf_clip_mode: ``"max"`` or ``"sb3"``.
+    :raises ConfigurationError: the first argument that is invalid (SB3's assertions stay ``AssertionError`` too).
     """
     _check_learning_rate(learning_rate)
     _check_normalize_advantage(normalize_advantage)  # first: the checks below use its truth value
@@ -552,6 +571,7 @@ def space_mismatch_error(error: ValueError, path: Any) -> SpaceMismatchError | N
 
     :param error: the ``ValueError`` raised by SB3's ``load``/``set_env``.
     :param path: the model file (or a description of the model) for the message.
+    :return: the clearer error, or None when ``error`` is not a space mismatch.
     """
     text = str(error)
     for kind in ("Observation", "Action"):
@@ -602,7 +622,22 @@ def validate_stabilizers(
     action_space: spaces.Space[Any] | None,
     use_sde: bool,
 ) -> None:
-    """Check the stabiliser arguments (dual clip, RPO, KL-adaptive learning rate, value normalisation)."""
+    """Check the stabiliser arguments (dual clip, RPO, KL-adaptive learning rate, value normalisation).
+
+    The arguments are ``ClippedPPO``'s; each is checked only when its feature is on.
+
+    :param dual_clip: None, or a finite float > 1.
+    :param rpo_alpha: None, or in (0, 1], for Box actions without gSDE.
+    :param adaptive_lr_kl: None, or a finite float > 0.
+    :param adaptive_lr_every: ``"epoch"`` or ``"minibatch"``.
+    :param adaptive_lr_bounds: ``(min_lr, max_lr)`` with ``0 < min_lr <= max_lr``, both finite.
+    :param normalize_value_targets: not checked (read as a truth value).
+    :param popart: not checked here: without ``normalize_value_targets`` it only warns
+        (:func:`warn_inactive_settings`).
+    :param action_space: the env's action space, or None when not known yet (RPO's check then waits).
+    :param use_sde: whether the model uses gSDE.
+    :raises ConfigurationError: the first invalid setting.
+    """
     if dual_clip is not None:
         _check_range(
             "dual_clip", dual_clip, 1.0, math.inf, "c must be a finite float > 1 (Ye et al. use 3)", low_open=True
@@ -636,7 +671,14 @@ def validate_stabilizers(
 
 
 def validate_policy_and_buffer(policy_class: Any, buffer_class: Any, env: Any, *, recurrent: bool) -> None:
-    """A recurrent policy needs a buffer that stores LSTM states; an env with masks needs a policy that applies them."""
+    """A recurrent policy needs a buffer that stores LSTM states; an env with masks needs a policy that applies them.
+
+    :param policy_class: the model's policy class.
+    :param buffer_class: the model's rollout buffer class.
+    :param env: the model's env (None: no masks to check).
+    :param recurrent: whether the policy is recurrent.
+    :raises ConfigurationError: the buffer cannot store LSTM states, or the policy cannot apply the env's masks.
+    """
     if recurrent and "lstm_states" not in inspect.signature(buffer_class.add).parameters:
         raise ConfigurationError(
             f"rollout_buffer_class={buffer_class.__name__} cannot store the LSTM states a recurrent policy needs (its "

@@ -21,6 +21,7 @@ def non_finite_summary(name: str, values: Any) -> str:
 
     :param name: what the values are, first in the summary.
     :param values: a torch tensor (any device) or anything ``np.asarray`` reads.
+    :return: the one-line summary (``"name: all n non-finite"`` when no value is finite).
     """
     array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64).ravel()
     finite = array[np.isfinite(array)]
@@ -79,6 +80,7 @@ def non_finite_update_error(
     :param rollout_buffer: the rollout (``returns`` and ``values`` are summarised).
     :param num_timesteps: the model's step counter.
     :param learning_rate: the optimizer's current learning rate.
+    :return: the error, to raise.
     """
     named = {"policy_loss": terms.policy_loss, "value_loss": terms.value_loss, "entropy_loss": terms.entropy_loss}
     bad = [name for name, value in named.items() if not th.isfinite(value)]
@@ -99,6 +101,12 @@ def refuse_non_finite_update(model: Any, terms: LossTerms, grad_norm: th.Tensor,
     """Raise :func:`non_finite_update_error` before the optimizer step, with the gradients cleared.
 
     The parameters and the optimizer's state then stay those of the last good update, ready to be saved.
+
+    :param model: the ``ClippedPPO`` being updated.
+    :param terms: the minibatch's loss terms.
+    :param grad_norm: its global gradient norm (non-finite).
+    :param advantages: its advantages, before normalisation.
+    :raises NonFiniteError: always.
     """
     model.policy.optimizer.zero_grad(set_to_none=True)
     raise non_finite_update_error(

@@ -64,7 +64,11 @@ class GuardedConnection:
         )
 
     def send(self, message: Any) -> None:
-        """Send ``message`` to the worker; a ``close`` request to a dead worker is silently dropped."""
+        """Send ``message`` to the worker; a ``close`` request to a dead worker is silently dropped.
+
+        :param message: SB3's ``(command, data)`` tuple.
+        :raises EnvWorkerError: the worker is dead (for anything but ``close``).
+        """
         if self.dead and isinstance(message, tuple) and message and message[0] == "close":
             return
         try:
@@ -75,7 +79,11 @@ class GuardedConnection:
             raise self._error(f"sending it {message[0] if isinstance(message, tuple) else 'a message'!r}") from error
 
     def recv(self) -> Any:
-        """Wait for the worker's answer, checking every ``POLL_INTERVAL`` seconds that it is still alive."""
+        """Wait for the worker's answer, checking every ``POLL_INTERVAL`` seconds that it is still alive.
+
+        :return: what the worker sent.
+        :raises EnvWorkerError: the worker died before answering.
+        """
         if self.dead:
             raise self._error("waiting for its answer")
         while not self.connection.poll(POLL_INTERVAL):

@@ -163,7 +163,10 @@ class MaskedMemoryEnv(gym.Env):
         self.t = 0
 
     def render(self) -> np.ndarray:
-        """An RGB picture of the state, 8 pixels per cell: the cue, the step, the valid actions (rows)."""
+        """An RGB picture of the state, 8 pixels per cell: the cue, the step, the valid actions (rows).
+
+        :return: the picture, ``uint8`` of shape ``[24, 8 * max(n_actions, episode_length), 3]``.
+        """
         rows = np.zeros((3, max(self.n_actions, self.episode_length)), dtype=bool)
         rows[0, self.cue] = rows[1, self.t] = True
         rows[2, : self.n_actions] = self.action_masks()
@@ -178,7 +181,10 @@ class MaskedMemoryEnv(gym.Env):
         return obs
 
     def action_masks(self) -> np.ndarray:
-        """The valid actions of the current step, one bool per action."""
+        """The valid actions of the current step.
+
+        :return: one bool per action.
+        """
         if self.t < self.episode_length - 1:
             return self.walk_masks[self.cue, self.t].copy()
         return self.answer_mask.copy()

@@ -131,7 +131,10 @@ class Settings:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def wrapper_class(self) -> Callable[[Any], Any] | None:
-        """The ``wrapper_class`` for ``make_vec_env``: the env wrappers applied in order, or ``None``."""
+        """The ``wrapper_class`` for ``make_vec_env``.
+
+        :return: a function that applies the env wrappers in order, or None when there are none.
+        """
         if not self.env_wrapper:
             return None
         wrappers = [_wrapper_factory(spec) for spec in self.env_wrapper]
@@ -175,6 +178,10 @@ def parse_zoo_block(block: Mapping[str, Any]) -> Settings:
 
     Follows rl_zoo3's ``ExperimentManager`` preprocessing: ``lin_`` strings become linear schedules,
     ``policy_kwargs``/``normalize`` strings are evaluated, env-level keys are split off.
+
+    :param block: the block, as read from YAML.
+    :return: the parsed settings (the block itself kept as ``raw``).
+    :raises ValueError: ``normalize`` is not a bool, a dict or a dict string.
     """
     raw = copy.deepcopy(dict(block))
     model_kwargs = {key: value for key, value in raw.items() if key not in _NON_MODEL_KEYS}
@@ -199,7 +206,12 @@ def parse_zoo_block(block: Mapping[str, Any]) -> Settings:
 
 
 def load_zoo_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a Zoo hyperparameter YAML file: ``{env_id | "default" | "atari": block}``."""
+    """Read a Zoo hyperparameter YAML file.
+
+    :param path: the file.
+    :return: ``{env_id | "default" | "atari": block}``, the blocks unparsed.
+    :raises ValueError: the file does not hold a mapping.
+    """
     with open(path) as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):
@@ -237,6 +249,7 @@ def zoo_settings(algo: str, env_id: str, path: str | Path | None = None) -> Sett
         name when ``path`` is given.
     :param env_id: a Gymnasium id.
     :param path: a Zoo-format YAML file to read instead of the shipped one.
+    :return: the parsed settings.
     """
     return parse_zoo_block(zoo_block(algo, env_id, path)[1])
 
@@ -246,6 +259,8 @@ def preset(name: str, env_id: str | None = None) -> Settings:
 
     :param name: a name of :func:`preset_names`.
     :param env_id: for a preset file (``"mujoco-tuned"``), the env whose block to read; None: its first block.
+    :return: the parsed settings.
+    :raises ValueError: an unknown preset, or a preset file without a block for ``env_id``.
     """
     if name in PRESET_FILES:
         path = HYPERPARAMS_DIR / PRESET_FILES[name]
@@ -259,12 +274,20 @@ def preset(name: str, env_id: str | None = None) -> Settings:
 
 
 def preset_names() -> list[str]:
-    """Names accepted by :func:`preset`."""
+    """Names accepted by :func:`preset`.
+
+    :return: the seed table's columns and the preset files' names, sorted.
+    """
     return sorted([*_SEED_TABLE, *PRESET_FILES])
 
 
 def import_object(dotted: str) -> Any:
-    """Import ``"package.module.Name"`` and return ``Name``."""
+    """Import ``"package.module.Name"`` and return ``Name``.
+
+    :param dotted: the object's module path and name, joined by dots.
+    :return: the object.
+    :raises ValueError: ``dotted`` has no module part.
+    """
     module_name, _, attr = dotted.rpartition(".")
     if not module_name:
         raise ValueError(f"expected a dotted path 'module.Name', got {dotted!r}")
