@@ -178,3 +178,136 @@ def test_readme_two_commands_are_what_ci_runs() -> None:
     for step in commands[1].split(" && "):
         assert f"\n{step}" in ci or step in ci, step
     assert (DOCS / "getting-started.md").read_text(encoding="utf-8").count(commands[0]) == 1
+
+
+# -- every public callable documents its parameters and what it returns ------------------------------------------
+#
+# The rule (Sphinx fields, which the API reference renders as tables): a public function or method (its name, its
+# class's and its module's do not start with "_"; __init__ included, whose parameters the class docstring may
+# document instead) has a ":param name:" for each parameter but self, cls, *args, **kwargs and "_"-names, and a
+# ":return:" unless it returns None (a property, a setter and a context manager's Iterator[None] return nothing to
+# document). Two things stand in for fields: a method implementing a hook of Extension whose docstring names that
+# hook (":meth:`Extension.shape_rewards`": the hook documents its parameters and return value), and the
+# constructor arguments that docs/_hooks/sphinx_roles.py's SB3_ARGUMENTS completes on the site (ClippedPPO's SB3
+# ones). What is still missing in modules other engineers own is listed in DOCSTRING_FIELDS_TO_FILL.
+
+DOCSTRING_FIELDS_TO_FILL = ROOT / "tests" / "data" / "docstring_fields_to_fill.txt"
+PARAM_FIELD = re.compile(r"^\s*:(?:param|parameter|arg|argument|key|keyword)(?:\s+[^:]+?)?\s+\*{0,2}(\w+):", re.M)
+RETURN_FIELD = re.compile(r"^\s*:returns?:", re.M)
+NOTHING_RETURNED = {"None", "NoReturn", "Never", "Iterator[None]", "Generator[None, None, None]"}
+
+
+def _public_modules() -> list[tuple[str, Path]]:
+    modules = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if any(part.startswith("_") and part not in ("__init__", "__main__") for part in parts):
+            continue
+        if parts[-1] == "__main__" and len(parts) > 2:  # python -m sb3_ppo_ext.zoo / .benchmark: wrappers
+            continue
+        modules.append((".".join(parts).removesuffix(".__init__"), path))
+    return modules
+
+
+def _hook_setting(name: str) -> object:
+    """A constant of docs/_hooks/sphinx_roles.py, read without importing it (it needs the docs extra)."""
+    tree = ast.parse((DOCS / "_hooks" / "sphinx_roles.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise KeyError(name)
+
+
+def _decorators(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    names = set()
+    for decorator in function.decorator_list:
+        node = decorator.func if isinstance(decorator, ast.Call) else decorator
+        names.add(node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", ""))
+    return names
+
+
+def _returns_something(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    if function.returns is not None:
+        return ast.unparse(function.returns) not in NOTHING_RETURNED
+
+    def own_nodes(node: ast.AST):  # the function's own statements, not those of nested functions and classes
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                yield child
+                yield from own_nodes(child)
+
+    return any(
+        isinstance(node, (ast.Yield, ast.YieldFrom))
+        or (isinstance(node, ast.Return) and node.value is not None and ast.unparse(node.value) != "None")
+        for node in own_nodes(function)
+    )
+
+
+def _missing_docstring_fields() -> dict[str, list[str]]:
+    """Qualified name -> the fields its docstring lacks, for every public callable of the package."""
+    extension = ast.parse((PACKAGE / "extensions.py").read_text(encoding="utf-8"))
+    base = next(n for n in extension.body if isinstance(n, ast.ClassDef) and n.name == "Extension")
+    hooks = {n.name for n in base.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+    completed_by_site = set(_hook_setting("SB3_ARGUMENTS"))
+    missing: dict[str, list[str]] = {}
+
+    def check(function, qualname: str, class_doc: str | None, completed: bool) -> None:
+        decorators = _decorators(function)
+        if decorators & {"overload", "setter", "deleter"}:
+            return
+        doc = ast.get_docstring(function) or ""
+        if class_doc is not None and function.name in hooks:
+            if re.search(rf":meth:`[^`]*\bExtension\.{function.name}>?`", doc):
+                return
+        if function.name == "__init__":
+            doc += "\n" + (class_doc or "")
+        arguments = function.args
+        names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+        documented = set(PARAM_FIELD.findall(doc))
+        fields = [
+            f":param {name}:"
+            for name in names
+            if name not in ("self", "cls") and not name.startswith("_") and name not in documented
+        ]
+        if function.name == "__init__" and completed:
+            fields = []
+        is_property = bool(decorators & {"property", "cached_property"})
+        if not is_property and function.name != "__init__" and _returns_something(function):
+            if not RETURN_FIELD.search(doc):
+                fields.append(":return:")
+        if fields:
+            missing[qualname] = fields
+
+    def walk(body: list[ast.stmt], prefix: str, class_doc: str | None, completed: bool) -> None:
+        for node in body:
+            if isinstance(node, (ast.If, ast.Try)):
+                walk(node.body + node.orelse + getattr(node, "finalbody", []), prefix, class_doc, completed)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if not node.name.startswith("_") or (node.name == "__init__" and class_doc is not None):
+                    check(node, f"{prefix}.{node.name}", class_doc, completed)
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                qualname = f"{prefix}.{node.name}"
+                walk(node.body, qualname, ast.get_docstring(node) or "", qualname in completed_by_site)
+
+    for module, path in _public_modules():
+        walk(ast.parse(path.read_text(encoding="utf-8")).body, module, None, False)
+    return missing
+
+
+def _fields_to_fill() -> dict[str, list[str]]:
+    entries = {}
+    for line in DOCSTRING_FIELDS_TO_FILL.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, fields = line.partition(" ")
+            entries[name] = re.findall(r":\w+(?: \w+)?:", fields)
+    return entries
+
+
+def test_every_public_callable_documents_its_parameters_and_return() -> None:
+    missing, to_fill = _missing_docstring_fields(), _fields_to_fill()
+    unlisted = {name: fields for name, fields in missing.items() if not set(fields) <= set(to_fill.get(name, ()))}
+    assert not unlisted, "add :param:/:return: fields to these docstrings:\n" + "\n".join(
+        f"  {name}: {' '.join(fields)}" for name, fields in sorted(unlisted.items())
+    )
+    done = sorted(set(to_fill) - set(missing))
+    assert not done, f"these are documented now: remove them from {DOCSTRING_FIELDS_TO_FILL.name}: {done}"
