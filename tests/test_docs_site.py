@@ -89,6 +89,12 @@ def test_the_strict_build_succeeds(tmp_path: Path) -> None:
     assert (site / "api" / "clipped_ppo" / "index.html").exists()
     assert (site / "benchmarks" / "results" / "mujoco_1m" / "curves_Hopper-v5.png").exists()
     assert "search_index.json" in {p.name for p in (site / "search").iterdir()}
+    # offline: the diagrams are drawn by the site's own Mermaid (docs/_hooks/mermaid.py), no page loads a remote script
+    architecture = (site / "architecture" / "index.html").read_text(encoding="utf-8")
+    assert '<script src="../javascripts/mermaid.min.js">' in architecture
+    assert (site / "javascripts" / "mermaid.min.js").stat().st_size > 1_000_000
+    for page in site.rglob("*.html"):
+        assert not re.search(r'<script[^>]+src="(https?:)?//', page.read_text(encoding="utf-8")), page
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE)
