@@ -99,6 +99,14 @@ class ConfigurationWarning(UserWarning):
     """
 
 
+class ResumeWarning(UserWarning):
+    """A run resumed from a checkpoint continues, but not bit for bit as the uninterrupted run would have.
+
+    Raised when part of a resumable checkpoint's state could not be restored (the envs of a ``SubprocVecEnv``,
+    another VecEnv layout, attributes that could not be copied): the message names what was not restored.
+    """
+
+
 __all__ = [
     "ActionMaskError",
     "ClippedPPOError",
@@ -115,6 +123,7 @@ __all__ = [
     "ParameterMismatchError",
     "PredictInputError",
     "PreferenceDataError",
+    "ResumeWarning",
     "SpaceMismatchError",
     "UnsupportedExportError",
     "UnsupportedSpaceError",

@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import pickle
+import random
 import re
 import tempfile
 import warnings
@@ -35,12 +36,21 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
+import cloudpickle
+import gymnasium as gym
+import numpy as np
+import torch as th
+from gymnasium.utils import EzPickle
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, ConvertCallback
+from stable_baselines3.common.monitor import ResultsWriter
+from stable_baselines3.common.type_aliases import MaybeCallback
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper, VecNormalize
 
-from sb3_ppo_ext.errors import ModelFileError, NotAModelFileError
+from sb3_ppo_ext.errors import ModelFileError, NotAModelFileError, ResumeWarning
 
 PathLike = str | pathlib.Path
 
@@ -332,11 +342,21 @@ class Checkpoint(NamedTuple):
 
 
 class AtomicCheckpointCallback(CheckpointCallback):
-    """SB3's ``CheckpointCallback`` (same arguments, same file names) with atomic writes.
+    """SB3's ``CheckpointCallback`` (same arguments, same file names) with atomic writes, optionally resumable exactly.
 
     Every file goes through :func:`atomic_write`, and the model is written last, after the
     ``VecNormalize`` statistics and replay buffer of the same step: a model checkpoint on disk always
     has its companions, so :func:`latest_checkpoint` can resume from it.
+
+    With ``exact_resume=True`` each checkpoint also carries a :class:`ResumeState` (RNG states, the envs'
+    state, the last observations, LSTM states; see :func:`capture_resume_state`), so that ``load`` +
+    ``learn(TOTAL - num_timesteps, reset_num_timesteps=False)`` ends with the parameters of the uninterrupted
+    run, bit for bit, where the envs' state can be copied (``DummyVecEnv``; docs/reliability.md lists what is
+    and is not restored). A checkpoint is then taken at a rollout boundary, where no rollout is half collected:
+    a save point (every ``save_freq`` calls) is written at the start of the next rollout (or at the end of
+    training, after the last update) and named after the step count there, the save point's own when it falls
+    on a rollout's last step (``save_freq`` a multiple of ``n_steps``). A save point whose rollout is cut short
+    (a callback stopped training) is not written.
 
     :param save_freq: save every ``save_freq`` calls of the callback (env steps of the VecEnv).
     :param save_path: the folder for the checkpoints.
@@ -344,11 +364,53 @@ class AtomicCheckpointCallback(CheckpointCallback):
     :param save_replay_buffer: also save the replay buffer (off-policy algorithms).
     :param save_vecnormalize: also save the ``VecNormalize`` statistics.
     :param verbose: 2 prints every saved path.
+    :param exact_resume: write resumable checkpoints at rollout boundaries (above); False (default): SB3's
+        behaviour, the model as it is at the save point.
     """
+
+    def __init__(
+        self,
+        save_freq: int,
+        save_path: str,
+        name_prefix: str = "rl_model",
+        save_replay_buffer: bool = False,
+        save_vecnormalize: bool = False,
+        verbose: int = 0,
+        *,
+        exact_resume: bool = False,
+    ) -> None:
+        super().__init__(save_freq, save_path, name_prefix, save_replay_buffer, save_vecnormalize, verbose)
+        self.exact_resume = exact_resume
+        self._pending = False  # a save point passed; written at the next rollout boundary (exact_resume)
+        self._updates_at_rollout_end: int | None = None  # train() ran after the last rollout iff _n_updates grew
 
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq != 0:
             return True
+        if self.exact_resume:
+            self._pending = True
+        else:
+            self._write(save_atomically)
+        return True
+
+    def _on_rollout_start(self) -> None:
+        self._updates_at_rollout_end = None
+        if self._pending:
+            self._write(lambda model, path: save_resumable(model, path, at="rollout_start"))
+
+    def _on_rollout_end(self) -> None:
+        self._updates_at_rollout_end = self.model._n_updates
+
+    def _on_training_end(self) -> None:
+        # a boundary only if the last rollout was completed and an update followed it (not stopped mid-rollout)
+        ended = self._updates_at_rollout_end
+        if self._pending and ended is not None and self.model._n_updates > ended:
+            self._write(lambda model, path: save_resumable(model, path, at="training_end"))
+
+    def _write(self, save: Callable[[BaseAlgorithm, pathlib.Path], None]) -> None:
+        """The companions, then the model with ``save(model, path)``, named after the model's step count now."""
+        self._pending = False
+        self.num_timesteps = self.model.num_timesteps
         if self.save_vecnormalize and self.model.get_vec_normalize_env() is not None:
             vec_normalize_path = self._checkpoint_path("vecnormalize_", extension="pkl")
             pickle_atomically(self.model.get_vec_normalize_env(), vec_normalize_path)
@@ -360,11 +422,10 @@ class AtomicCheckpointCallback(CheckpointCallback):
                 self.model.save_replay_buffer(file)  # type: ignore[attr-defined]
             if self.verbose >= 2:
                 print(f"Saving model replay buffer checkpoint to {replay_buffer_path}")
-        model_path = self._checkpoint_path(extension="zip")
-        save_atomically(self.model, model_path)
+        model_path = pathlib.Path(self._checkpoint_path(extension="zip"))
+        save(self.model, model_path)
         if self.verbose >= 2:
             print(f"Saving model checkpoint to {model_path}")
-        return True
 
 
 def find_checkpoints(save_path: PathLike, name_prefix: str = "rl_model") -> list[Checkpoint]:
@@ -405,9 +466,373 @@ def latest_checkpoint(save_path: PathLike, name_prefix: str = "rl_model") -> Che
     return None
 
 
+# -- exact resume ------------------------------------------------------------------------------------
+
+#: the model attribute that carries a pickled :class:`ResumeState` in a resumable checkpoint's ``data``
+RESUME_ATTRIBUTE = "_resume_state"
+ResumePoint = Literal["rollout_start", "training_end"]
+# VecNormalize: its running statistics (restored whatever the envs) and what belongs to the episodes in flight
+_VECNORMALIZE_STATISTICS = ("obs_rms", "ret_rms")
+_VECNORMALIZE_EPISODES = ("returns", "old_obs", "old_reward")
+# attributes of a VecEnv layer that describe it rather than hold state, and links to the next layer
+_STRUCTURAL = frozenset(
+    {"observation_space", "action_space", "metadata", "render_mode", "num_envs", "class_attributes"}
+)
+# attributes holding I/O (Monitor's log file) are left as they are, without a warning
+_IO_TYPES: tuple[type, ...] = (io.IOBase, ResultsWriter)
+# gSDE: the exploration matrices sampled at each rollout start (plain attributes, not in the state dict)
+_SDE_ATTRIBUTES = ("weights_dist", "exploration_mat", "exploration_matrices")
+
+
+def _new_instance(cls: type) -> Any:
+    return cls.__new__(cls)
+
+
+def _set_attributes(obj: Any, state: dict[str, Any]) -> Any:
+    vars(obj).update(state)
+    return obj
+
+
+class _StatePickler(cloudpickle.Pickler):
+    """cloudpickle, but gymnasium's ``EzPickle`` objects keep their state.
+
+    ``EzPickle`` (MuJoCo, Box2D and Atari envs) pickles the constructor's arguments, so unpickling builds a new
+    env: its physics state and RNG would be lost.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, EzPickle) and hasattr(obj, "__dict__"):
+            return _new_instance, (type(obj),), dict(vars(obj)), None, None, _set_attributes
+        return super().reducer_override(obj)
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _StatePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _map_tensors(value: Any, function: Callable[[th.Tensor], th.Tensor]) -> Any:
+    """``value`` with ``function`` applied to every tensor in its (named) tuples, lists and dicts."""
+    if isinstance(value, th.Tensor):
+        return function(value)
+    if isinstance(value, tuple):
+        items = [_map_tensors(item, function) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_map_tensors(item, function) for item in value]
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, function) for key, item in value.items()}
+    return value
+
+
+@dataclass
+class ResumeState:
+    """What a run needs, besides the saved model, to continue bit for bit from a rollout boundary.
+
+    :param at: where it was captured: ``"rollout_start"`` (in ``on_rollout_start``, after gSDE's noise was
+        sampled) or ``"training_end"`` (after the last update, before the next rollout's noise).
+    :param num_timesteps: the model's step count then; a model at another count does not restore it.
+    :param rng: torch's (CPU, and CUDA where initialised), NumPy's global and Python's ``random`` states.
+    :param last_obs: ``model._last_obs`` (the observations the next step acts on).
+    :param last_episode_starts: ``model._last_episode_starts``.
+    :param last_original_obs: ``model._last_original_obs`` (before ``VecNormalize``).
+    :param lstm_states: ``model._last_lstm_states`` (a recurrent policy's states of each env), on the CPU.
+    :param sde_noise: gSDE's exploration matrices (with ``use_sde``).
+    :param env_layout: the VecEnv's layers (outermost first), each env's wrapper chain and the number of envs:
+        the state is restored only into envs of the same layout.
+    :param env_state: per VecEnv layer and per wrapper of each env, the attributes copied (None: the envs' own
+        state was not captured, only the ``VecNormalize`` statistics).
+    :param env_missing: why the envs' own state was not captured (None: it was).
+    :param env_skipped: attributes that could not be copied (left as they are on restore), as ``Class.name``.
+    :param statistics: per VecEnv layer, ``VecNormalize``'s running statistics (restored whenever the layouts
+        match, even without the envs' state); empty for other layers.
+    """
+
+    at: ResumePoint
+    num_timesteps: int
+    rng: dict[str, Any]
+    last_obs: Any
+    last_episode_starts: Any
+    last_original_obs: Any
+    lstm_states: Any
+    sde_noise: dict[str, Any] | None
+    env_layout: tuple[Any, ...]
+    env_state: dict[str, Any] | None
+    env_missing: str | None
+    env_skipped: list[str] = field(default_factory=list)
+    statistics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _vec_layers(venv: VecEnv) -> tuple[list[VecEnvWrapper], VecEnv]:
+    layers = []
+    while isinstance(venv, VecEnvWrapper):
+        layers.append(venv)
+        venv = venv.venv
+    return layers, venv
+
+
+def _env_chain(env: Any) -> list[Any]:
+    """A gymnasium env and its wrappers, outermost first."""
+    chain = [env]
+    while isinstance(chain[-1], gym.Wrapper):
+        chain.append(chain[-1].env)
+    return chain
+
+
+def _env_layout(venv: VecEnv) -> tuple[Any, ...]:
+    layers, base = _vec_layers(venv)
+    envs = (
+        [[type(e).__qualname__ for e in _env_chain(env)] for env in base.envs] if isinstance(base, DummyVecEnv) else []
+    )
+    return tuple(type(layer).__qualname__ for layer in [*layers, base]), venv.num_envs, envs
+
+
+def _copyable(obj: Any, skip: frozenset[str], skipped: list[str]) -> dict[str, Any]:
+    """``obj``'s attributes but ``skip``, each checked to pickle; those that do not are named in ``skipped``."""
+    state = {}
+    for name, value in vars(obj).items():
+        if name in skip:
+            continue
+        if isinstance(value, _IO_TYPES):
+            continue
+        try:
+            _dumps(value)
+        except Exception:  # anything a pickler raises: the attribute stays as it is
+            skipped.append(f"{type(obj).__qualname__}.{name}")
+            continue
+        state[name] = value
+    return state
+
+
+def _capture_env(venv: VecEnv) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None, list[str]]:
+    """The envs' state (or None and why not), the VecNormalize statistics, and the attributes skipped."""
+    layers, base = _vec_layers(venv)
+    statistics = [
+        {name: getattr(layer, name) for name in _VECNORMALIZE_STATISTICS} if isinstance(layer, VecNormalize) else {}
+        for layer in layers
+    ]
+    if not isinstance(base, DummyVecEnv):
+        return (
+            None,
+            statistics,
+            (
+                f"the envs run in a {type(base).__name__}, whose envs live in other processes (or elsewhere this "
+                "process cannot copy): only a DummyVecEnv's envs are copied"
+            ),
+            [],
+        )
+    skipped: list[str] = []
+    wrappers = []
+    for layer in layers:
+        if isinstance(layer, VecNormalize):
+            wrappers.append({name: getattr(layer, name) for name in _VECNORMALIZE_EPISODES})
+        else:
+            wrappers.append(_copyable(layer, _STRUCTURAL | {"venv"}, skipped))
+    envs = [
+        [
+            _copyable(e, frozenset({"env"}) if isinstance(e, gym.Wrapper) else frozenset(), skipped)
+            for e in _env_chain(env)
+        ]
+        for env in base.envs
+    ]
+    state = {"wrappers": wrappers, "base": _copyable(base, _STRUCTURAL | {"envs"}, skipped), "envs": envs}
+    return state, statistics, None, skipped
+
+
+def _rng_states(device: th.device) -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": th.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    if device.type == "cuda" and th.cuda.is_initialized():
+        states["cuda"] = th.cuda.get_rng_state_all()
+    return states
+
+
+def capture_resume_state(model: BaseAlgorithm, at: ResumePoint = "rollout_start") -> ResumeState:
+    """Capture what ``model``'s run needs to continue exactly from here, a rollout boundary.
+
+    Call it where no rollout is half collected: in a callback's ``on_rollout_start`` (``at="rollout_start"``) or
+    after ``learn()`` returned having completed its last rollout and update (``at="training_end"``).
+    :class:`AtomicCheckpointCallback` with ``exact_resume=True`` and :func:`save_resumable` do.
+
+    :param model: the model, with its env.
+    :param at: where it is called (see :class:`ResumeState`).
+    :return: the state, copied (later steps do not change it).
+    """
+    env = model.get_env()
+    if env is None:
+        raise ValueError("capture_resume_state needs a model with an env (model.set_env(env)).")
+    env_state, statistics, missing, skipped = _capture_env(env)
+    sde = None
+    if getattr(model, "use_sde", False):
+        dist = getattr(model.policy, "sde_dist", None) or getattr(model.policy, "action_dist", None)
+        sde = {name: getattr(dist, name) for name in _SDE_ATTRIBUTES if hasattr(dist, name)}
+    state = ResumeState(
+        at=at,
+        num_timesteps=int(model.num_timesteps),
+        rng=_rng_states(model.device),
+        last_obs=model._last_obs,
+        last_episode_starts=model._last_episode_starts,
+        last_original_obs=model._last_original_obs,
+        lstm_states=_map_tensors(getattr(model, "_last_lstm_states", None), lambda t: t.detach().cpu()),
+        sde_noise=sde,
+        env_layout=_env_layout(env),
+        env_state=env_state,
+        env_missing=missing,
+        env_skipped=skipped,
+        statistics=statistics,
+    )
+    # a deep copy through the same pickler that writes the checkpoint: nothing shared with the live run
+    return pickle.loads(_dumps(state))
+
+
+def save_resumable(model: BaseAlgorithm, path: PathLike, at: ResumePoint = "training_end") -> None:
+    """``model.save(path)`` (atomically) with a :class:`ResumeState`, so that resuming from it is exact.
+
+    ``ClippedPPO.load(path, env=...)`` then ``learn(..., reset_num_timesteps=False)`` restores the state at the
+    first rollout's start. Call it between ``learn()`` calls (``at="training_end"``, after a ``learn()`` that was
+    not stopped mid-rollout by a callback), or from a callback's ``on_rollout_start`` (``at="rollout_start"``).
+
+    :param model: the model, with its env.
+    :param path: the file to write (``.zip`` added when there is no suffix).
+    :param at: where it is called (see :class:`ResumeState`).
+    """
+    blob = _dumps(capture_resume_state(model, at))
+    setattr(model, RESUME_ATTRIBUTE, blob)
+    try:
+        save_atomically(model, path)
+    finally:
+        delattr(model, RESUME_ATTRIBUTE)
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    th.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["random"])
+    if "cuda" in states and th.cuda.is_available() and len(states["cuda"]) == th.cuda.device_count():
+        th.cuda.set_rng_state_all(states["cuda"])
+
+
+def _restore_env(venv: VecEnv, state: ResumeState) -> None:
+    layers, base = _vec_layers(venv)
+    for layer, statistics in zip(layers, state.statistics, strict=True):
+        vars(layer).update(statistics)
+    if state.env_state is None:
+        return
+    for layer, attributes in zip(layers, state.env_state["wrappers"], strict=True):
+        vars(layer).update(attributes)
+    vars(base).update(state.env_state["base"])
+    for env, chain in zip(base.envs, state.env_state["envs"], strict=True):  # type: ignore[attr-defined]
+        for obj, attributes in zip(_env_chain(env), chain, strict=True):
+            vars(obj).update(attributes)
+
+
+def restore_resume_state(model: BaseAlgorithm, state: ResumeState) -> list[str]:
+    """Put ``state`` back into ``model`` and its env: called at the first rollout's start of a resumed ``learn``.
+
+    The RNG states are always restored. The envs' state, the last observations and LSTM states only into envs of
+    the checkpoint's layout whose state the checkpoint holds; otherwise the run goes on from the envs as they are
+    (freshly reset by ``learn``), with the ``VecNormalize`` statistics restored when the layouts match.
+
+    :param model: the model, at the start of its first rollout after ``load``.
+    :param state: the checkpoint's state.
+    :return: what was not restored, one phrase each (empty: the run continues exactly).
+    """
+    not_restored: list[str] = []
+    if model.num_timesteps != state.num_timesteps:
+        steps = f"the checkpoint was taken at {state.num_timesteps} steps, the model is at {model.num_timesteps}"
+        return [f"anything: {steps}"]
+    _restore_rng(state.rng)
+    env = model.get_env()
+    assert env is not None
+    layout = _env_layout(env)
+    if layout != state.env_layout:
+        not_restored.append(f"the envs' state: the checkpoint's VecEnv is {state.env_layout}, this one {layout}")
+    else:
+        _restore_env(env, state)
+        if state.env_missing is not None:
+            not_restored.append(f"the envs' state ({state.env_missing}); the VecNormalize statistics were restored")
+        elif state.env_skipped:
+            not_restored.append(f"these env attributes, which could not be copied: {', '.join(state.env_skipped)}")
+    if state.env_state is not None and layout == state.env_layout:
+        model._last_obs = state.last_obs
+        model._last_episode_starts = state.last_episode_starts
+        model._last_original_obs = state.last_original_obs
+        if state.lstm_states is not None:
+            model._last_lstm_states = _map_tensors(state.lstm_states, lambda t: t.to(model.device))  # type: ignore[attr-defined]
+    if getattr(model, "use_sde", False):
+        dist = getattr(model.policy, "sde_dist", None) or getattr(model.policy, "action_dist", None)
+        if state.at == "training_end":
+            model.policy.reset_noise(env.num_envs)  # as the uninterrupted run's next rollout did, from the same RNG
+        elif state.sde_noise:
+            vars(dist).update(_map_tensors(state.sde_noise, lambda t: t.to(model.device)))
+    return not_restored
+
+
+class ResumeCallback(BaseCallback):
+    """Restores a :class:`ResumeState` at the first rollout's start (``ReliabilityMixin._setup_learn`` adds it).
+
+    There, and not in ``load``, because ``learn`` resets the envs and gSDE samples its noise between the two.
+
+    :param state: the checkpoint's state.
+    """
+
+    def __init__(self, state: ResumeState) -> None:
+        super().__init__()
+        self.state: ResumeState | None = state
+        #: what was not restored (set at the first rollout's start; empty: the run continues exactly)
+        self.not_restored: list[str] = []
+
+    def _on_rollout_start(self) -> None:
+        if self.state is None:
+            return
+        state, self.state = self.state, None
+        self.not_restored = restore_resume_state(self.model, state)
+        if self.not_restored:
+            warnings.warn(
+                "Resumed from a resumable checkpoint without restoring "
+                + "; ".join(self.not_restored)
+                + ". Training goes on, but not bit for bit as the uninterrupted run (docs/reliability.md, "
+                "'Crash and resume').",
+                ResumeWarning,
+                stacklevel=2,
+            )
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def with_resume(model: BaseAlgorithm, callback: MaybeCallback, reset_num_timesteps: bool) -> MaybeCallback:
+    """``callback``, preceded by a :class:`ResumeCallback` when ``model`` was loaded from a resumable checkpoint.
+
+    The checkpoint's state is taken off the model either way (a later save does not carry it); it is restored
+    only when the run continues (``reset_num_timesteps=False``).
+
+    :param model: the model whose ``learn`` starts.
+    :param callback: ``learn``'s callback argument.
+    :param reset_num_timesteps: ``learn``'s argument.
+    :return: the callback argument to pass on.
+    """
+    blob = vars(model).pop(RESUME_ATTRIBUTE, None)
+    if blob is None or reset_num_timesteps:
+        return callback
+    restore = ResumeCallback(pickle.loads(blob))
+    if callback is None:
+        return [restore]
+    if isinstance(callback, list):
+        return [restore, *callback]
+    return [restore, callback if isinstance(callback, BaseCallback) else ConvertCallback(callback)]
+
+
 __all__ = [
+    "RESUME_ATTRIBUTE",
     "AtomicCheckpointCallback",
     "Checkpoint",
+    "ResumeCallback",
+    "ResumeState",
+    "capture_resume_state",
+    "restore_resume_state",
+    "save_resumable",
+    "with_resume",
     "atomic_write",
     "check_model_file",
     "find_checkpoints",

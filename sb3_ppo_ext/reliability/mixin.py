@@ -4,8 +4,10 @@
 calls SB3's own and adds one guarantee:
 
 * ``_setup_learn``: a dead ``SubprocVecEnv`` worker becomes :class:`~sb3_ppo_ext.errors.EnvWorkerError`
-  instead of ``EOFError`` or a hang (:mod:`sb3_ppo_ext.reliability.worker_guard`), and the reset observations are
-  checked for NaN/inf before the policy sees them (:mod:`sb3_ppo_ext.reliability.finite`);
+  instead of ``EOFError`` or a hang (:mod:`sb3_ppo_ext.reliability.worker_guard`), the reset observations are
+  checked for NaN/inf before the policy sees them (:mod:`sb3_ppo_ext.reliability.finite`), and a model loaded
+  from a resumable checkpoint gets its RNG and env state back at the first rollout's start when the run goes on
+  (``reset_num_timesteps=False``; :func:`~sb3_ppo_ext.reliability.checkpoints.with_resume`);
 * ``save``: the zip is written to a temporary file and renamed over the target
   (:mod:`sb3_ppo_ext.reliability.checkpoints`), so a process killed mid-save leaves the previous file intact;
 * ``load``: truncated, corrupt or foreign files raise :class:`~sb3_ppo_ext.errors.ModelFileError`;
@@ -93,6 +95,8 @@ class ReliabilityMixin:
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
         guard_subprocess_workers(self.env)
+        # a resumable checkpoint's state (RNGs, envs, last observations) is put back at the first rollout's start
+        callback = checkpoints.with_resume(self, callback, reset_num_timesteps)  # type: ignore[arg-type]
         result = super()._setup_learn(  # type: ignore[misc]
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
