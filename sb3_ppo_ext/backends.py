@@ -21,7 +21,7 @@ import torch as th
 
 from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
 from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss, sampled_kl
-from sb3_ppo_ext.optim import LeanAdamStep
+from sb3_ppo_ext.optim import LeanAdamStep, UpdateSteps
 
 
 class Backend(Protocol):
@@ -162,11 +162,11 @@ class LearnCache:
             cached = self._backend = (policy, fast_update, select_backend(policy, fast_update))
         return cached[2]
 
-    def optimizer_step(self, optimizer: th.optim.Optimizer) -> Callable[[], None]:
-        """``optimizer.step``, through :class:`~sb3_ppo_ext.optim.LeanAdamStep` (same update, less Python).
+    def optimizer_steps(self, optimizer: th.optim.Optimizer) -> UpdateSteps:
+        """The gradient clips and optimizer steps of one update (:class:`~sb3_ppo_ext.optim.LeanAdamStep`).
 
         :param optimizer: the policy's optimizer.
-        :return: a function that takes one optimizer step.
+        :return: an :class:`~sb3_ppo_ext.optim.UpdateSteps` (``clip_grad_norm(parameters, max_norm)``, ``step()``).
         """
         if self._lean is None or self._lean.optimizer is not optimizer:
             self._lean = LeanAdamStep(optimizer)

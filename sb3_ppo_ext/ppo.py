@@ -40,7 +40,6 @@ from sb3_ppo_ext.features import (
 from sb3_ppo_ext.gae import bootstrap_truncations
 from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss, mean_of
 from sb3_ppo_ext.masking import MaskedPredictMixin
-from sb3_ppo_ext.optim import clip_grad_norm
 from sb3_ppo_ext.policies import ActorCriticPolicy, env_actions
 from sb3_ppo_ext.reliability import checks
 from sb3_ppo_ext.reliability.finite import check_env_data, refuse_non_finite_update
@@ -372,7 +371,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         discrete_actions = isinstance(self.action_space, spaces.Discrete)
         parameters = [p for p in self.policy.parameters() if p.requires_grad]
         max_grad_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
-        optimizer_step, extensions = self._learn.optimizer_step(self.policy.optimizer), self._extensions
+        update, extensions = self._learn.optimizer_steps(self.policy.optimizer), self._extensions
         history: list[list[LossTerms]] = []
         for epoch in range(self.n_epochs):
             history.append([])
@@ -392,10 +391,10 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
                         print(f"Early stopping at step {epoch} due to reaching max kl: {terms.approx_kl.item():.2f}")
                     self._n_updates += 1  # SB3 counts the interrupted epoch
                     return history
-                grad_norm = clip_grad_norm(parameters, max_grad_norm)
+                grad_norm = update.clip_grad_norm(parameters, max_grad_norm)
                 if not th.isfinite(grad_norm):
                     refuse_non_finite_update(self, terms, grad_norm, batch.advantages)  # before the step
-                optimizer_step()
+                update.step()
                 extensions.minibatch_done(self, terms)
             self._n_updates += 1
             extensions.epoch_done(self, history[-1])

@@ -209,6 +209,7 @@ def test_hooks_and_unsupported_options_use_optimizer_step() -> None:
 
 def test_clippedppo_trains_identically_with_and_without_the_lean_step(monkeypatch) -> None:
     final = {}
+    monkeypatch.setenv("SB3_PPO_EXT_FLAT_BUFFERS", "0")  # the flat gradient clip sums in another order
     for flag in ("1", "0"):
         monkeypatch.setenv("SB3_PPO_EXT_LEAN_ADAM", flag)
         model = ClippedPPO(
@@ -225,3 +226,97 @@ def test_clippedppo_trains_identically_with_and_without_the_lean_step(monkeypatc
         final[flag] = [p.detach().clone() for p in model.policy.parameters()]
     for lean, full in zip(final["1"], final["0"], strict=True):
         assert th.equal(lean, full)
+
+
+def _step_in_place(params: list[th.nn.Parameter], step: int) -> None:
+    """Gradients written into the existing ``.grad`` tensors, as the closed-form backward does."""
+    generator = th.Generator().manual_seed(1000 + step)
+    for p in params:
+        values = th.randn(p.shape, generator=generator)
+        if p.grad is None:
+            p.grad = values
+        else:
+            p.grad.copy_(values)
+
+
+def test_flat_buffers_hold_every_tensor_and_step_as_adam() -> None:
+    reference_params, lean_params = _params(), _params()
+    reference = th.optim.Adam(reference_params, lr=1e-3, fused=True)
+    lean_optimizer = th.optim.Adam(lean_params, lr=1e-3, fused=True)
+    steps = LeanAdamStep(lean_optimizer).update_steps()
+    for step in range(6):
+        _step_in_place(reference_params, step)
+        _step_in_place(lean_params, step)
+        reference.step()
+        steps.step()
+        # the kernel's vector body and its scalar tail round differently: a 4-element bias, alone a tail, is
+        # now inside one long tensor; the same update within float32 rounding
+        for p, q in zip(reference_params, lean_params, strict=True):
+            th.testing.assert_close(q, p, rtol=1e-6, atol=1e-9)
+            for key in ("exp_avg", "exp_avg_sq"):
+                th.testing.assert_close(lean_optimizer.state[q][key], reference.state[p][key], rtol=1e-5, atol=1e-12)
+            assert th.equal(lean_optimizer.state[q]["step"], reference.state[p]["step"])
+    flat = steps.lean._groups[0].flat
+    assert flat is not None and flat.intact() and flat.grads_intact()
+    offset = 0
+    for p in lean_params:  # parameters, gradients and moments are views of one tensor each, 64-byte aligned
+        state = lean_optimizer.state[p]
+        for tensor, base in (
+            (p, flat.data),
+            (p.grad, flat.grad),
+            (state["exp_avg"], flat.exp_avg),
+            (state["exp_avg_sq"], flat.exp_avg_sq),
+        ):
+            assert tensor.data_ptr() == base.data_ptr() + offset * 4
+            assert tensor.data_ptr() % 64 == 0
+        offset += -(-p.numel() // 16) * 16
+    assert offset == flat.data.numel()
+    padding = th.ones(flat.data.numel(), dtype=th.bool)
+    for p in lean_params:
+        start = (p.data_ptr() - flat.data.data_ptr()) // 4
+        padding[start : start + p.numel()] = False
+    for base in (flat.data, flat.grad, flat.exp_avg, flat.exp_avg_sq):
+        assert th.all(base[padding] == 0)  # Adam leaves the padding at zero
+
+
+def test_flat_clip_equals_the_per_tensor_clip() -> None:
+    params = _params()
+    optimizer = th.optim.Adam(params, lr=1e-3, fused=True)
+    steps = LeanAdamStep(optimizer).update_steps()
+    _step_in_place(params, 0)
+    steps.step()  # the full first step re-homes the group
+    _step_in_place(params, 1)
+    assert steps.lean.flat_grad(params) is not None
+    expected_grads = [p.grad.clone() for p in params]
+    clones = [th.nn.Parameter(p.detach().clone()) for p in params]
+    for clone, grad in zip(clones, expected_grads, strict=True):
+        clone.grad = grad.clone()
+    expected_norm = th.nn.utils.clip_grad_norm_(clones, max_norm=0.5)
+    norm = steps.clip_grad_norm(params, 0.5)
+    th.testing.assert_close(norm, expected_norm, rtol=1e-6, atol=0)
+    for p, clone in zip(params, clones, strict=True):
+        th.testing.assert_close(p.grad, clone.grad, rtol=1e-6, atol=1e-9)
+    assert th.linalg.vector_norm(steps.lean.flat_grad(params)) == pytest.approx(0.5, rel=1e-5)
+    # a gradient assigned anew (as autograd does) leaves the flat buffer: the per-tensor path takes over
+    params[0].grad = params[0].grad.clone()
+    assert steps.lean.flat_grad(params) is None
+    assert steps.clip_grad_norm(params, float("inf")) == pytest.approx(0.5, rel=1e-5)
+    steps.step()  # per-parameter kernel call on the views; still no full step
+    assert steps.lean._groups[0].flat.intact()
+
+
+def test_moved_parameters_are_rehomed_by_a_full_step() -> None:
+    params = _params()
+    optimizer = th.optim.Adam(params, lr=1e-3, fused=True)
+    lean = LeanAdamStep(optimizer)
+    counting = _CountingStep(lean)
+    for step in range(2):
+        _step_in_place(params, step)
+        lean.step()
+    assert counting.calls == 1
+    old_flat = lean._groups[0].flat
+    params[2].data = params[2].data.clone()  # what .to() or a user's assignment does
+    assert not old_flat.intact()
+    _step_in_place(params, 2)
+    lean.step()
+    assert counting.calls == 2 and lean._groups[0].flat is not old_flat and lean._groups[0].flat.intact()

@@ -329,7 +329,7 @@ class MLPActorCriticKernel:
             param_grads = tuple(g + k for g, k in zip(param_grads, kl_grads, strict=True))
         if isinstance(self.head, DiagGaussianHead) and not self.head.state_dependent_std:
             grad_head, (grad_log_std,) = param_grads[0], param_grads[1:]
-            policy.log_std.grad = grad_log_std.sum(0)
+            _write_bias_grad(policy.log_std, grad_log_std, False)  # in place: it may be a view of a flat buffer
         else:
             # the inverse of policy.split_head_output: one gradient row per head output
             grad_head = th.cat(param_grads, dim=1) if len(param_grads) > 1 else param_grads[0]
