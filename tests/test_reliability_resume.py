@@ -168,6 +168,22 @@ def test_pendulum_with_vecnormalize_resumes_exactly(tmp_path: pathlib.Path) -> N
     assert digest(resume(checkpoints[0], pendulum_vecnormalize, total, keep_state=False)) != uninterrupted
 
 
+def test_mujoco_env_state_resumes_exactly(tmp_path: pathlib.Path) -> None:
+    """MuJoCo envs pickle their constructor's arguments (gymnasium's EzPickle); their physics state is copied anyway."""
+    pytest.importorskip("mujoco")
+
+    def hopper(seed: int) -> VecEnv:
+        return VecNormalize(make_vec_env("Hopper-v5", n_envs=2, seed=seed))
+
+    total = 192
+    kwargs = dict(n_steps=32, batch_size=32, n_epochs=2, seed=0)
+    uninterrupted, _ = train("MlpPolicy", hopper, kwargs, total, None, 1)
+    _, checkpoints = train("MlpPolicy", hopper, kwargs, total, tmp_path, 40)
+    assert [c.num_timesteps for c in checkpoints] == [128, 192]
+    assert digest(resume(checkpoints[0], hopper, total)) == uninterrupted
+    assert digest(resume(checkpoints[0], hopper, total, keep_state=False)) != uninterrupted
+
+
 @pytest.mark.parametrize("sde_sample_freq", [-1, 4])
 def test_gsde_noise_resumes_exactly(tmp_path: pathlib.Path, sde_sample_freq: int) -> None:
     """gSDE samples its exploration matrix at every rollout start (and every 4 steps): the checkpoint holds it."""
