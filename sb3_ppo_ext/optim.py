@@ -229,12 +229,22 @@ class LeanAdamStep:
 
     def _checked_step(self) -> bool:
         """:meth:`step` after the full check; returns whether the shortcut holds for the next step."""
-        if self.enabled and self._can_shortcut():
+        shortcut = self.enabled and self._can_shortcut()
+        if self.enabled and not shortcut:
+            # state replaced or parameters moved since the last step (a loaded model): take them over first, so
+            # that the step after a load rounds as every other step (a resumed run equals the uninterrupted one)
+            self._cache()
+            shortcut = self._can_shortcut()
+        if shortcut:
             self._fused_steps()
             return True
-        self.optimizer.step()  # the first step (it creates the state), or one the shortcut must not take
-        self._cache()
+        self._full_step()
         return self.enabled and self._can_shortcut()
+
+    def _full_step(self) -> None:
+        """``optimizer.step()``: the first step (it creates the state), or one the shortcut must not take."""
+        self.optimizer.step()
+        self._cache()
 
     def update_steps(self) -> UpdateSteps:
         """The optimizer steps and gradient clips of one update (one ``train()`` call), checked once.
