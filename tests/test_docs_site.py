@@ -25,10 +25,7 @@ PACKAGE = ROOT / "sb3_ppo_ext"
 # ```python blocks of the pages that predate the site and are not self-contained; their owners may make them
 # runnable or mark them <!-- no-run -->. Keyed by page and the block's first line; each entry must still exist.
 NOT_RUNNABLE_ELSEWHERE = {
-    ("docs/benchmark.md", "from stable_baselines3.common.env_util import make_vec_env"): "trains the Zoo's 100k steps",
     ("docs/reliability.md", "from sb3_ppo_ext import ClippedPPO"): "a fragment (env undefined), 1M steps",
-    ("docs/export.md", "from sb3_ppo_ext.export import to_onnx, to_torchscript, read_metadata"): "a fragment",
-    ("docs/export.md", "import numpy as np"): "a fragment (env undefined)",
 }
 NO_RUN = "<!-- no-run -->"
 
