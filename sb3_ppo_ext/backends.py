@@ -68,7 +68,9 @@ class AutogradBackend:
         else:
             evaluation = self._evaluate_with_reference(batch)
         terms = loss(evaluation, batch)
-        self.policy.optimizer.zero_grad(set_to_none=True)
+        # zeroed, not dropped: backward then accumulates into the same tensors, views of the optimizer's flat
+        # gradient buffer (optim.FlatBuffers), so the clip and the Adam step run on one tensor
+        self.policy.optimizer.zero_grad(set_to_none=False)
         terms.loss.backward()
         return terms._replace(loss=terms.loss.detach())
 

@@ -229,17 +229,24 @@ class LeanAdamStep:
 
     def _checked_step(self) -> bool:
         """:meth:`step` after the full check; returns whether the shortcut holds for the next step."""
-        shortcut = self.enabled and self._can_shortcut()
-        if self.enabled and not shortcut:
-            # state replaced or parameters moved since the last step (a loaded model): take them over first, so
-            # that the step after a load rounds as every other step (a resumed run equals the uninterrupted one)
-            self._cache()
-            shortcut = self._can_shortcut()
-        if shortcut:
+        if self._take_over():
             self._fused_steps()
             return True
         self._full_step()
         return self.enabled and self._can_shortcut()
+
+    def _take_over(self) -> bool:
+        """Whether the shortcut holds, after taking over state replaced or parameters moved since the last step.
+
+        A loaded model's optimizer state is taken over (and re-homed into flat buffers) before its first step and
+        its first gradient clip, so that the update after a load rounds as every other (a resumed run equals the
+        uninterrupted one).
+        """
+        shortcut = self.enabled and self._can_shortcut()
+        if self.enabled and not shortcut:
+            self._cache()
+            shortcut = self._can_shortcut()
+        return shortcut
 
     def _full_step(self) -> None:
         """``optimizer.step()``: the first step (it creates the state), or one the shortcut must not take."""
@@ -405,6 +412,8 @@ class UpdateSteps:
         :param max_norm: the largest global L2 norm allowed.
         :return: the global norm before clipping.
         """
+        if not self._checked:
+            self.lean._take_over()  # a loaded state's flat buffers exist before the update's first clip
         return clip_grad_norm(parameters, max_norm, self.lean.flat_grad(parameters))
 
     def step(self) -> None:
