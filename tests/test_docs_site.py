@@ -24,9 +24,7 @@ PACKAGE = ROOT / "sb3_ppo_ext"
 
 # ```python blocks of the pages that predate the site and are not self-contained; their owners may make them
 # runnable or mark them <!-- no-run -->. Keyed by page and the block's first line; each entry must still exist.
-NOT_RUNNABLE_ELSEWHERE = {
-    ("docs/reliability.md", "from sb3_ppo_ext import ClippedPPO"): "a fragment (env undefined), 1M steps",
-}
+NOT_RUNNABLE_ELSEWHERE: dict[tuple[str, str], str] = {}
 NO_RUN = "<!-- no-run -->"
 
 
