@@ -20,8 +20,9 @@ from typing import Any, Protocol
 import torch as th
 
 from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
-from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss, sampled_kl
+from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss
 from sb3_ppo_ext.optim import LeanAdamStep, UpdateSteps
+from sb3_ppo_ext.rlhf.estimators import importance_weighted_kl
 
 
 class Backend(Protocol):
@@ -75,7 +76,10 @@ class AutogradBackend:
         return terms._replace(loss=terms.loss.detach())
 
     def _evaluate_with_reference(self, batch: PPOBatch) -> PolicyEvaluation:
-        """The evaluation plus ``KL(pi_theta || pi_ref)`` per sample: closed form where both heads allow it."""
+        """The evaluation plus ``KL(pi_theta || pi_ref)`` per sample: closed form where both heads allow it.
+
+        Else (gSDE) the importance-weighted estimate, whose gradient is that of ``KL(pi_theta || pi_ref)``.
+        """
         params = None
         if hasattr(self.policy, "evaluate_with_params"):
             values, log_prob, entropy, params = self.policy.evaluate_with_params(
@@ -89,7 +93,7 @@ class AutogradBackend:
         if params is not None and reference.params is not None:
             ref_kl = self.policy.action_head.kl(params, reference.params)
         else:
-            ref_kl = sampled_kl(log_prob, reference.log_prob)
+            ref_kl = importance_weighted_kl(log_prob, batch.old_log_prob, reference.log_prob)
         return PolicyEvaluation(values.flatten(), log_prob, entropy, ref_kl)
 
 

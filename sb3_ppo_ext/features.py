@@ -28,7 +28,7 @@ from sb3_ppo_ext.recurrent.policies import (
 from sb3_ppo_ext.recurrent.rollout import RecurrentStates
 from sb3_ppo_ext.reliability.checks import validate_stabilizers, warn_inactive_settings
 from sb3_ppo_ext.rlhf.penalty import reference_kl
-from sb3_ppo_ext.rlhf.reference import DEFAULT_REF_KL_COEF, check_ref_kl_mode, make_kl_controller
+from sb3_ppo_ext.rlhf.reference import DEFAULT_REF_KL_COEF, check_ref_kl_coef, check_ref_kl_mode, make_kl_controller
 from sb3_ppo_ext.stabilizers.adaptive_lr import AdaptiveLearningRate, KLAdaptiveLearningRate
 from sb3_ppo_ext.stabilizers.rpo import RobustPolicyOptimization
 from sb3_ppo_ext.stabilizers.value_normalization import ValueNormalizer, ValueTargetNormalization
@@ -60,7 +60,7 @@ def configure_features(
     *,
     use_sde: bool,
     ref_policy: Any,
-    ref_kl_coef: float | str | None,
+    ref_kl_coef: Any,
     ref_kl_mode: Any,
     ref_kl_target: float | None,
     ref_kl_horizon: int,
@@ -101,6 +101,7 @@ def configure_features(
     :raises ConfigurationError: a setting is invalid or does not fit another.
     """
     check_ref_kl_mode(ref_kl_mode)
+    check_ref_kl_coef(ref_kl_coef, ref_kl_target, ref_kl_horizon)  # AdaptiveKLCoef holds target and horizon
     validate_stabilizers(
         dual_clip=dual_clip,
         rpo_alpha=rpo_alpha,

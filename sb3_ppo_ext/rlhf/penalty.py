@@ -11,11 +11,17 @@ beta, fixed or adapted by Ziegler et al.'s controller (:mod:`sb3_ppo_ext.rlhf.re
 With ``VecNormalize`` (reward mode): the penalty is in the env's raw reward units. The env's reward reaches the
 rollout divided by VecNormalize's return scale ``sqrt(var(R) + eps)`` (and clipped); the penalty is divided by
 the same scale before it is subtracted, so the reward GAE sees is ``(r_raw - beta * KL) / scale`` (the clip
-applies to the env's reward alone) and beta keeps its meaning while the return statistics move. The reference
-reads observations normalised by frozen statistics: its own, saved next to it (``<model>_vecnormalize.pkl``)
-when it is given as a path, else the env's as they were at the first rollout with the reference; they are
-saved with the model (``_ref_obs_rms``). In loss mode the reference reads the stored minibatch observations,
-normalised by the statistics of their step.
+applies to the env's reward alone) and beta keeps its meaning while the return statistics move.
+
+The reference reads observations through frozen statistics in both modes (:mod:`sb3_ppo_ext.rlhf.observations`):
+its own (``Reference(model_or_path, vec_normalize=...)``, ``<model>_vecnormalize.pkl`` beside a path, or a
+model's own ``VecNormalize``), raw observations (``vec_normalize=False``), or else, when the env normalises
+observations, the env's as they were at the first rollout. They are saved with the model (``_ref_obs_rms``).
+
+The adaptive controller measures the KL in its target's unit and counts the rollout in its horizon's unit
+(:class:`~sb3_ppo_ext.rlhf.reference.AdaptiveKLCoef`): per step, the rollout's mean (reward mode) or the
+update's exact KL (loss mode); per episode, ``rlhf/kl_sampled_per_episode`` (reward mode) or
+``rlhf/kl_exact_per_episode`` (loss mode); env steps, or the episodes that ended in the rollout.
 
 The keys an RLHF user watches for over-optimisation, one name per quantity (``train/ref_kl`` and
 ``train/ref_kl_coef`` stay, with their mode-dependent meaning, for older dashboards):
@@ -28,7 +34,10 @@ The keys an RLHF user watches for over-optimisation, one name per quantity (``tr
 * ``rlhf/score``: the env's reward (before the penalty) summed per episode, averaged over the rollout's episodes.
 * ``rlhf/non_score_reward``: the penalty ``-beta * KL`` summed per episode, averaged likewise (reward mode).
 * ``rlhf/kl_exact_per_step``: ``KL(pi_theta || pi_ref)`` of the moving policy, averaged over the update's
-  minibatches (loss mode; the term's own value).
+  minibatches (loss mode; the term's own value: closed form, or under gSDE the importance-weighted estimate of
+  :func:`~sb3_ppo_ext.rlhf.estimators.importance_weighted_kl`).
+* ``rlhf/kl_exact_per_episode``: ``rlhf/kl_exact_per_step`` times the mean length of the episodes that ended in
+  the rollout (loss mode, with a controller whose target or horizon is per episode).
 * ``rlhf/entropy``: the policy's entropy, averaged over the update's minibatches.
 
 With several ranks each per-rollout number is the mean of the ranks' means.
@@ -36,19 +45,23 @@ With several ranks each per-rollout number is the mean of the ranks' means.
 
 from __future__ import annotations
 
-import copy
-import pickle
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_ppo_ext.extensions import Extension, RolloutStep
 from sb3_ppo_ext.losses import LossTerms, PPOBatch, mean_of
+from sb3_ppo_ext.rlhf.observations import (
+    ReferenceObservations,
+    check_obs_statistics,
+    normalize_observations,
+    reference_obs_statistics,
+    reference_view,
+    statistics_of,
+)
 from sb3_ppo_ext.rlhf.reference import (
     KLController,
     ReferencePolicy,
@@ -74,23 +87,6 @@ REFERENCE_UNSAVED = ("ref_policy", "_reference", "_ref_policy_source")
 EPISODE_KEYS = ("kl_sampled_per_episode", "score", "non_score_reward")
 
 
-def reference_obs_statistics(source: Any) -> Any:
-    """The observation statistics saved next to a reference given as a path (``<stem>_vecnormalize.pkl``), or None.
-
-    :param source: the ``ref_policy`` argument.
-    :return: ``(obs_rms, epsilon, clip_obs)`` of the saved ``VecNormalize``, or None.
-    """
-    if not isinstance(source, str | Path):
-        return None
-    path = Path(source)
-    stats = path.with_name(f"{path.name.removesuffix('.zip')}_vecnormalize.pkl")
-    if not stats.is_file():
-        return None
-    with open(stats, "rb") as file:
-        saved = pickle.load(file)
-    return (copy.deepcopy(saved.obs_rms), float(saved.epsilon), float(saved.clip_obs)) if saved.norm_obs else None
-
-
 def _reward_scale(venv: Any) -> float:
     """The divisor VecNormalize applied to this step's rewards (1.0 without reward normalisation)."""
     if venv is None or not venv.norm_reward:
@@ -112,6 +108,7 @@ def setup_reference(model: Any) -> ReferencePolicy | None:
     if source is not None:
         reference = resolve_reference(source, model.device)
         model._ref_obs_rms = reference_obs_statistics(source)
+        check_obs_statistics(model._ref_obs_rms, model.observation_space)
         model._ref_policy_spec = reference_spec(reference.policy)
         model._ref_policy_source = None
     elif model._ref_policy_spec is not None:
@@ -135,10 +132,42 @@ class _ReferenceKL(Extension):
 
         :param model: the model.
         """
+        self._model = model
         self.reference = setup_reference(model)
+
+    def _freeze_statistics(self, model: Any) -> None:
+        """Where the env normalises observations and the reference has no statistics of its own: the env's, now."""
+        self._model = model
+        self._venv = model.get_vec_normalize_env()
+        self._normalizes = self._venv is not None and bool(self._venv.norm_obs)
+        if self._normalizes and getattr(model, "_ref_obs_rms", None) is None:
+            # frozen from now on: the reference's outputs must not move with the live statistics
+            model._ref_obs_rms = statistics_of(self._venv)
+
+    def _raw_view(self, raw: Any) -> Any:
+        """Raw observations as the reference reads them (tensors on the model's device)."""
+        return reference_view(raw, self._model._ref_obs_rms, self._model.device)
 
     def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
         raise NotImplementedError
+
+    def _episodes_measured(self, kl: float | None) -> tuple[float | None, float]:
+        """The KL per episode (None without one) and the mean number of episodes per rank that ended in the rollout.
+
+        :param kl: the per-step KL of :meth:`_measured_kl`.
+        """
+        raise NotImplementedError
+
+    def _controlled(self, model: Any, kl: float | None) -> tuple[float | None, float]:
+        """The KL in the target's unit and the rollout's size in the horizon's unit (the controller's inputs)."""
+        controller = self.controller
+        if not getattr(controller, "counts_episodes", False):
+            return kl, model.distributed.global_steps(model.n_steps * model.n_envs)
+        per_episode, episodes = self._episodes_measured(kl)
+        measured = per_episode if controller.target_per == "episode" else kl
+        if controller.horizon_in == "episodes":
+            return measured, model.distributed.global_steps(1) * episodes
+        return measured, model.distributed.global_steps(model.n_steps * model.n_envs)
 
     def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
         """Log the KL to the reference and beta, then let the controller move beta (Ziegler et al.).
@@ -149,7 +178,9 @@ class _ReferenceKL(Extension):
         kl = self._measured_kl(history)
         if kl is not None:
             model.logger.record("train/ref_kl", kl)
-            self.controller.update(kl, model.distributed.global_steps(model.n_steps * model.n_envs))
+        measured, size = self._controlled(model, kl)
+        if measured is not None:
+            self.controller.update(measured, size)
         model.logger.record("train/ref_kl_coef", self.controller.value)
 
 
@@ -159,7 +190,7 @@ class RewardKLPenalty(_ReferenceKL):
     :param controller: beta's controller (:func:`~sb3_ppo_ext.rlhf.reference.make_kl_controller`).
     """
 
-    statistics = ("ref_kl", *EPISODE_KEYS)
+    statistics = ("ref_kl", *EPISODE_KEYS, "episodes")
 
     def __init__(self, controller: KLController) -> None:
         super().__init__(controller)
@@ -178,12 +209,7 @@ class RewardKLPenalty(_ReferenceKL):
         """
         self._kl_sum, self._samples = 0.0, 0
         self._episodes.start_rollout()
-        self._model = model
-        self._venv = model.get_vec_normalize_env()
-        if self._venv is not None and self._venv.norm_obs and getattr(model, "_ref_obs_rms", None) is None:
-            # frozen from now on: the reference's outputs must not move with the live statistics
-            venv = self._venv
-            model._ref_obs_rms = (copy.deepcopy(venv.obs_rms), float(venv.epsilon), float(venv.clip_obs))
+        self._freeze_statistics(model)
 
     def acted(self, step: RolloutStep) -> None:
         """``log pi_old - log pi_ref`` of the actions just sampled, under the same masks.
@@ -193,9 +219,10 @@ class RewardKLPenalty(_ReferenceKL):
         assert self.reference is not None
         masks = step.policy_inputs.get("action_masks")
         observations = step.observations
-        frozen = getattr(self._model, "_ref_obs_rms", None)
-        if frozen is not None and self._venv is not None and self._venv.norm_obs:
-            observations = obs_as_tensor(_normalize(self._venv.get_original_obs(), *frozen), self._model.device)
+        if self._normalizes:  # the raw observations, through the reference's frozen statistics
+            observations = self._raw_view(self._venv.get_original_obs())
+        elif getattr(self._model, "_ref_obs_rms", None) is not None:  # raw observations, the reference's statistics
+            observations = self._raw_view(observations)
         self._step_kl = step.log_probs - self.reference.log_prob(observations, step.actions, masks)
 
     def shape_rewards(self, rewards: np.ndarray, step: RolloutStep) -> np.ndarray:
@@ -234,7 +261,7 @@ class RewardKLPenalty(_ReferenceKL):
         :param model: the model.
         :return: the statistics measured over the rollout.
         """
-        return {"ref_kl": self._kl_sum / self._samples, **self._episodes.means()}
+        return {"ref_kl": self._kl_sum / self._samples, **self._episodes.means(), "episodes": self._episodes.count()}
 
     def rollout_statistics(self, statistics: dict[str, float]) -> None:
         """Keep the means over every rank (the KL is None when the rollout stopped early everywhere).
@@ -257,17 +284,91 @@ class RewardKLPenalty(_ReferenceKL):
     def _measured_kl(self, history: list[list[LossTerms]]) -> float | None:
         return self.rollout_kl
 
+    def _episodes_measured(self, kl: float | None) -> tuple[float | None, float]:
+        statistics = self.rollout_statistics_
+        return statistics.get("kl_sampled_per_episode"), statistics.get("episodes", 0.0)
+
 
 class LossKLPenalty(_ReferenceKL):
     """``beta * KL(pi_theta || pi_ref)`` in the loss; the reference's outputs computed once per distinct minibatch.
 
+    The rollout's steps concern it only where the env normalises observations (it keeps what the reference reads
+    for each stored observation) or the controller counts episodes (it keeps the episodes' lengths).
+
     :param controller: beta's controller (:func:`~sb3_ppo_ext.rlhf.reference.make_kl_controller`).
     """
+
+    statistics = ("episodes", "episode_length")
 
     def __init__(self, controller: KLController) -> None:
         super().__init__(controller)
         self._memo: tuple[Any, Any] | None = None
         self._active = False
+        self._normalizes = False
+        self._counting = False
+        self._observations = ReferenceObservations()
+        self._lengths = _EpisodeLengths()
+        self.rollout_statistics_: dict[str, float] = {}
+
+    def rollout_start(self, model: Any, env: VecEnv, rollout_buffer: RolloutBuffer) -> bool | None:
+        """Freeze the statistics the reference reads through; take part in the steps only where needed.
+
+        :param model: the model.
+        :param env: the model's VecEnv.
+        :param rollout_buffer: the model's rollout buffer, reset.
+        :return: False (no per-step hooks) unless the env normalises observations or episodes are counted.
+        """
+        self._freeze_statistics(model)
+        self._observations.clear()
+        self._lengths.start_rollout()
+        self._counting = bool(getattr(self.controller, "counts_episodes", False))
+        return None if self._normalizes or self._counting else False
+
+    def acted(self, step: RolloutStep) -> None:
+        """Keep what the reference reads for the observations the buffer will store.
+
+        :param step: the step: the policy's outputs.
+        """
+        if self._normalizes:
+            raw = self._venv.get_original_obs()
+            self._observations.add(step.observations, normalize_observations(raw, self._model._ref_obs_rms))
+
+    def step_end(self, model: Any) -> None:
+        """Count the episodes that ended at this step.
+
+        :param model: the model (its ``_last_episode_starts`` are the step's done flags).
+        """
+        if self._counting:
+            self._lengths.step(model._last_episode_starts)
+
+    def rollout_end(self, model: Any) -> dict[str, float]:
+        """The number and mean length of the episodes that ended in the rollout, where episodes are counted.
+
+        :param model: the model.
+        :return: the statistics measured over the rollout.
+        """
+        return self._lengths.statistics() if self._counting else {}
+
+    def rollout_statistics(self, statistics: dict[str, float]) -> None:
+        """Keep the means over every rank.
+
+        :param statistics: the rollout's statistics, over every rank.
+        """
+        self.rollout_statistics_ = statistics
+
+    def _episodes_measured(self, kl: float | None) -> tuple[float | None, float]:
+        statistics = self.rollout_statistics_
+        length = statistics.get("episode_length")
+        per_episode = None if kl is None or length is None else kl * length
+        return per_episode, statistics.get("episodes", 0.0)
+
+    def _reference_observations(self, observations: Any) -> Any:
+        """A minibatch's observations as the reference reads them."""
+        if self._normalizes:
+            return self._observations.lookup(observations, self._model.device)
+        if getattr(self._model, "_ref_obs_rms", None) is not None:
+            return self._raw_view(observations)
+        return observations
 
     def update_start(self, model: Any) -> None:
         """Only a beta that weighs something asks the reference (beta = 0 trains as without one).
@@ -296,7 +397,8 @@ class LossKLPenalty(_ReferenceKL):
         if self._memo is None or self._memo[0] is not batch.observations:
             # one minibatch holding the whole rollout is the same tensor at every epoch, and the reference is
             # frozen: its outputs are then computed once per update, not once per epoch
-            targets = self.reference.targets(batch.observations, batch.actions, batch.action_masks)
+            observations = self._reference_observations(batch.observations)
+            targets = self.reference.targets(observations, batch.actions, batch.action_masks)
             self._memo = (batch.observations, targets)
         return batch._replace(reference=self._memo[1])
 
@@ -312,7 +414,10 @@ class LossKLPenalty(_ReferenceKL):
         """
         beta, kl = self.controller.value, self._measured_kl(history)
         super().update_end(model, history)
-        _record_rlhf(model, beta, history, {} if kl is None else {"kl_exact_per_step": kl})
+        measured = {} if kl is None else {"kl_exact_per_step": kl}
+        if self._counting and self._episodes_measured(kl)[0] is not None:
+            measured["kl_exact_per_episode"] = self._episodes_measured(kl)[0]
+        _record_rlhf(model, beta, history, measured)
 
 
 class _EpisodeSums:
@@ -345,13 +450,36 @@ class _EpisodeSums:
         """The mean of each sum over the episodes that ended in this rollout (nothing if none ended)."""
         return {key: float(np.mean(values)) for key, values in self._ended.items() if values}
 
+    def count(self) -> float:
+        """The number of episodes that ended in this rollout."""
+        return float(len(self._ended[EPISODE_KEYS[0]]))
 
-def _normalize(obs: Any, obs_rms: Any, epsilon: float, clip_obs: float) -> Any:
-    """VecNormalize's observation normalisation with given (frozen) statistics."""
-    if isinstance(obs, dict):
-        return {key: _normalize(value, obs_rms[key], epsilon, clip_obs) for key, value in obs.items()}
-    normalized = (obs - obs_rms.mean) / np.sqrt(obs_rms.var + epsilon)
-    return np.clip(normalized, -clip_obs, clip_obs).astype(np.float32)
+
+class _EpisodeLengths:
+    """Per env, the length of the episode in flight; the lengths of the episodes that ended in this rollout."""
+
+    def __init__(self) -> None:
+        self._running: np.ndarray | None = None
+        self._ended: list[int] = []
+
+    def start_rollout(self) -> None:
+        """Forget the last rollout's ended episodes (the ones in flight go on)."""
+        self._ended = []
+
+    def step(self, dones: np.ndarray) -> None:
+        """One step of every env; the envs whose episode ended start again from zero."""
+        dones = np.asarray(dones, dtype=bool)
+        if self._running is None or self._running.shape != dones.shape:
+            self._running = np.zeros(dones.shape, dtype=np.int64)
+        self._running += 1
+        self._ended.extend(self._running[dones].tolist())
+        self._running[dones] = 0
+
+    def statistics(self) -> dict[str, float]:
+        """The number of episodes that ended, and their mean length (left out if none ended)."""
+        if not self._ended:
+            return {"episodes": 0.0}
+        return {"episodes": float(len(self._ended)), "episode_length": float(np.mean(self._ended))}
 
 
 def _record_rlhf(model: Any, beta: float, history: list[list[LossTerms]], measured: dict[str, float]) -> None:
@@ -360,7 +488,7 @@ def _record_rlhf(model: Any, beta: float, history: list[list[LossTerms]], measur
     model.logger.record("rlhf/entropy", -mean_of(history, "entropy_loss"))
     if "ref_kl" in measured:
         model.logger.record("rlhf/kl_sampled_per_step", measured["ref_kl"])
-    for key in (*EPISODE_KEYS, "kl_exact_per_step"):
+    for key in (*EPISODE_KEYS, "kl_exact_per_step", "kl_exact_per_episode"):
         if key in measured:
             model.logger.record(f"rlhf/{key}", measured[key])
 

@@ -10,12 +10,18 @@ reference ``pi_ref``:
   (:meth:`ActionHead.kl <sb3_ppo_ext.distributions.ActionHead.kl>`), else the sampled estimator
   :func:`sb3_ppo_ext.losses.sampled_kl`.
 
-``beta`` is fixed, or adapted by Ziegler et al.'s proportional controller (:class:`AdaptiveKLController`).
+``beta`` is fixed, or adapted by Ziegler et al.'s proportional controller (:class:`AdaptiveKLController`):
+``ref_kl_coef="adaptive"`` with ``ref_kl_target`` (KL per step) and ``ref_kl_horizon`` (env steps), or
+``ref_kl_coef=AdaptiveKLCoef(...)`` for the units of Ziegler et al. and TRL (KL per episode, horizon in episodes)
+and another starting beta. ``ref_policy=Reference(model_or_path, vec_normalize=...)`` gives the reference with
+the ``VecNormalize`` statistics it was trained under (:mod:`sb3_ppo_ext.rlhf.observations`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -33,6 +39,7 @@ from stable_baselines3.common.save_util import load_from_zip_file
 
 from sb3_ppo_ext.errors import ConfigurationError
 from sb3_ppo_ext.masking import policy_applies_masks
+from sb3_ppo_ext.rlhf.observations import ObsStatistics, load_obs_statistics
 
 RefKLMode = Literal["reward", "loss"]
 REF_KL_MODES: tuple[str, ...] = ("reward", "loss")
@@ -135,14 +142,45 @@ def build_reference(spec: dict[str, Any], device: th.device) -> ReferencePolicy:
     return ReferencePolicy(policy.to(device))
 
 
+class Reference:
+    """A reference and the observation statistics it was trained under: ``ClippedPPO(..., ref_policy=Reference(...))``.
+
+    The reference reads every observation as ``VecNormalize`` showed it to the reference in its own training:
+    the env's raw observation normalised by these statistics, frozen (they never update).
+
+    :param policy: a trained model (ClippedPPO, PPO, ...), its policy, or the path of a saved model.
+    :param vec_normalize: the reference's observation statistics: the path of a ``VecNormalize`` saved with
+        ``VecNormalize.save`` (or a ``VecNormalize`` object, copied now); ``False``: the reference reads raw
+        observations (it was trained without observation normalisation); None (default): found as for a plain
+        ``ref_policy`` (a ``<model>_vecnormalize.pkl`` beside a path, a model's own ``VecNormalize``, else the
+        env's statistics frozen at the first rollout when the env normalises observations).
+    :raises ConfigurationError: for a missing policy, a missing or unreadable statistics file, or another type.
+    """
+
+    def __init__(self, policy: Any, vec_normalize: Any = None) -> None:
+        if policy is None or isinstance(policy, Reference):
+            raise ConfigurationError(
+                f"Reference(policy={policy!r}) is invalid: pass a trained model, its policy or a saved model's path."
+            )
+        self.policy = policy
+        self.vec_normalize = vec_normalize
+        #: the statistics, loaded and copied now (None: found when the model is set up)
+        self.obs_statistics: ObsStatistics | None = load_obs_statistics(vec_normalize)
+
+    def __repr__(self) -> str:
+        return f"Reference({self.policy!r}, vec_normalize={self.vec_normalize!r})"
+
+
 def resolve_reference(ref_policy: Any, device: th.device) -> ReferencePolicy:
     """A frozen copy of ``ref_policy``: a model (SB3 or ClippedPPO), a policy, or the path of a saved model.
 
-    :param ref_policy: the ``ref_policy`` argument of ``ClippedPPO``.
+    :param ref_policy: the ``ref_policy`` argument of ``ClippedPPO`` (a :class:`Reference` included).
     :param device: the model's device.
     :return: the frozen reference.
     :raises ConfigurationError: for anything else, a missing file or a file without a saved policy.
     """
+    if isinstance(ref_policy, Reference):
+        return resolve_reference(ref_policy.policy, device)
     if isinstance(ref_policy, (str, Path)):
         policy = _load_policy(Path(ref_policy))
     elif isinstance(ref_policy, (BaseAlgorithm, BasePolicy)):
@@ -152,8 +190,8 @@ def resolve_reference(ref_policy: Any, device: th.device) -> ReferencePolicy:
         policy.load_state_dict(source.state_dict())
     else:
         raise ConfigurationError(
-            f"ref_policy={ref_policy!r} is invalid: pass a trained model (ClippedPPO, PPO, ...), its policy, or the "
-            "path of a saved model."
+            f"ref_policy={ref_policy!r} is invalid: pass a trained model (ClippedPPO, PPO, ...), its policy, the "
+            "path of a saved model, or sb3_ppo_ext.rlhf.Reference(one of these, vec_normalize=...)."
         )
     policy.optimizer = None  # type: ignore[assignment]
     return ReferencePolicy(policy.to(device))
@@ -168,12 +206,10 @@ def _load_policy(path: Path) -> BasePolicy:
     if data is None or "policy_class" not in data or "policy" not in params:
         raise ConfigurationError(f"ref_policy={str(path)!r} holds no saved policy: pass a model saved with save().")
     policy_class = data["policy_class"]
-    policy = policy_class(
-        data["observation_space"],
-        data["action_space"],
-        lambda _: 0.0,
-        **(data.get("policy_kwargs") or {}),
-    )
+    kwargs = dict(data.get("policy_kwargs") or {})
+    if data.get("use_sde"):  # as SB3's _setup_model builds it: use_sde is the algorithm's, not in policy_kwargs
+        kwargs.setdefault("use_sde", True)
+    policy = policy_class(data["observation_space"], data["action_space"], lambda _: 0.0, **kwargs)
     policy.load_state_dict(params["policy"])
     return policy
 
@@ -224,23 +260,42 @@ class FixedKLController:
 class AdaptiveKLController:
     """Ziegler et al. (2019)'s proportional controller of ``beta`` towards a target KL.
 
-    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta <- beta * (1 + e * n_steps / horizon)``.
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta <- beta * (1 + e * n / horizon)``, where ``KL`` is measured
+    in the target's unit (per step or per episode) and ``n`` counts the rollout in the horizon's unit (env steps,
+    or episodes that ended in it).
 
     :param value: the starting ``beta``.
-    :param target: the KL per step to hold.
-    :param horizon: env steps over which ``beta`` may change by about ``e``.
+    :param target: the KL to hold, per step or per episode (``target_per``).
+    :param horizon: env steps or episodes (``horizon_in``) over which ``beta`` may change by about ``e``.
+    :param target_per: ``"step"`` or ``"episode"``.
+    :param horizon_in: ``"steps"`` or ``"episodes"``.
     """
 
-    def __init__(self, value: float, target: float, horizon: int) -> None:
+    # class-level defaults: controllers pickled before these settings existed load as per step / env steps
+    target_per: str = "step"
+    horizon_in: str = "steps"
+
+    def __init__(
+        self, value: float, target: float, horizon: int, target_per: str = "step", horizon_in: str = "steps"
+    ) -> None:
         self.value = float(value)
         self.target = float(target)
         self.horizon = int(horizon)
+        if target_per != "step":
+            self.target_per = target_per
+        if horizon_in != "steps":
+            self.horizon_in = horizon_in
 
-    def update(self, kl: float, n_steps: int) -> None:
+    @property
+    def counts_episodes(self) -> bool:
+        """Whether the controller needs per-episode measurements (its target or horizon is in episodes)."""
+        return self.target_per == "episode" or self.horizon_in == "episodes"
+
+    def update(self, kl: float, n_steps: float) -> None:
         """Move ``beta`` after a rollout.
 
-        :param kl: the mean KL per step measured over the rollout.
-        :param n_steps: env steps of the rollout (all envs, all ranks).
+        :param kl: the KL measured over the rollout, in the target's unit.
+        :param n_steps: the rollout's size in the horizon's unit: env steps (all envs, all ranks), or episodes.
         """
         error = min(max(kl / self.target - 1.0, -ADAPTIVE_ERROR_CLIP), ADAPTIVE_ERROR_CLIP)
         self.value *= 1.0 + error * n_steps / self.horizon
@@ -248,17 +303,132 @@ class AdaptiveKLController:
 
 KLController = FixedKLController | AdaptiveKLController
 
+TARGET_UNITS: tuple[str, ...] = ("step", "episode")
+HORIZON_UNITS: tuple[str, ...] = ("steps", "episodes")
 
-def make_kl_controller(coef: float | str, target: float | None, horizon: int) -> KLController:
-    """The controller for ``ref_kl_coef`` (a float, or ``"adaptive"``), after checking the arguments.
 
-    :param coef: ``ref_kl_coef``: a float >= 0, or ``"adaptive"``.
-    :param target: ``ref_kl_target``, needed by ``"adaptive"``.
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True)
+class AdaptiveKLCoef:
+    """Ziegler et al.'s adaptive beta with its units stated: ``ClippedPPO(..., ref_kl_coef=AdaptiveKLCoef(...))``.
+
+    After every rollout ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)``
+    (:class:`AdaptiveKLController`). Ziegler et al. and TRL state the target per episode (a sequence: the KL
+    summed over its tokens, e.g. 6 nats) and the horizon in episodes (10 000): ``target_per="episode"``. The
+    settings only describe the controller: each model builds its own, so one object may serve several models.
+
+    * ``target_per="step"``: ``KL`` is the mean per-step KL of the rollout (the sampled log-ratio in reward mode,
+      the exact KL of the update in loss mode), as ``ref_kl_coef="adaptive"`` measures it.
+    * ``target_per="episode"``: ``KL`` is the per-step KL summed over each episode that ended in the rollout,
+      averaged over those episodes (reward mode: ``rlhf/kl_sampled_per_episode``; loss mode: the exact per-step KL
+      times the mean length of those episodes, ``rlhf/kl_exact_per_episode``). No episode ended: beta stays.
+    * ``horizon_in="steps"``: ``n`` is the rollout's env steps (all envs, all ranks); ``"episodes"``: the number of
+      episodes that ended in it (all envs, all ranks).
+
+    :param target: the KL to hold (> 0), in nats per step or per episode (``target_per``).
+    :param target_per: ``"step"`` or ``"episode"``; required, so that a target's unit is never guessed.
+    :param initial: the starting beta (> 0; the controller multiplies it, so 0 would stay 0). Default 0.1.
+    :param horizon: how many steps or episodes (``horizon_in``) a change of beta by about 20% takes. Default 10 000.
+    :param horizon_in: ``"steps"`` or ``"episodes"``; default: the target's unit (``"episodes"`` for a target per
+        episode, as in Ziegler et al.).
+    :raises ConfigurationError: for a value out of range or an unknown unit.
+    """
+
+    target: float
+    target_per: str
+    initial: float = DEFAULT_REF_KL_COEF
+    horizon: int = DEFAULT_REF_KL_HORIZON
+    horizon_in: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _positive_number(self.target):
+            raise ConfigurationError(
+                f"AdaptiveKLCoef(target={self.target!r}) is invalid: pass a finite KL > 0 (nats per step or per "
+                "episode, as target_per says; e.g. 6.0 per episode as in Ziegler et al. and TRL)."
+            )
+        if self.target_per not in TARGET_UNITS:
+            raise ConfigurationError(
+                f"AdaptiveKLCoef(target_per={self.target_per!r}) is invalid: pass 'step' (the target is a mean KL "
+                "per env step) or 'episode' (a KL summed over an episode, as in Ziegler et al. and TRL)."
+            )
+        if not _positive_number(self.initial):
+            raise ConfigurationError(
+                f"AdaptiveKLCoef(initial={self.initial!r}) is invalid: pass a finite beta > 0 (the controller "
+                "multiplies beta, so it cannot leave 0; for a fixed beta pass ref_kl_coef=<float>)."
+            )
+        horizon = self.horizon
+        if not isinstance(horizon, numbers.Integral) or isinstance(horizon, bool) or horizon <= 0:
+            raise ConfigurationError(
+                f"AdaptiveKLCoef(horizon={horizon!r}) is invalid: pass a positive whole number of env steps or "
+                "episodes (horizon_in)."
+            )
+        if self.horizon_in is not None and self.horizon_in not in HORIZON_UNITS:
+            raise ConfigurationError(
+                f"AdaptiveKLCoef(horizon_in={self.horizon_in!r}) is invalid: pass 'steps' (env steps) or 'episodes' "
+                "(episodes that ended), or leave it out for the target's unit."
+            )
+
+    @property
+    def horizon_unit(self) -> str:
+        """``horizon_in``, or the target's unit when it was left out.
+
+        :return: ``"steps"`` or ``"episodes"``.
+        """
+        if self.horizon_in is not None:
+            return self.horizon_in
+        return "episodes" if self.target_per == "episode" else "steps"
+
+    def controller(self) -> AdaptiveKLController:
+        """A new controller with these settings, at the initial beta.
+
+        :return: the controller.
+        """
+        return AdaptiveKLController(
+            float(self.initial), float(self.target), int(self.horizon), self.target_per, self.horizon_unit
+        )
+
+
+def check_ref_kl_coef(coef: Any, target: Any, horizon: Any) -> None:
+    """``ref_kl_target``/``ref_kl_horizon`` may not be given beside ``ref_kl_coef=AdaptiveKLCoef(...)``.
+
+    :param coef: ``ref_kl_coef``.
+    :param target: ``ref_kl_target``.
+    :param horizon: ``ref_kl_horizon``.
+    :raises ConfigurationError: when the object and the separate settings are both given.
+    """
+    if not isinstance(coef, AdaptiveKLCoef):
+        return
+    given = [
+        f"{name}={value!r}"
+        for name, value, default in (
+            ("ref_kl_target", target, None),
+            ("ref_kl_horizon", horizon, DEFAULT_REF_KL_HORIZON),
+        )
+        if value is not default and value != default
+    ]
+    if given:
+        raise ConfigurationError(
+            f"{', '.join(given)} beside ref_kl_coef={coef!r}: the object holds the target and the horizon. Set them "
+            "there (AdaptiveKLCoef(target=..., horizon=...)) and leave ref_kl_target/ref_kl_horizon out."
+        )
+
+
+def make_kl_controller(coef: Any, target: float | None, horizon: int) -> KLController:
+    """The controller for ``ref_kl_coef`` (a float, ``"adaptive"`` or :class:`AdaptiveKLCoef`), after checks.
+
+    :param coef: ``ref_kl_coef``: a float >= 0, ``"adaptive"``, or an :class:`AdaptiveKLCoef`.
+    :param target: ``ref_kl_target`` (KL per step), needed by ``"adaptive"``.
     :param horizon: ``ref_kl_horizon`` (env steps).
-    :return: a :class:`FixedKLController` or an :class:`AdaptiveKLController` (starting at 0.1).
+    :return: a :class:`FixedKLController` or an :class:`AdaptiveKLController` (``"adaptive"`` starts at 0.1).
     :raises ConfigurationError: for an invalid coefficient, target or horizon.
     """
-    if coef == "adaptive":
+    if isinstance(coef, AdaptiveKLCoef):
+        check_ref_kl_coef(coef, target, horizon)
+        return coef.controller()
+    if isinstance(coef, str) and coef == "adaptive":
         if target is None or not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
             raise ConfigurationError(
                 f"ref_kl_target={target!r} is invalid: ref_kl_coef='adaptive' needs a finite target KL > 0 per step "
@@ -269,7 +439,8 @@ def make_kl_controller(coef: float | str, target: float | None, horizon: int) ->
         return AdaptiveKLController(DEFAULT_REF_KL_COEF, float(target), horizon)
     if isinstance(coef, str) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
         raise ConfigurationError(
-            f"ref_kl_coef={coef!r} is invalid: pass a finite float >= 0, or 'adaptive' (with ref_kl_target)."
+            f"ref_kl_coef={coef!r} is invalid: pass a finite float >= 0, 'adaptive' (with ref_kl_target, per step), "
+            "or sb3_ppo_ext.rlhf.AdaptiveKLCoef(target=..., target_per='step'|'episode', initial=..., horizon=...)."
         )
     return FixedKLController(float(coef))
 
