@@ -24,9 +24,10 @@ file); :func:`read_metadata` reads either. ONNX export uses torch's TorchScript-
 Files are built and checked in memory, then written to a temporary file renamed over the target: a failed
 export leaves neither a partial file nor a folder it created behind.
 
-Recurrent policies (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``) export as
-:class:`RecurrentExportModule`: one step of each env, the LSTM state in and out as ``predict(obs, state,
-episode_start, deterministic=True)`` takes and returns it (see that class for the names).
+Recurrent policies (``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``, and with ``rnn_type="gru"``)
+export as :class:`RecurrentExportModule`: one step of each env, the LSTM state in and out as ``predict(obs, state,
+episode_start, deterministic=True)`` takes and returns it (see that class for the names); a GRU's state is ``h``
+alone (no ``state_c`` input or output).
 """
 
 from __future__ import annotations
@@ -368,6 +369,8 @@ class RecurrentExportModule(PolicyExportModule):
         # set before the parent's __init__, which lists the inputs and outputs (input_specs reads them)
         self.state_shape = (int(policy.n_lstm_layers), int(policy.lstm_hidden_size))  # type: ignore[attr-defined]
         self.critic_state = with_value and getattr(policy, "lstm_critic", None) is not None
+        # a GRU's state is h alone; the (h, c) pairs the policy takes get zeros for c
+        self.cell_state = getattr(policy, "rnn_type", "lstm") == "lstm"
         super().__init__(policy, with_value, action_masks, obs_stats, clip_obs)
 
     def _reserved_names(self) -> list[str]:
@@ -375,7 +378,9 @@ class RecurrentExportModule(PolicyExportModule):
         return [*names, "critic_state_h", "critic_state_c", "critic_state_h_out", "critic_state_c_out"]
 
     def _state_specs(self, names: Sequence[str]) -> list[TensorSpec]:
+        """Specs of a ``[h, c]`` pair of names; a GRU has no ``c``, so its second name is left out."""
         layers, hidden = self.state_shape
+        names = names if self.cell_state else names[:1]
         return [TensorSpec(name, (layers, BATCH, hidden), "float32") for name in names]
 
     def input_specs(self) -> list[TensorSpec]:
@@ -417,9 +422,22 @@ class RecurrentExportModule(PolicyExportModule):
         def state() -> th.Tensor:
             return th.randn((layers, batch_size, hidden), generator=generator)
 
+        def states() -> tuple[th.Tensor, ...]:
+            return (state(), state()) if self.cell_state else (state(),)
+
         starts = (th.arange(batch_size) % 2 == 0).float()
-        critic = (state(), state()) if self.critic_state else ()
-        return (*base[:n_obs], state(), state(), starts, *base[n_obs:], *critic)
+        critic = states() if self.critic_state else ()
+        return (*base[:n_obs], *states(), starts, *base[n_obs:], *critic)
+
+    def _pair(self, inputs: Sequence[th.Tensor]) -> tuple[tuple[th.Tensor, th.Tensor], Sequence[th.Tensor]]:
+        """The ``(h, c)`` pair at the front of ``inputs`` (``c`` zeros for a GRU) and the inputs after it."""
+        if self.cell_state:
+            return (inputs[0], inputs[1]), inputs[2:]
+        return (inputs[0], th.zeros_like(inputs[0])), inputs[1:]
+
+    def _unpaired(self, state: tuple[th.Tensor, th.Tensor]) -> tuple[th.Tensor, ...]:
+        """The graph's outputs for a state pair: ``(h, c)``, or ``(h,)`` for a GRU."""
+        return state if self.cell_state else state[:1]
 
     def forward(self, *inputs: th.Tensor) -> tuple[th.Tensor, ...]:  # type: ignore[override]
         """``action``, the actor's new state (and ``value``, the critic's new state) for :meth:`input_specs`.
@@ -429,27 +447,27 @@ class RecurrentExportModule(PolicyExportModule):
         """
         n_obs = len(self.obs_spaces)
         obs = self._observations(inputs[:n_obs])
-        state = (inputs[n_obs], inputs[n_obs + 1])
+        state, rest = self._pair(inputs[n_obs:])
         # predict() feeds episode starts as float32; a bool input works too (TorchScript)
-        episode_start = inputs[n_obs + 2].to(th.float32)
-        rest = inputs[n_obs + 3 :]
+        episode_start = rest[0].to(th.float32)
+        rest = rest[1:]
         masks: dict[str, th.Tensor] = {}
         if self.action_masks:
             masks["action_masks"] = rest[0].to(th.bool)
             rest = rest[1:]
         if not self.with_value:
-            actions, (h, c) = self.policy._predict(  # type: ignore[call-arg]
+            actions, new_state = self.policy._predict(  # type: ignore[call-arg]
                 obs, state, episode_start, deterministic=True, **masks
             )
-            return self._postprocess(actions), h, c
+            return self._postprocess(actions), *self._unpaired(new_state)
         # the rollout's own step: actions, values and both LSTMs' states at once; with a shared LSTM or a
         # memoryless critic the critic's states are not read, the actor's stand in for them
-        critic = (rest[0], rest[1]) if self.critic_state else state
+        critic = self._pair(rest)[0] if self.critic_state else state
         actions, values, _, states = self.policy(  # forward(); its log-probability is pruned from the graph
             obs, LSTMStates(state, critic), episode_start, deterministic=True, **masks
         )
-        outputs = (self._postprocess(actions), *states.pi, values)
-        return (*outputs, *states.vf) if self.critic_state else outputs
+        outputs = (self._postprocess(actions), *self._unpaired(states.pi), values)
+        return (*outputs, *self._unpaired(states.vf)) if self.critic_state else outputs
 
 
 # -- building the module -----------------------------------------------------------------------------
@@ -547,6 +565,8 @@ def _metadata(module: PolicyExportModule, options: dict[str, Any], export_format
             "n_lstm_layers": layers,
             "lstm_hidden_size": hidden,
             "critic_state": module.critic_state,
+            "rnn_type": str(getattr(policy, "rnn_type", "lstm")),
+            "state_names": ["h", "c"] if module.cell_state else ["h"],
             "shared_lstm": bool(policy.shared_lstm),  # type: ignore[attr-defined]
             "enable_critic_lstm": bool(policy.enable_critic_lstm),  # type: ignore[attr-defined]
         }

@@ -1,10 +1,14 @@
-"""Recurrent (LSTM) actor-critic policies: ``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``.
+"""Recurrent (LSTM or GRU) actor-critic policies: ``MlpLstmPolicy``, ``CnnLstmPolicy``, ``MultiInputLstmPolicy``.
 
 The layout and keywords are sb3-contrib's ``RecurrentActorCriticPolicy`` (features -> LSTM -> MLP -> heads;
 ``lstm_hidden_size``, ``n_lstm_layers``, ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``), so
 ``policy_kwargs`` written for ``RecurrentPPO`` mean the same here, and so do ``predict``'s states. What
 differs is inside: masks apply to the action head as in the feed-forward policies, and training runs
 each LSTM once over a padded grid of sequences (:mod:`sb3_ppo_ext.recurrent.sequences`) instead of step by step.
+
+``rnn_type="gru"`` (``policy_kwargs``; or the ``MlpGruPolicy``, ``CnnGruPolicy``, ``MultiInputGruPolicy`` classes)
+puts GRUs where the LSTMs are (:class:`PairedStateGRU`), with every other keyword, the attribute names and the
+``(h, c)`` state pairs unchanged: a GRU has no cell state, so its ``c`` is always zeros.
 """
 
 from __future__ import annotations
@@ -19,13 +23,35 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, Combine
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
-from sb3_ppo_ext.errors import ConfigurationAssertionError, PredictInputError
+from sb3_ppo_ext.errors import ConfigurationAssertionError, ConfigurationError, PredictInputError
 from sb3_ppo_ext.masking import check_action_masks
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy, MaybeMasks, n_rows
 from sb3_ppo_ext.recurrent.sequences import LSTMStates, Sequences, Step
 
 # How a recurrent policy is told where it is in time: one step of each env, or minibatch sequences.
 Memory = Step | Sequences
+#: the recurrent layers a policy can have (``rnn_type``)
+RNN_TYPES = ("lstm", "gru")
+
+
+class PairedStateGRU(nn.GRU):
+    """``nn.GRU`` that takes and returns an LSTM's ``(h, c)`` state pair, so it runs wherever an ``nn.LSTM`` runs.
+
+    The sequences, buffers, rollout and ``predict`` carry ``(h, c)`` pairs; a GRU's state is ``h`` alone, so ``c``
+    is ignored on the way in and zeros on the way out. Parameters and state dict are ``nn.GRU``'s.
+    """
+
+    def forward(  # type: ignore[override]
+        self, input: th.Tensor, hx: tuple[th.Tensor, th.Tensor] | None = None
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor]]:
+        """Run the GRU over ``input`` (``[T, B, features]``) from ``hx[0]``.
+
+        :param input: the sequence, time first.
+        :param hx: ``(h, c)`` before the first step, each ``[n_layers, B, hidden]`` (``c`` unused); None: zeros.
+        :return: the outputs ``[T, B, hidden]`` and ``(h_n, zeros)``.
+        """
+        output, h_n = super().forward(input, None if hx is None else hx[0])
+        return output, (h_n, th.zeros_like(h_n))
 
 
 class RecurrentActorCriticPolicy(ActorCriticPolicy):
@@ -38,7 +64,10 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
     :param shared_lstm: the critic reads the actor's LSTM output (detached: only the actor's loss trains it).
     :param enable_critic_lstm: the critic has its own LSTM (the default). With neither, the critic is a
         linear layer on the features, without memory.
-    :param lstm_kwargs: extra ``nn.LSTM`` keyword arguments.
+    :param lstm_kwargs: extra ``nn.LSTM`` (``nn.GRU``) keyword arguments.
+    :param rnn_type: ``"lstm"`` (default, sb3-contrib's) or ``"gru"``: a :class:`PairedStateGRU` in each LSTM's
+        place, under the same attribute names (``lstm_actor``, ``lstm_critic``) and with the same keywords
+        (``lstm_hidden_size`` is the GRU's hidden size); its states are ``(h, c)`` pairs whose ``c`` is zeros.
 
     The LSTMs keep PyTorch's initialisation, as in sb3-contrib; the layers around them get the orthogonal one.
     """
@@ -54,8 +83,13 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         shared_lstm: bool = False,
         enable_critic_lstm: bool = True,
         lstm_kwargs: dict[str, Any] | None = None,
+        rnn_type: str = "lstm",
         **kwargs: Any,
     ) -> None:
+        if rnn_type not in RNN_TYPES:
+            raise ConfigurationError(
+                f"rnn_type={rnn_type!r} is invalid: pass 'lstm' (the default, as sb3-contrib's RecurrentPPO) or 'gru'."
+            )
         if shared_lstm and enable_critic_lstm:
             raise ConfigurationAssertionError(
                 "You must choose between shared LSTM, seperate or no LSTM for the critic: shared_lstm=True needs "
@@ -71,9 +105,13 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         self.shared_lstm = shared_lstm
         self.enable_critic_lstm = enable_critic_lstm
         self.lstm_kwargs = dict(lstm_kwargs or {})
+        self.rnn_type = rnn_type
         super().__init__(observation_space, action_space, lr_schedule, *args, **kwargs)
         # sb3-contrib's attribute: the states of one env, for predict()
         self.lstm_hidden_state_shape = (n_lstm_layers, 1, lstm_hidden_size)
+
+    #: the class's own default ``rnn_type`` (the ``*GruPolicy`` classes: ``"gru"``); another one is saved explicitly
+    _default_rnn_type = "lstm"
 
     def _build_mlp_extractor(self) -> None:
         """The LSTMs (actor, then critic's or a linear critic input), then the MLP on their outputs."""
@@ -83,13 +121,14 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
                 "share_features_extractor=True or shared_lstm=False."
             )
         # SB3's flattened sizes may be NumPy integers (MultiDiscrete observations), which nn.LSTM refuses
-        self.lstm_actor = nn.LSTM(
+        recurrent_layer = nn.LSTM if self.rnn_type == "lstm" else PairedStateGRU
+        self.lstm_actor = recurrent_layer(
             int(self.features_dim), self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
         )
-        self.lstm_critic: nn.LSTM | None = None
+        self.lstm_critic: nn.LSTM | PairedStateGRU | None = None
         self.critic: nn.Linear | None = None
         if self.enable_critic_lstm:
-            self.lstm_critic = nn.LSTM(
+            self.lstm_critic = recurrent_layer(
                 int(self.vf_features_dim), self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
             )
         elif not self.shared_lstm:
@@ -106,6 +145,9 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
             enable_critic_lstm=self.enable_critic_lstm,
             lstm_kwargs=self.lstm_kwargs,
         )
+        # an LSTM policy's saved keywords stay sb3-contrib's; a *GruPolicy's LSTM must be saved as one
+        if "gru" in (self.rnn_type, self._default_rnn_type):
+            data["rnn_type"] = self.rnn_type
         return data
 
     # -- states ---------------------------------------------------------------------------------
@@ -268,7 +310,15 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """sb3-contrib's recurrent ``predict``: returns ``(actions, (h, c))``; pass the states back next step.
 
-        ``state=None`` starts every env from zero states; ``episode_start[i]`` resets env ``i``'s states.
+        ``state=None`` starts every env from zero states; ``episode_start[i]`` resets env ``i``'s states. With
+        ``rnn_type="gru"`` the returned ``c`` is zeros (and the ``c`` given is not read).
+
+        :param observation: the observations (one env, or a batch of envs).
+        :param state: the ``(h, c)`` pair ``predict`` returned last step, or None.
+        :param episode_start: one flag per env, True where an episode starts.
+        :param deterministic: the most likely actions instead of samples.
+        :param action_masks: one row of valid-action booleans per observation, or None.
+        :return: the actions and the states after the step.
         """
         self.set_training_mode(False)
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
@@ -420,6 +470,36 @@ class RecurrentMultiInputActorCriticPolicy(RecurrentActorCriticPolicy):
         )
 
 
+class GruActorCriticPolicy(RecurrentActorCriticPolicy):
+    """:class:`RecurrentActorCriticPolicy` with ``rnn_type="gru"`` by default (``MlpGruPolicy``)."""
+
+    _default_rnn_type = "gru"
+
+    def __init__(self, *args: Any, rnn_type: str = "gru", **kwargs: Any) -> None:
+        super().__init__(*args, rnn_type=rnn_type, **kwargs)
+
+
+class GruActorCriticCnnPolicy(RecurrentActorCriticCnnPolicy):
+    """:class:`RecurrentActorCriticCnnPolicy` with ``rnn_type="gru"`` by default (``CnnGruPolicy``)."""
+
+    _default_rnn_type = "gru"
+
+    def __init__(self, *args: Any, rnn_type: str = "gru", **kwargs: Any) -> None:
+        super().__init__(*args, rnn_type=rnn_type, **kwargs)
+
+
+class GruMultiInputActorCriticPolicy(RecurrentMultiInputActorCriticPolicy):
+    """:class:`RecurrentMultiInputActorCriticPolicy` with ``rnn_type="gru"`` by default (``MultiInputGruPolicy``)."""
+
+    _default_rnn_type = "gru"
+
+    def __init__(self, *args: Any, rnn_type: str = "gru", **kwargs: Any) -> None:
+        super().__init__(*args, rnn_type=rnn_type, **kwargs)
+
+
 MlpLstmPolicy = RecurrentActorCriticPolicy
 CnnLstmPolicy = RecurrentActorCriticCnnPolicy
 MultiInputLstmPolicy = RecurrentMultiInputActorCriticPolicy
+MlpGruPolicy = GruActorCriticPolicy
+CnnGruPolicy = GruActorCriticCnnPolicy
+MultiInputGruPolicy = GruMultiInputActorCriticPolicy
