@@ -471,7 +471,10 @@ class RecurrentMultiInputActorCriticPolicy(RecurrentActorCriticPolicy):
 
 
 class GruActorCriticPolicy(RecurrentActorCriticPolicy):
-    """:class:`RecurrentActorCriticPolicy` with ``rnn_type="gru"`` by default (``MlpGruPolicy``)."""
+    """:class:`RecurrentActorCriticPolicy` with ``rnn_type="gru"`` by default (``MlpGruPolicy``).
+
+    :param rnn_type: ``"gru"`` (default) or ``"lstm"``; the other arguments are the parent class's.
+    """
 
     _default_rnn_type = "gru"
 
@@ -480,7 +483,10 @@ class GruActorCriticPolicy(RecurrentActorCriticPolicy):
 
 
 class GruActorCriticCnnPolicy(RecurrentActorCriticCnnPolicy):
-    """:class:`RecurrentActorCriticCnnPolicy` with ``rnn_type="gru"`` by default (``CnnGruPolicy``)."""
+    """:class:`RecurrentActorCriticCnnPolicy` with ``rnn_type="gru"`` by default (``CnnGruPolicy``).
+
+    :param rnn_type: ``"gru"`` (default) or ``"lstm"``; the other arguments are the parent class's.
+    """
 
     _default_rnn_type = "gru"
 
@@ -489,7 +495,10 @@ class GruActorCriticCnnPolicy(RecurrentActorCriticCnnPolicy):
 
 
 class GruMultiInputActorCriticPolicy(RecurrentMultiInputActorCriticPolicy):
-    """:class:`RecurrentMultiInputActorCriticPolicy` with ``rnn_type="gru"`` by default (``MultiInputGruPolicy``)."""
+    """:class:`RecurrentMultiInputActorCriticPolicy` with ``rnn_type="gru"`` by default (``MultiInputGruPolicy``).
+
+    :param rnn_type: ``"gru"`` (default) or ``"lstm"``; the other arguments are the parent class's.
+    """
 
     _default_rnn_type = "gru"
 
