@@ -195,12 +195,17 @@ def test_gsde_noise_resumes_exactly(tmp_path: pathlib.Path, sde_sample_freq: int
     assert digest(resume(checkpoints[0], pendulum_vecnormalize, total)) == uninterrupted
 
 
-@pytest.mark.parametrize("save_freq", [20, 32], ids=["mid-rollout", "rollout-boundary"])
-def test_lstm_policy_resumes_exactly(tmp_path: pathlib.Path, save_freq: int) -> None:
-    """The LSTM states of the episodes in flight are in the checkpoint (SB3 excludes them from ``save``)."""
+@pytest.mark.parametrize(
+    ("save_freq", "rnn_type"),
+    [(20, "lstm"), (32, "lstm"), (20, "gru")],
+    ids=["mid-rollout", "rollout-boundary", "gru-mid-rollout"],
+)
+def test_lstm_policy_resumes_exactly(tmp_path: pathlib.Path, save_freq: int, rnn_type: str) -> None:
+    """The LSTM (GRU) states of the episodes in flight are in the checkpoint (SB3 excludes them from ``save``)."""
     total = 192
-    uninterrupted, _ = train("MlpLstmPolicy", cartpole, LSTM, total, None, 1)
-    with_checkpoints, checkpoints = train("MlpLstmPolicy", cartpole, LSTM, total, tmp_path, save_freq)
+    kwargs = dict(LSTM, policy_kwargs=dict(LSTM["policy_kwargs"], rnn_type=rnn_type))
+    uninterrupted, _ = train("MlpLstmPolicy", cartpole, kwargs, total, None, 1)
+    with_checkpoints, checkpoints = train("MlpLstmPolicy", cartpole, kwargs, total, tmp_path, save_freq)
     assert with_checkpoints == uninterrupted
     assert [c.num_timesteps for c in checkpoints] == [64, 128, 192]
     for checkpoint in checkpoints[:2]:
