@@ -24,7 +24,7 @@ def clip_grad_norm(parameters: list[th.Tensor], max_norm: float, flat_grad: th.T
     :param parameters: the parameters whose ``.grad`` to scale (those without a gradient are skipped).
     :param max_norm: the largest global L2 norm allowed.
     :param flat_grad: one tensor of which every ``.grad`` of ``parameters`` is a view
-        (:meth:`FlatBuffers.flat_grad`), or None; the norm then sums in another order (rounding differs).
+        (:meth:`LeanAdamStep.flat_grad`), or None; the norm then sums in another order (rounding differs).
     :return: the global norm before clipping.
     """
     if flat_grad is not None:
@@ -92,7 +92,7 @@ class FlatBuffers:
     Every parameter's ``.data`` and ``.grad`` and its ``exp_avg``/``exp_avg_sq`` become views of one contiguous
     tensor each, in the group's order, with unchanged values. The fused Adam kernel then updates one tensor
     instead of one per parameter (Adam is elementwise), the gradient clip takes one norm, and the closed-form
-    backward writes its gradients straight into :attr:`grad`. Whatever replaces a view (autograd assigning a
+    backward writes its gradients straight into ``grad``. Whatever replaces a view (autograd assigning a
     fresh ``.grad``, ``.to()`` moving ``.data``, a reloaded optimizer state) is noticed by :meth:`intact` and
     :meth:`grads_intact`; the caller then steps the parameters one by one.
 
@@ -164,9 +164,9 @@ class FlatBuffers:
         return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._data_ptrs, strict=True))
 
     def grads_intact(self) -> bool:
-        """Whether every ``.grad`` is still its view of :attr:`grad` (written in place, not assigned anew).
+        """Whether every ``.grad`` is still its view of ``grad`` (written in place, not assigned anew).
 
-        :return: whether :attr:`grad` holds the current gradients.
+        :return: whether ``grad`` holds the current gradients.
         """
         return all(p.grad is g for p, g in zip(self.params, self.grads, strict=True))
 
