@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
+from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy
@@ -203,6 +204,8 @@ class MLPActorCriticKernel:
         self.onednn = bool(getattr(policy, "onednn_matmul", False))
         space = policy.observation_space
         self.flat_float_obs = isinstance(space, spaces.Box) and len(space.shape) == 1
+        # a rollout step's few rows: acting in NumPy (fast.acting) skips torch's per-operation cost
+        self.numpy_actor = NumpyActor(self) if NumpyActor.supports(self) else None
 
     @staticmethod
     def owned_parameters(policy: ActorCriticPolicy) -> list[nn.Parameter] | None:
@@ -287,6 +290,17 @@ class MLPActorCriticKernel:
         :param action_masks: invalid-action masks, or None.
         :return: ``(actions, values [B, 1], log_prob [B])``.
         """
+        numpy_actor = self.numpy_actor
+        if (
+            numpy_actor is not None
+            and action_masks is None
+            and isinstance(obs, th.Tensor)
+            and obs.dtype == th.float32
+            and obs.device.type == "cpu"
+            and obs.dim() == 2
+            and obs.shape[0] <= MAX_ROWS
+        ):
+            return numpy_actor.act(obs)
         _, _, params, values = self._forward(obs, action_masks)
         actions = self.head.sample(params, deterministic=False)
         log_prob = self.head.log_prob(params, actions)
