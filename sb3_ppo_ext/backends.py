@@ -20,9 +20,8 @@ from typing import Any, Protocol
 import torch as th
 
 from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
-from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss
+from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss, importance_weighted_kl
 from sb3_ppo_ext.optim import LeanAdamStep, UpdateSteps
-from sb3_ppo_ext.rlhf.estimators import importance_weighted_kl
 
 
 class Backend(Protocol):

@@ -227,6 +227,24 @@ def sampled_kl(log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
     return th.expm1(difference) - difference
 
 
+def importance_weighted_kl(log_prob: th.Tensor, old_log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
+    """Per-sample ``rho * k3``: unbiased for ``KL(pi_theta || pi_ref)`` and its gradient, for actions from ``pi_old``.
+
+    The loss-mode KL where the heads have no closed form (gSDE). Plain k3 (:func:`sampled_kl`) is unbiased for the
+    value where ``pi_theta = pi_old``, but its gradient there is
+    ``E_old[(1 - pi_ref / pi_theta) grad log pi_theta] = grad KL(pi_ref || pi_theta)``, the reverse direction.
+    Weighing it by ``rho = pi_theta / pi_old`` gives ``E_old[rho * k3] = E_theta[k3] = KL(pi_theta || pi_ref)`` for
+    every theta, so value and gradient are right on every epoch; at ``rho = 1`` the value equals k3's, and it stays
+    >= 0 per sample. Gradients flow through ``log_prob`` only.
+
+    :param log_prob: ``[B]`` ``log pi_theta(a|s)`` (with its autograd graph).
+    :param old_log_prob: ``[B]`` ``log pi_old(a|s)``, stored with the rollout.
+    :param ref_log_prob: ``[B]`` ``log pi_ref(a|s)``.
+    :return: ``[B]`` estimates, each >= 0.
+    """
+    return probability_ratio(log_prob, old_log_prob) * sampled_kl(log_prob, ref_log_prob)
+
+
 def clip_fraction(ratio: th.Tensor, clip_range: float) -> th.Tensor:
     """Share of samples whose ratio lies outside ``[1 - eps, 1 + eps]`` (a diagnostic, no gradient).
 

@@ -45,10 +45,7 @@ from sb3_ppo_ext.reliability import checks
 from sb3_ppo_ext.reliability.finite import check_env_data, refuse_non_finite_update
 from sb3_ppo_ext.reliability.mixin import ReliabilityMixin
 from sb3_ppo_ext.rlhf.penalty import REFERENCE_UNSAVED, ReferenceKLMixin
-from sb3_ppo_ext.rlhf.reference import (
-    DEFAULT_REF_KL_HORIZON,
-    RefKLMode,
-)
+from sb3_ppo_ext.rlhf.reference import DEFAULT_REF_KL_HORIZON, AdaptiveKLCoef, RefKLMode
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
 ExtensionT = TypeVar("ExtensionT", bound=Extension)
@@ -70,9 +67,10 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
     :param vf_clip_mode: value clipping's form: ``"max"`` (the seed's ``max((V - R)^2, (V_clip - R)^2)``) or ``"sb3"``.
     :param check_finite: raise a clear error when an env returns NaN/inf observations or rewards.
     :param fast_update: closed-form gradients for plain MLP policies (:mod:`sb3_ppo_ext.fast.kernel`): same update.
-    :param ref_policy: a frozen reference to stay close to (a model, a policy or a saved model's path), saved with
-        the model; None (default): SB3's PPO. The ``ref_kl_*`` arguments: :mod:`sb3_ppo_ext.rlhf`.
-    :param ref_kl_coef: beta, a float >= 0 (default 0.1), or ``"adaptive"`` (Ziegler et al.'s controller).
+    :param ref_policy: a frozen reference to stay close to (a model, a policy, a saved model's path or a
+        :class:`~sb3_ppo_ext.rlhf.reference.Reference`), saved with the model; None (default): SB3's PPO.
+    :param ref_kl_coef: beta, a float >= 0 (default 0.1), ``"adaptive"`` (Ziegler et al.'s controller) or an
+        :class:`~sb3_ppo_ext.rlhf.reference.AdaptiveKLCoef` (its units and initial beta): :mod:`sb3_ppo_ext.rlhf`.
     :param ref_kl_mode: ``"reward"`` (default): ``r_t - beta * (log pi_old - log pi_ref)`` before GAE; ``"loss"``:
         ``beta * KL(pi_theta || pi_ref)`` in the loss.
     :param ref_kl_target: the KL per step the adaptive controller holds.
@@ -134,7 +132,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         check_finite: bool = True,
         fast_update: bool = True,
         ref_policy: Any = None,
-        ref_kl_coef: float | str | None = None,
+        ref_kl_coef: float | str | AdaptiveKLCoef | None = None,
         ref_kl_mode: RefKLMode = "reward",
         ref_kl_target: float | None = None,
         ref_kl_horizon: int = DEFAULT_REF_KL_HORIZON,

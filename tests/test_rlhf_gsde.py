@@ -8,8 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.backends import AutogradBackend
-from sb3_ppo_ext.losses import PPOBatch, PPOLoss, sampled_kl
-from sb3_ppo_ext.rlhf.estimators import importance_weighted_kl
+from sb3_ppo_ext.losses import PPOBatch, PPOLoss, importance_weighted_kl, sampled_kl
 from sb3_ppo_ext.rlhf.penalty import LossKLPenalty
 
 SMALL = dict(n_steps=64, batch_size=64, n_epochs=2, device="cpu")

@@ -4,7 +4,7 @@
 :class:`~sb3_ppo_ext.rlhf.reference.Reference`), ``observations`` (what the reference reads under
 ``VecNormalize``), ``penalty`` (the extensions that put ``beta * KL(pi || pi_ref)`` in the reward,
 :class:`~sb3_ppo_ext.rlhf.penalty.RewardKLPenalty`, or in the loss, :class:`~sb3_ppo_ext.rlhf.penalty.LossKLPenalty`),
-``estimators`` (the loss-mode KL without a closed form, gSDE), ``preferences`` (reward models fitted on segment
+``preferences`` (reward models fitted on segment
 preferences, the reward wrapper, the refit callback).
 """
 

@@ -35,7 +35,7 @@ The keys an RLHF user watches for over-optimisation, one name per quantity (``tr
 * ``rlhf/non_score_reward``: the penalty ``-beta * KL`` summed per episode, averaged likewise (reward mode).
 * ``rlhf/kl_exact_per_step``: ``KL(pi_theta || pi_ref)`` of the moving policy, averaged over the update's
   minibatches (loss mode; the term's own value: closed form, or under gSDE the importance-weighted estimate of
-  :func:`~sb3_ppo_ext.rlhf.estimators.importance_weighted_kl`).
+  :func:`~sb3_ppo_ext.losses.importance_weighted_kl`).
 * ``rlhf/kl_exact_per_episode``: ``rlhf/kl_exact_per_step`` times the mean length of the episodes that ended in
   the rollout (loss mode, with a controller whose target or horizon is per episode).
 * ``rlhf/entropy``: the policy's entropy, averaged over the update's minibatches.
