@@ -48,7 +48,10 @@ def _kernel() -> Any:
 
 
 def onednn_matmul_available() -> bool:
-    """True when this torch build has oneDNN's matmul kernel and it agrees with the BLAS product."""
+    """True when this torch build has oneDNN's matmul kernel and it agrees with the BLAS product.
+
+    :return: the probe's answer (probed once per process, then cached).
+    """
     if _state["available"] is None:
         try:
             generator = th.Generator().manual_seed(0)
@@ -174,6 +177,7 @@ def use_fast_linears(module: nn.Module) -> nn.Module:
     saved weights are untouched; subclasses of ``nn.Linear`` are left alone.
 
     :param module: a policy (or any module).
+    :return: the same ``module``.
     """
     for sub in module.modules():
         if type(sub) is nn.Linear:

@@ -43,7 +43,12 @@ VALUE_HEAD_GAIN = 1.0
 
 
 def layer_init(layer: nn.Module, gain: float) -> nn.Module:
-    """Orthogonal weights with ``gain`` and zero biases for every Linear/Conv2d inside ``layer``."""
+    """Orthogonal weights with ``gain`` and zero biases for every Linear/Conv2d inside ``layer``.
+
+    :param layer: a layer or any module; its Linear and Conv2d submodules are initialised in place.
+    :param gain: the orthogonal initialisation's gain.
+    :return: the same ``layer``.
+    """
     for module in layer.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.orthogonal_(module.weight, gain=gain)
@@ -53,7 +58,13 @@ def layer_init(layer: nn.Module, gain: float) -> nn.Module:
 
 
 def mlp(input_dim: int, hidden_sizes: list[int], activation_fn: type[nn.Module]) -> tuple[nn.Sequential, int]:
-    """A stack of ``Linear -> activation`` layers; returns it and its output width."""
+    """A stack of ``Linear -> activation`` layers.
+
+    :param input_dim: width of the input.
+    :param hidden_sizes: width of each hidden layer, in order (empty: no layer).
+    :param activation_fn: activation class placed after every Linear layer.
+    :return: ``(stack, output width)``; the width is ``input_dim`` when ``hidden_sizes`` is empty.
+    """
     layers: list[nn.Module] = []
     last = input_dim
     for size in hidden_sizes:
@@ -88,15 +99,27 @@ class ActorCriticMLP(nn.Module):
         self.value_net, self.latent_dim_vf = mlp(critic_input, vf_sizes, activation_fn)
 
     def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        """Return ``(latent_pi, latent_vf)`` from shared features."""
+        """Both stacks on shared features.
+
+        :param features: ``[B, features_dim]`` extracted features.
+        :return: ``(latent_pi, latent_vf)``.
+        """
         return self.policy_net(features), self.value_net(features)
 
     def forward_actor(self, features: th.Tensor) -> th.Tensor:
-        """Actor latent only."""
+        """Actor latent only.
+
+        :param features: ``[B, features_dim]`` the actor's features.
+        :return: ``[B, latent_dim_pi]``.
+        """
         return self.policy_net(features)
 
     def forward_critic(self, features: th.Tensor) -> th.Tensor:
-        """Critic latent only."""
+        """Critic latent only.
+
+        :param features: ``[B, critic_features_dim]`` the critic's features.
+        :return: ``[B, latent_dim_vf]``.
+        """
         return self.value_net(features)
 
 
@@ -355,6 +378,10 @@ class ActorCriticPolicy(BasePolicy):
         """Preprocess ``obs`` (SB3's ``preprocess_obs``) and run ``features_extractor`` on it.
 
         An extractor with ``observation_keys`` (asymmetric actor-critic) sees only those keys.
+
+        :param obs: a batch of observations as tensors (a dict for Dict spaces).
+        :param features_extractor: the extractor to run (the actor's, the critic's or the shared one).
+        :return: ``[B, features_dim]`` features.
         """
         keys = getattr(features_extractor, "observation_keys", None)
         if keys is not None and isinstance(obs, dict):
@@ -387,7 +414,12 @@ class ActorCriticPolicy(BasePolicy):
         return self.action_head.mask(params, self.mask_tensor(action_masks))
 
     def split_head_output(self, out: th.Tensor) -> tuple[th.Tensor, ...]:
-        """``action_net``'s output as the head's parameters: logits, or mean and log_std."""
+        """``action_net``'s output as the head's parameters: logits, or mean and log_std.
+
+        :param out: ``action_net``'s output ``[B, n_outputs]``.
+        :return: ``(logits,)``, or ``(mean, log_std)`` for Gaussian actions (``log_std`` the state-independent
+            parameter unless ``state_dependent_std``).
+        """
         if isinstance(self.action_head, DiagGaussianHead):
             if self.state_dependent_std:
                 mean, log_std = out.chunk(2, dim=-1)
@@ -396,7 +428,12 @@ class ActorCriticPolicy(BasePolicy):
         return (out,)
 
     def mask_tensor(self, action_masks: np.ndarray | th.Tensor) -> th.Tensor:
-        """Invalid-action masks as a bool tensor ``[B, mask_size]`` on the policy's device."""
+        """Invalid-action masks as a bool tensor ``[B, mask_size]`` on the policy's device.
+
+        :param action_masks: masks as a NumPy array or a tensor, ``True`` (or nonzero) for valid actions.
+        :return: ``[B, mask_size]`` bool tensor.
+        :raises ValueError: when the action space (or gSDE) has nothing to mask.
+        """
         if self.action_head is None or self.action_head.mask_size is None:
             raise ValueError(f"Invalid-action masks do not apply to {self.action_space} actions (or gSDE).")
         if isinstance(action_masks, th.Tensor) and action_masks.dtype == th.bool:
@@ -430,7 +467,13 @@ class ActorCriticPolicy(BasePolicy):
     def forward(
         self, obs: PyTorchObs, deterministic: bool = False, action_masks: MaybeMasks = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """Act: return ``(actions, values [B, 1], log_prob [B])``, only valid actions when masks are given."""
+        """Act: only valid actions when masks are given.
+
+        :param obs: a batch of observations as tensors.
+        :param deterministic: the distribution's mode instead of a sample.
+        :param action_masks: invalid-action masks ``[B, mask_size]``, or None.
+        :return: ``(actions, values [B, 1], log_prob [B])``.
+        """
         latent_pi, latent_vf = self._latents(obs)
         actions, log_prob = self._act(latent_pi, deterministic, action_masks)
         actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
@@ -439,13 +482,25 @@ class ActorCriticPolicy(BasePolicy):
     def evaluate_actions(
         self, obs: PyTorchObs, actions: th.Tensor, action_masks: MaybeMasks = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
-        """Return ``(values [B, 1], log pi(a|s) [B], entropy [B] or None)`` for stored actions (and masks)."""
+        """Values, log-probabilities and entropies of stored actions (under their masks).
+
+        :param obs: a batch of observations as tensors.
+        :param actions: the actions taken, ``[B, *action_shape]``.
+        :param action_masks: the masks they were taken under, or None.
+        :return: ``(values [B, 1], log pi(a|s) [B], entropy [B] or None)``.
+        """
         return self.evaluate_with_params(obs, actions, action_masks)[:3]  # type: ignore[return-value]
 
     def evaluate_with_params(
         self, obs: PyTorchObs, actions: th.Tensor, action_masks: MaybeMasks = None
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, tuple[th.Tensor, ...] | None]:
-        """:meth:`evaluate_actions` plus the action head's parameters (None under gSDE), for the reference KL."""
+        """:meth:`evaluate_actions` plus the action head's parameters (None under gSDE), for the reference KL.
+
+        :param obs: a batch of observations as tensors.
+        :param actions: the actions taken, ``[B, *action_shape]``.
+        :param action_masks: the masks they were taken under, or None.
+        :return: ``(values [B, 1], log_prob [B], entropy [B] or None, head parameters or None)``.
+        """
         latent_pi, latent_vf = self._latents(obs)
         return self._evaluate_latents(latent_pi, latent_vf, actions, action_masks)
 
@@ -463,7 +518,11 @@ class ActorCriticPolicy(BasePolicy):
         return values, log_prob, entropy, params
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
-        """Critic only: ``V(s)``, shape ``[B, 1]``."""
+        """Critic only: ``V(s)``.
+
+        :param obs: a batch of observations as tensors.
+        :return: ``[B, 1]`` values.
+        """
         features = self.extract_features(obs, self.vf_features_extractor)
         return self.value_net(self.mlp_extractor.forward_critic(features))
 
@@ -484,7 +543,15 @@ class ActorCriticPolicy(BasePolicy):
         deterministic: bool = False,
         action_masks: np.ndarray | None = None,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
-        """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned."""
+        """SB3's ``predict``, plus sb3-contrib's ``action_masks``: only valid actions are returned.
+
+        :param observation: one observation or a batch (NumPy, a dict of arrays for Dict spaces).
+        :param state: recurrent state; unused here, returned as given.
+        :param episode_start: episode starts; unused here (recurrent policies read them).
+        :param deterministic: the distribution's mode instead of a sample.
+        :param action_masks: invalid-action masks, one row per observation, or None.
+        :return: ``(actions, state)``; without masks, SB3's ``predict`` (Box actions rescaled or clipped).
+        """
         if action_masks is None:
             return super().predict(observation, state, episode_start, deterministic)
         self.set_training_mode(False)
@@ -500,21 +567,38 @@ class ActorCriticPolicy(BasePolicy):
         return actions, state
 
     def get_distribution(self, obs: PyTorchObs, action_masks: MaybeMasks = None) -> Distribution:
-        """The action distribution as an SB3 ``Distribution`` object (for code written against SB3)."""
+        """The action distribution as an SB3 ``Distribution`` object (for code written against SB3).
+
+        :param obs: a batch of observations as tensors.
+        :param action_masks: invalid-action masks, or None.
+        :return: the SB3 distribution of the (masked) actor's outputs.
+        """
         latent_pi = self._actor_latent(obs)
         if self.action_head is None:
             return self._sde_distribution(latent_pi, action_masks)
         return self.action_head.to_sb3(self._head_params(latent_pi, action_masks))
 
     def reset_noise(self, n_envs: int = 1) -> None:
-        """Sample a new gSDE exploration matrix (only with ``use_sde=True``)."""
+        """Sample a new gSDE exploration matrix (only with ``use_sde=True``).
+
+        :param n_envs: how many matrices to sample, one per env.
+        :raises ValueError: without ``use_sde=True``.
+        """
         if self.sde_dist is None:
             raise ValueError("reset_noise() is only available with use_sde=True.")
         self.sde_dist.sample_weights(self.log_std, batch_size=n_envs)
 
 
 class ActorCriticCnnPolicy(ActorCriticPolicy):
-    """:class:`ActorCriticPolicy` with SB3's NatureCNN features extractor (the ``CnnPolicy``)."""
+    """:class:`ActorCriticPolicy` with SB3's NatureCNN features extractor (the ``CnnPolicy``).
+
+    The other arguments are :class:`ActorCriticPolicy`'s, passed on.
+
+    :param observation_space: observation space (images).
+    :param action_space: action space.
+    :param lr_schedule: learning-rate schedule.
+    :param features_extractor_class: SB3 features extractor class (default NatureCNN).
+    """
 
     def __init__(
         self,
@@ -536,7 +620,15 @@ class ActorCriticCnnPolicy(ActorCriticPolicy):
 
 
 class MultiInputActorCriticPolicy(ActorCriticPolicy):
-    """:class:`ActorCriticPolicy` for Dict observations with SB3's CombinedExtractor (``MultiInputPolicy``)."""
+    """:class:`ActorCriticPolicy` for Dict observations with SB3's CombinedExtractor (``MultiInputPolicy``).
+
+    The other arguments are :class:`ActorCriticPolicy`'s, passed on.
+
+    :param observation_space: a Dict observation space.
+    :param action_space: action space.
+    :param lr_schedule: learning-rate schedule.
+    :param features_extractor_class: SB3 features extractor class (default CombinedExtractor).
+    """
 
     def __init__(
         self,
@@ -563,7 +655,13 @@ MultiInputPolicy = MultiInputActorCriticPolicy
 
 
 def env_actions(policy: BasePolicy, action_space: spaces.Space, actions: np.ndarray) -> np.ndarray:
-    """The actions the env receives: Box actions unscaled (squashed gSDE) or clipped to the bounds."""
+    """The actions the env receives: Box actions unscaled (squashed gSDE) or clipped to the bounds.
+
+    :param policy: the policy that produced them (its ``squash_output`` decides).
+    :param action_space: the env's action space.
+    :param actions: the policy's actions, as stored in the buffer.
+    :return: the actions to step the env with; non-Box actions unchanged.
+    """
     if not isinstance(action_space, spaces.Box):
         return actions
     if policy.squash_output:
@@ -574,5 +672,9 @@ def env_actions(policy: BasePolicy, action_space: spaces.Space, actions: np.ndar
 
 
 def n_rows(obs: PyTorchObs) -> int:
-    """The batch size of observations as tensors (a Dict's: its first key's)."""
+    """The batch size of observations as tensors (a Dict's: its first key's).
+
+    :param obs: a batch of observations as a tensor or a dict of tensors.
+    :return: the number of rows.
+    """
     return next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]
