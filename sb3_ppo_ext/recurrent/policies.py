@@ -57,8 +57,12 @@ class PairedStateGRU(nn.GRU):
 class RecurrentActorCriticPolicy(ActorCriticPolicy):
     """Our actor-critic policy with an LSTM between the features and the MLP (``MlpLstmPolicy``).
 
-    Takes every argument of :class:`~sb3_ppo_ext.policies.ActorCriticPolicy`, plus sb3-contrib's:
+    Takes every argument of :class:`~sb3_ppo_ext.policies.ActorCriticPolicy`, plus sb3-contrib's recurrent ones
+    (``lstm_hidden_size`` to ``lstm_kwargs``) and ``rnn_type``.
 
+    :param observation_space: observation space.
+    :param action_space: action space.
+    :param lr_schedule: learning-rate schedule; ``lr_schedule(1)`` is the initial learning rate.
     :param lstm_hidden_size: hidden units per LSTM layer.
     :param n_lstm_layers: stacked LSTM layers.
     :param shared_lstm: the critic reads the actor's LSTM output (detached: only the actor's loss trains it).
@@ -153,7 +157,11 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
     # -- states ---------------------------------------------------------------------------------
 
     def initial_state(self, n_envs: int) -> LSTMStates:
-        """Zero states for ``n_envs`` envs, on the policy's device."""
+        """Zero states for ``n_envs`` envs, on the policy's device.
+
+        :param n_envs: the batch dimension of the states.
+        :return: actor's and critic's ``(h, c)``, each ``[n_lstm_layers, n_envs, lstm_hidden_size]`` of zeros.
+        """
 
         def zeros() -> tuple[th.Tensor, th.Tensor]:
             shape = (self.n_lstm_layers, n_envs, self.lstm_hidden_size)
@@ -223,7 +231,15 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         deterministic: bool = False,
         action_masks: MaybeMasks = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor, LSTMStates]:
-        """Act for one step of each env: ``(actions, values [B, 1], log_prob [B], states after the step)``."""
+        """Act for one step of each env.
+
+        :param obs: one observation per env, as tensors.
+        :param lstm_states: the actor's and the critic's states after the previous step.
+        :param episode_starts: ``[B]`` flags; an env whose flag is set starts from zero states.
+        :param deterministic: the distribution's mode instead of a sample.
+        :param action_masks: invalid-action masks ``[B, mask_size]``, or None.
+        :return: ``(actions, values [B, 1], log_prob [B], states after the step)``.
+        """
         latent_pi, latent_vf, states = self._recurrent_latents(obs, Step.after(lstm_states, episode_starts))
         actions, log_prob = self._act(latent_pi, deterministic, action_masks)
         actions = actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
@@ -242,6 +258,15 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
 
         Give either ``sequences`` (ClippedPPO's minibatches) or sb3-contrib's ``lstm_states`` and
         ``episode_starts`` (``K`` sequences of equal length, one after the other).
+
+        :param obs: ``N`` flat rows of observations, as tensors.
+        :param actions: the actions taken, ``[N, *action_shape]``.
+        :param lstm_states: sb3-contrib's layout: the states before each of the ``K`` sequences.
+        :param episode_starts: sb3-contrib's layout: ``[N]`` flags, sequence after sequence.
+        :param action_masks: the masks the actions were taken under, or None.
+        :param sequences: the rows' sequence structure and first states (takes precedence over the two above).
+        :return: ``(values [N, 1], log pi(a|s) [N], entropy [N] or None)``.
+        :raises ValueError: with neither ``sequences`` nor both ``lstm_states`` and ``episode_starts``.
         """
         return self.evaluate_with_params(obs, actions, action_masks, sequences, lstm_states, episode_starts)[:3]  # type: ignore[return-value]
 
@@ -254,7 +279,17 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         lstm_states: LSTMStates | None = None,
         episode_starts: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, tuple[th.Tensor, ...] | None]:
-        """:meth:`evaluate_actions` plus the action head's parameters (None under gSDE), for the reference KL."""
+        """:meth:`evaluate_actions` plus the action head's parameters (None under gSDE), for the reference KL.
+
+        :param obs: ``N`` flat rows of observations, as tensors.
+        :param actions: the actions taken, ``[N, *action_shape]``.
+        :param action_masks: the masks the actions were taken under, or None.
+        :param sequences: the rows' sequence structure and first states; None: built from the two below.
+        :param lstm_states: sb3-contrib's layout: the states before each of the ``K`` sequences.
+        :param episode_starts: sb3-contrib's layout: ``[N]`` flags, sequence after sequence.
+        :return: ``(values [N, 1], log_prob [N], entropy [N] or None, head parameters or None)``.
+        :raises ValueError: with neither ``sequences`` nor both ``lstm_states`` and ``episode_starts``.
+        """
         if sequences is None:
             if lstm_states is None or episode_starts is None:
                 raise ValueError("evaluate_actions needs sequences, or lstm_states and episode_starts.")
@@ -265,7 +300,14 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
     def predict_values(  # type: ignore[override]
         self, obs: PyTorchObs, lstm_states: tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor
     ) -> th.Tensor:
-        """``V(s)`` ``[B, 1]`` given the critic's states (sb3-contrib passes ``lstm_states.vf``)."""
+        """``V(s)`` given the critic's states (sb3-contrib passes ``lstm_states.vf``).
+
+        :param obs: observations as tensors: one per env, or sb3-contrib's equal-length sequences one after the
+            other when there are more rows than states.
+        :param lstm_states: the critic's ``(h, c)`` (with ``shared_lstm``: the actor LSTM's, which the critic reads).
+        :param episode_starts: one flag per row; a set flag starts from zero states.
+        :return: ``[B, 1]`` values.
+        """
         states = LSTMStates(lstm_states, lstm_states)
         return self._critic_value(obs, self._memory(states, episode_starts, n_rows(obs)))
 
@@ -276,7 +318,14 @@ class RecurrentActorCriticPolicy(ActorCriticPolicy):
         episode_starts: th.Tensor,
         action_masks: MaybeMasks = None,
     ) -> tuple[Distribution, tuple[th.Tensor, th.Tensor]]:
-        """The action distribution (an SB3 ``Distribution``) and the actor's states after this step."""
+        """The action distribution (an SB3 ``Distribution``) and the actor's states after this step.
+
+        :param obs: one observation per env, as tensors.
+        :param lstm_states: the actor's ``(h, c)`` after the previous step.
+        :param episode_starts: ``[B]`` flags; an env whose flag is set starts from zero states.
+        :param action_masks: invalid-action masks, or None.
+        :return: ``(distribution, the actor's (h, c) after the step)``.
+        """
         latent_pi, _, states = self._recurrent_latents(
             obs, Step.after(LSTMStates(lstm_states, lstm_states), episode_starts), critic=False
         )
@@ -402,6 +451,9 @@ def _state_array(part: Any, name: str, expected: tuple[int, int, int]) -> np.nda
 def check_episode_start(episode_start: Any, n_envs: int) -> np.ndarray:
     """``predict``'s ``episode_start`` as float32 ``[n_envs]`` of 0/1 (zeros for None).
 
+    :param episode_start: None, or one flag per env (booleans or 0/1; an array, a list or a tensor).
+    :param n_envs: the number of observations ``predict`` got.
+    :return: float32 ``[n_envs]`` of 0.0 and 1.0.
     :raises PredictInputError: for a length other than ``n_envs`` or values other than booleans or 0/1.
     """
     if episode_start is None:
@@ -427,7 +479,15 @@ def check_episode_start(episode_start: Any, n_envs: int) -> np.ndarray:
 
 
 class RecurrentActorCriticCnnPolicy(RecurrentActorCriticPolicy):
-    """:class:`RecurrentActorCriticPolicy` with SB3's NatureCNN features extractor (``CnnLstmPolicy``)."""
+    """:class:`RecurrentActorCriticPolicy` with SB3's NatureCNN features extractor (``CnnLstmPolicy``).
+
+    The other arguments are :class:`RecurrentActorCriticPolicy`'s, passed on.
+
+    :param observation_space: observation space (images).
+    :param action_space: action space.
+    :param lr_schedule: learning-rate schedule.
+    :param features_extractor_class: SB3 features extractor class (default NatureCNN).
+    """
 
     def __init__(
         self,
@@ -449,7 +509,15 @@ class RecurrentActorCriticCnnPolicy(RecurrentActorCriticPolicy):
 
 
 class RecurrentMultiInputActorCriticPolicy(RecurrentActorCriticPolicy):
-    """:class:`RecurrentActorCriticPolicy` for Dict observations, SB3's CombinedExtractor (``MultiInputLstmPolicy``)."""
+    """:class:`RecurrentActorCriticPolicy` for Dict observations, SB3's CombinedExtractor (``MultiInputLstmPolicy``).
+
+    The other arguments are :class:`RecurrentActorCriticPolicy`'s, passed on.
+
+    :param observation_space: a Dict observation space.
+    :param action_space: action space.
+    :param lr_schedule: learning-rate schedule.
+    :param features_extractor_class: SB3 features extractor class (default CombinedExtractor).
+    """
 
     def __init__(
         self,

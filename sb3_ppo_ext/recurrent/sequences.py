@@ -91,6 +91,7 @@ class Sequences:
         :param starts: bool ``[N]`` (see :func:`sequence_layout`).
         :param first_states: states before each sequence's first step, batch dimension ``K``.
         :param reset: bool ``[K]``: the sequence begins an episode, so it starts from zero states.
+        :return: the sequence structure, its first states zeroed where ``reset``.
         """
         position, _, max_length, n_sequences = sequence_layout(starts)
         device = first_states.pi[0].device
@@ -128,6 +129,7 @@ class Sequences:
 
         :param first_states: states before each sequence, batch dimension ``K``.
         :param episode_starts: ``[K * T]`` flags (sequence-major), as ``RecurrentPPO`` passes them.
+        :return: the sequence structure: one sequence per part, the parts after a cut from zero states.
         """
         n_sequences = first_states.pi[0].shape[1]
         flags = episode_starts.detach().reshape(n_sequences, -1).cpu().numpy().astype(bool)
