@@ -106,6 +106,7 @@ def atomic_write(path: PathLike) -> Iterator[io.BufferedWriter]:
     next to ``path``, which is safe to delete. Symbolic links are followed: their target is replaced.
 
     :param path: the file to write; its folder must exist.
+    :return: (yielded) the binary file object to write to, a temporary file until the block ends.
     """
     target = pathlib.Path(os.path.realpath(path))
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -135,6 +136,7 @@ def resolve_save_path(path: PathLike, suffix: str = "zip") -> pathlib.Path:
 
     :param path: the path given to ``save``.
     :param suffix: the suffix to add when ``path`` has none.
+    :return: the file to write.
     """
     target = pathlib.Path(path)
     if target.suffix == "" and suffix:
@@ -433,6 +435,8 @@ def find_checkpoints(save_path: PathLike, name_prefix: str = "rl_model") -> list
 
     :param save_path: the callback's folder.
     :param name_prefix: the callback's ``name_prefix``.
+    :return: the checkpoints by ``num_timesteps``, each with its ``VecNormalize`` file when one exists; empty when
+        the folder does not exist.
     """
     folder = pathlib.Path(save_path)
     if not folder.is_dir():
@@ -455,6 +459,7 @@ def latest_checkpoint(save_path: PathLike, name_prefix: str = "rl_model") -> Che
 
     :param save_path: the callback's folder.
     :param name_prefix: the callback's ``name_prefix``.
+    :return: the checkpoint with the most timesteps that loads, or None when there is none.
     """
     for checkpoint in reversed(find_checkpoints(save_path, name_prefix)):
         try:

@@ -111,6 +111,10 @@ class ReliabilityMixin:
         The zip is written to a temporary file next to the target, fsynced and renamed over it: a
         process killed during the save leaves the previous file intact (:mod:`sb3_ppo_ext.reliability.checkpoints`).
         In a data-parallel run only rank 0 writes (the ranks hold the same model); the others return at once.
+
+        :param path: a path (``.zip`` is added when it has no suffix) or a binary file object, written directly.
+        :param exclude: names of attributes not to save, besides SB3's defaults.
+        :param include: names of attributes to save although excluded by default.
         """
         if not getattr(self, "_dist", data_parallel.SINGLE_PROCESS).is_main_process:
             return
@@ -133,6 +137,14 @@ class ReliabilityMixin:
         :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for an ``env`` whose spaces differ from the model's.
         Under ``torchrun`` every rank must call it (rank 0's parameters are broadcast), unless
         ``distributed=False`` is passed: then this process loads a model of its own.
+
+        :param path: a path (``.zip`` may be left out, as in SB3) or a binary file object.
+        :param env: the env to run the model in, checked against the saved spaces; None: none yet.
+        :param device: the device to load the model onto.
+        :param custom_objects: saved attributes to replace instead of unpickling them, as in SB3.
+        :param print_system_info: print the saving and the current system's versions.
+        :param force_reset: reset ``env`` before the next ``learn`` (SB3's default).
+        :return: the loaded model.
         """
         source = checkpoints.check_model_file(path)
         distributed = kwargs.pop("distributed", None)
@@ -161,6 +173,11 @@ class ReliabilityMixin:
         moments (and the dict). A frozen reference (``ref_policy``) is not a trainable parameter: a dict without
         ``"ref_policy"``, e.g. a pretrained model's ``get_parameters()``, loads with ``exact_match=True`` too and
         the reference stays as it is.
+
+        :param load_path_or_dict: a model file (path or file object), or a dict of ``get_parameters()``'s form:
+            object name (``"policy"``, ``"policy.optimizer"``, ...) to its state dict.
+        :param exact_match: every object and key of the model must be given (a frozen reference excepted).
+        :param device: the device to load a file's tensors onto.
         """
         if isinstance(load_path_or_dict, dict):
             params = load_path_or_dict
@@ -177,6 +194,10 @@ class ReliabilityMixin:
         )
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
-        """SB3's ``set_env``, with :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for mismatched spaces."""
+        """SB3's ``set_env``, with :class:`~sb3_ppo_ext.errors.SpaceMismatchError` for mismatched spaces.
+
+        :param env: the new env (wrapped in a VecEnv if it is not one); its spaces must be the model's.
+        :param force_reset: reset it before the next ``learn``, rather than continuing from its last observations.
+        """
         with _space_mismatch_as_clear_error("this model"):
             super().set_env(env, force_reset=force_reset)  # type: ignore[misc]
