@@ -62,6 +62,9 @@ def _input_dim(space: spaces.Space, what: str) -> int:
 def check_space_values(x: th.Tensor, space: spaces.Space, what: str) -> None:
     """Discrete values within ``space`` (``x``: ``[B, *space.shape]``); Box values are not bounded here.
 
+    :param x: the values, one row per step.
+    :param space: the space they should belong to.
+    :param what: what they are, plural (``"actions"``, ``"observations"``), for the message.
     :raises PreferenceDataError: naming ``what`` (``"actions"``, ``"observations"``), a bad value and the space,
         where one-hot encoding would fail with torch's "Class values must be smaller than num_classes".
     """
@@ -111,6 +114,14 @@ class RewardModel(nn.Module):
 
     Discrete and MultiDiscrete parts are one-hot encoded, uint8 images scaled to [0, 1]. Inputs may carry
     any leading batch dimensions (``[B]``, ``[B, L]``...): the output has exactly those dimensions.
+
+    :param observation_space: the env's observation space: Box, Discrete, MultiDiscrete or MultiBinary.
+    :param action_space: the env's action space, from the same four.
+    :param net_arch: hidden layer widths; a linear output layer of width 1 follows.
+    :param activation_fn: activation class after each hidden layer.
+    :param use_action: feed the action too (``r(s, a)``); False: ``r(s)``, the actions are not read.
+    :param normalize_images: scale image observations (uint8 Box spaces) by 1/255.
+    :raises TypeError: for other spaces (Dict, Tuple, ...).
     """
 
     def __init__(
@@ -156,7 +167,12 @@ class RewardModel(nn.Module):
         return tuple(obs.shape[: obs.ndim - n_space_dims])
 
     def forward(self, obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
-        """Rewards of shape ``lead`` for ``obs`` ``[*lead, *obs_shape]`` and ``actions`` ``[*lead, *action_shape]``."""
+        """Rewards of shape ``lead`` for ``obs`` ``[*lead, *obs_shape]`` and ``actions`` ``[*lead, *action_shape]``.
+
+        :param obs: observations, any leading batch dimensions ``lead``.
+        :param actions: the actions taken in them (not read with ``use_action=False``).
+        :return: the per-step rewards, shape ``lead``.
+        """
         lead = self._leading_shape(obs)
         batch = math.prod(lead)
         obs = obs.to(self.device).reshape(batch, *(self.observation_space.shape or ()))
@@ -173,12 +189,22 @@ class RewardModel(nn.Module):
         return self.net(th.cat(features, dim=1)).reshape(lead)
 
     def segment_return(self, obs_seq: th.Tensor, act_seq: th.Tensor) -> th.Tensor:
-        """Sum of the per-step rewards over the step axis: ``[*B, L, ...]`` -> ``[*B]`` (a scalar for one segment)."""
+        """Sum of the per-step rewards over the step axis: ``[*B, L, ...]`` -> ``[*B]`` (a scalar for one segment).
+
+        :param obs_seq: observations ``[*B, L, *obs_shape]``.
+        :param act_seq: actions ``[*B, L, *action_shape]``.
+        :return: the segments' predicted returns ``[*B]``, with gradients.
+        """
         return self(obs_seq, act_seq).sum(dim=-1)
 
     @th.no_grad()
     def predict_reward(self, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """NumPy in, float32 NumPy out, no gradients: the rewards the wrapper hands to the env's consumer."""
+        """NumPy in, float32 NumPy out, no gradients: the rewards the wrapper hands to the env's consumer.
+
+        :param obs: observations ``[*lead, *obs_shape]``.
+        :param actions: actions ``[*lead, *action_shape]``.
+        :return: float32 rewards of shape ``lead``.
+        """
         obs_t = th.as_tensor(np.asarray(obs), device=self.device)
         act_t = th.as_tensor(np.asarray(actions), device=self.device)
         return self(obs_t, act_t).cpu().numpy().astype(np.float32)
@@ -234,6 +260,9 @@ def check_finite_segment(array: np.ndarray, what: str) -> None:
 
     A single NaN/inf in a segment makes ``fit`` turn every weight of the reward model into NaN. Arrays that are
     not numbers raise a ``ValueError``.
+
+    :param array: a segment's observations or actions, steps first.
+    :param what: what it is, for the message (``"segment 1: observations"``).
     """
     if array.dtype.kind not in "biufc":
         raise ValueError(f"{what} must be numbers, got an array of dtype {array.dtype}")
@@ -253,6 +282,8 @@ class PreferenceDataset:
     good); soft labels in between are accepted. The first pair fixes ``L`` and the shapes; later pairs must
     match them (a ValueError otherwise). Segments with NaN/inf are refused (:func:`check_finite_segment`), and the
     arrays are copied, so the pairs stay as checked. With ``capacity`` the oldest pairs are dropped first.
+
+    :param capacity: the most pairs kept; None: no limit.
     """
 
     def __init__(self, capacity: int | None = None) -> None:
@@ -286,7 +317,14 @@ class PreferenceDataset:
         return obs, actions
 
     def add(self, obs1: Any, act1: Any, obs2: Any, act2: Any, label: float) -> None:
-        """Add one pair: segment 1 = (``obs1``, ``act1``), segment 2 = (``obs2``, ``act2``), each ``[L, ...]``."""
+        """Add one pair: segment 1 = (``obs1``, ``act1``), segment 2 = (``obs2``, ``act2``), each ``[L, ...]``.
+
+        :param obs1: segment 1's observations ``[L, *obs_shape]``.
+        :param act1: segment 1's actions ``[L, *action_shape]``.
+        :param obs2: segment 2's observations, same shape as ``obs1``.
+        :param act2: segment 2's actions, same shape as ``act1``.
+        :param label: ``P(segment 1 preferred)`` in [0, 1]: 1, 0, 0.5 for a tie, or a soft label.
+        """
         obs1, act1 = self._check_segment(obs1, act1, "1")
         obs2, act2 = self._check_segment(obs2, act2, "2")
         label = _check_label(label)
@@ -309,16 +347,28 @@ class PreferenceDataset:
         self._stacked = None
 
     def add_pair(self, seg1: Segment, seg2: Segment, label: float) -> None:
-        """Add one pair of :class:`Segment` objects."""
+        """Add one pair of :class:`Segment` objects (their env rewards are not kept).
+
+        :param seg1: the first segment.
+        :param seg2: the second segment.
+        :param label: ``P(seg1 preferred)`` in [0, 1].
+        """
         self.add(seg1.obs, seg1.actions, seg2.obs, seg2.actions, label)
 
     def extend(self, other: PreferenceDataset) -> None:
-        """Add every pair of ``other``."""
+        """Add every pair of ``other``.
+
+        :param other: another dataset; its pairs must have this one's length and shapes.
+        """
         for pair in other._pairs:
             self.add(*pair)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``obs1 [P, L, ...], act1, obs2, act2, labels [P]`` as NumPy arrays (stacked once, then cached)."""
+        """The pairs as NumPy arrays (stacked once, then cached).
+
+        :return: ``(obs1 [P, L, ...], act1, obs2, act2, labels [P])``, labels as float32.
+        :raises ValueError: when the dataset is empty.
+        """
         if not self._pairs:
             raise ValueError("the preference dataset is empty")
         if self._stacked is None:
@@ -334,7 +384,12 @@ class PreferenceDataset:
 
 
 def preference_probability(returns1: th.Tensor, returns2: th.Tensor) -> th.Tensor:
-    """Bradley-Terry: ``P(segment 1 preferred) = sigmoid(R1 - R2)``."""
+    """Bradley-Terry: ``P(segment 1 preferred) = sigmoid(R1 - R2)``.
+
+    :param returns1: the first segments' returns ``R1``.
+    :param returns2: the second segments' returns ``R2``, same shape.
+    :return: the probabilities, same shape.
+    """
     return th.sigmoid(returns1 - returns2)
 
 
@@ -343,6 +398,11 @@ def bradley_terry_loss(returns1: th.Tensor, returns2: th.Tensor, labels: th.Tens
 
     ``-[y log sigmoid(d) + (1 - y) log(1 - sigmoid(d))]`` with ``d = R1 - R2``, computed from the logit ``d``
     so that large return gaps do not overflow. Its gradient w.r.t. ``R1`` is ``(sigmoid(d) - y) / B``.
+
+    :param returns1: ``[B]`` returns of the first segments.
+    :param returns2: ``[B]`` returns of the second segments.
+    :param labels: ``[B]`` ``P(segment 1 preferred)``.
+    :return: the scalar loss.
     """
     return F.binary_cross_entropy_with_logits(returns1 - returns2, labels.to(returns1.dtype))
 
@@ -376,6 +436,11 @@ def evaluate(model: RewardModel, dataset: PreferenceDataset, batch_size: int = 2
 
     ``accuracy``: the share of non-tied pairs whose preferred segment the model gives the higher return;
     NaN when every label is a tie.
+
+    :param model: the reward model (left in the training mode it had).
+    :param dataset: the labelled pairs, not empty.
+    :param batch_size: pairs per forward pass.
+    :return: ``{"loss": mean loss per pair, "accuracy": ...}``.
     """
     was_training = model.training
     model.eval()
@@ -411,6 +476,16 @@ def fit(
 
     Adam with ``lr`` and ``weight_decay`` unless ``optimizer`` is given (pass the same one to successive
     calls to keep its moments across refits). ``seed`` fixes the minibatch order.
+
+    :param model: the reward model, trained in place.
+    :param dataset: the labelled pairs, not empty; checked against the model's spaces before any step.
+    :param epochs: passes over the dataset.
+    :param batch_size: pairs per gradient step.
+    :param lr: Adam's learning rate (not read when ``optimizer`` is given).
+    :param weight_decay: Adam's weight decay (not read when ``optimizer`` is given).
+    :param optimizer: the optimizer to step; None: a new Adam.
+    :param seed: seed of the minibatch order; None: drawn from torch's global generator.
+    :return: the mean loss per pair of each epoch (empty for ``epochs=0``).
     """
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0; got {epochs}, {batch_size}, {lr}")
@@ -446,7 +521,12 @@ def fit(
 
 
 def true_return(segment: Segment) -> float:
-    """The default score: the segment's sum of env rewards (the hidden true reward)."""
+    """The default score: the segment's sum of env rewards (the hidden true reward).
+
+    :param segment: a segment that carries its env rewards.
+    :return: their sum.
+    :raises ValueError: when the segment has no env rewards.
+    """
     if segment.env_rewards is None:
         raise ValueError("this segment carries no env rewards to score; give the collector a score_fn")
     return float(np.sum(segment.env_rewards))
@@ -462,6 +542,14 @@ class SyntheticPreferenceCollector:
 
     Segments stay inside one env and one episode. Only the last ``capacity`` steps (over all envs) are
     kept, so labels follow the current policy's behaviour.
+
+    :param segment_length: ``L``, the steps per segment.
+    :param score_fn: a segment's score; default :func:`true_return`, the sum of its env rewards.
+    :param temperature: 0: the higher score is always preferred; > 0: Boltzmann-rational labels.
+    :param tie_margin: score gaps up to this are ties (label 0.5).
+    :param capacity: the most steps held, over all envs (whole recordings are dropped, oldest first, but the
+        newest is always kept); at least ``segment_length``.
+    :param seed: seed of the segment sampling and of the noisy labels.
     """
 
     def __init__(
@@ -499,7 +587,11 @@ class SyntheticPreferenceCollector:
         return sum(len(starts) for _, starts in self._chunks)
 
     def add(self, trajectories: Trajectories) -> None:
-        """Hold ``trajectories`` (``[T, N, ...]``) as a source of segments; the oldest steps past ``capacity`` go."""
+        """Hold ``trajectories`` (``[T, N, ...]``) as a source of segments; the oldest steps past ``capacity`` go.
+
+        :param trajectories: the steps of a recording; ignored when shorter than one segment or without a
+            segment that stays inside one episode.
+        """
         length = self.segment_length
         n_steps = trajectories.dones.shape[0]
         if n_steps < length:
@@ -516,11 +608,21 @@ class SyntheticPreferenceCollector:
             self._chunks.pop(0)
 
     def add_steps(self, obs: Any, actions: Any, env_rewards: Any, dones: Any) -> None:
-        """:meth:`add` from four ``[T, N, ...]`` arrays."""
+        """:meth:`add` from four ``[T, N, ...]`` arrays.
+
+        :param obs: the observations each action was taken in, ``[T, N, *obs_shape]``.
+        :param actions: ``[T, N, *action_shape]``.
+        :param env_rewards: ``[T, N]``, the env's rewards (what :func:`true_return` scores).
+        :param dones: ``[T, N]``, True where the step ended an episode.
+        """
         self.add(Trajectories(np.asarray(obs), np.asarray(actions), np.asarray(env_rewards), np.asarray(dones)))
 
     def sample_segment(self) -> Segment:
-        """One random segment from the held steps (chunks weighted by how many segments they allow)."""
+        """One random segment from the held steps (chunks weighted by how many segments they allow).
+
+        :return: ``L`` consecutive steps of one env inside one episode, with their env rewards.
+        :raises ValueError: when no segment has been recorded yet.
+        """
         counts = np.array([len(starts) for _, starts in self._chunks], dtype=np.float64)
         if counts.sum() == 0:
             raise ValueError(
@@ -532,7 +634,12 @@ class SyntheticPreferenceCollector:
         return Segment(chunk.obs[window, n], chunk.actions[window, n], chunk.env_rewards[window, n])
 
     def label(self, seg1: Segment, seg2: Segment) -> float:
-        """``P(seg1 preferred)`` as the synthetic labeller answers it: 1, 0 or 0.5."""
+        """``P(seg1 preferred)`` as the synthetic labeller answers it: 1, 0 or 0.5.
+
+        :param seg1: the first segment.
+        :param seg2: the second segment.
+        :return: 0.5 within ``tie_margin``; else 1.0 or 0.0, drawn when ``temperature > 0``.
+        """
         gap = float(self.score_fn(seg1)) - float(self.score_fn(seg2))
         if abs(gap) <= self.tie_margin:
             return 0.5
@@ -541,7 +648,12 @@ class SyntheticPreferenceCollector:
         return float(self.rng.random() < 1.0 / (1.0 + math.exp(-gap / self.temperature)))
 
     def collect(self, n_pairs: int, dataset: PreferenceDataset | None = None) -> PreferenceDataset:
-        """Sample and label ``n_pairs`` pairs, add them to ``dataset`` if given; returns a dataset of the new pairs."""
+        """Sample and label ``n_pairs`` pairs and add them to ``dataset`` if given.
+
+        :param n_pairs: how many pairs to sample.
+        :param dataset: a dataset to extend with the new pairs, or None.
+        :return: a new dataset holding only the new pairs.
+        """
         new = PreferenceDataset()
         for _ in range(n_pairs):
             seg1, seg2 = self.sample_segment(), self.sample_segment()
@@ -562,6 +674,13 @@ def record_rollout(
 
     The recorded observations are the ones ``venv`` returns: record from the env the reward model will see
     (inside any ``VecNormalize``), not from a normalised one.
+
+    :param venv: the env to step; it is reset first.
+    :param n_steps: steps per env.
+    :param policy: an SB3 algorithm (its ``predict``), a function from observations to actions, or None for
+        uniformly random actions.
+    :param deterministic: passed to an algorithm's ``predict``.
+    :return: the steps, ``[n_steps, n_envs, ...]``, with the env's rewards and dones.
     """
     obs = venv.reset()
     steps: dict[str, list[np.ndarray]] = {"obs": [], "actions": [], "env_rewards": [], "dones": []}
@@ -593,6 +712,13 @@ class LearnedRewardWrapper(VecEnvWrapper):
 
     Use it inside ``VecNormalize``: ``VecNormalize(LearnedRewardWrapper(venv, model))``, so the model sees raw
     observations and the learned reward is normalised.
+
+    :param venv: the env to wrap; its spaces must be the reward model's.
+    :param reward_model: the model whose rewards the wrapper hands on.
+    :param mode: ``"replace"`` (only the learned reward) or ``"add"`` (the env's reward plus it).
+    :param weight: the learned reward's factor, finite.
+    :param record: keep every step for :meth:`pop_recording`.
+    :param max_recorded_steps: the most steps (per env) kept while recording.
     """
 
     def __init__(
@@ -626,18 +752,29 @@ class LearnedRewardWrapper(VecEnvWrapper):
         self._recording: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def reset(self) -> np.ndarray:
-        """Reset the envs and remember the first observations (the ``s`` of the next step's reward)."""
+        """Reset the envs and remember the first observations (the ``s`` of the next step's reward).
+
+        :return: the first observations.
+        """
         obs = self.venv.reset()
         self._last_obs = np.array(obs)
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
-        """Pass the actions on, keeping them for the reward."""
+        """Pass the actions on, keeping them for the reward.
+
+        :param actions: one action per env.
+        """
         self._actions = np.array(actions)
         self.venv.step_async(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        """Step the envs and swap in the learned reward."""
+        """Step the envs and swap in the learned reward.
+
+        :return: ``(obs, rewards, dones, infos)`` of the wrapped env, with the rewards of ``mode`` (float32) and
+            ``info["env_reward"]``, ``info["learned_reward"]`` added.
+        :raises RuntimeError: when stepped before ``reset()``.
+        """
         obs, env_rewards, dones, infos = self.venv.step_wait()
         if self._last_obs is None or self._actions is None:
             raise RuntimeError("LearnedRewardWrapper stepped before reset()")
@@ -657,7 +794,10 @@ class LearnedRewardWrapper(VecEnvWrapper):
         return obs, rewards, dones, infos
 
     def pop_recording(self) -> Trajectories | None:
-        """The steps recorded since the last call (``[T, N, ...]``), or None if there are none; clears them."""
+        """The steps recorded since the last call; clears them.
+
+        :return: the recorded steps (``[T, N, ...]``), or None if there are none.
+        """
         if not self._recording:
             return None
         columns = [np.stack(column) for column in zip(*self._recording, strict=True)]
@@ -666,7 +806,11 @@ class LearnedRewardWrapper(VecEnvWrapper):
 
 
 def find_reward_wrapper(venv: VecEnv) -> LearnedRewardWrapper | None:
-    """The first :class:`LearnedRewardWrapper` in ``venv``'s chain of wrappers, or None."""
+    """The first :class:`LearnedRewardWrapper` in ``venv``'s chain of wrappers, or None.
+
+    :param venv: the outermost VecEnv; the search follows ``.venv``.
+    :return: the wrapper, or None when there is none.
+    """
     env: Any = venv
     while env is not None:
         if isinstance(env, LearnedRewardWrapper):
@@ -686,6 +830,18 @@ class RewardModelRefitCallback(BaseCallback):
     model as it was (a held-out accuracy: the model has not seen them), then trains ``epochs`` epochs on
     all pairs so far. Logs ``reward_model/loss`` (last epoch's mean), ``reward_model/accuracy`` (held-out),
     ``reward_model/pairs``; ``history`` keeps the same numbers per refit.
+
+    :param reward_model: the model to refit; it must be the wrapper's.
+    :param collector: where the recorded steps go and the new pairs come from.
+    :param dataset: the pairs so far (extended by each refit); None: a new empty one.
+    :param refit_every: rollouts between refits.
+    :param pairs_per_refit: new pairs labelled per refit.
+    :param epochs: epochs of :func:`fit` per refit, over all pairs.
+    :param batch_size: pairs per gradient step.
+    :param lr: learning rate of the callback's Adam, kept across refits.
+    :param weight_decay: its weight decay.
+    :param wrapper: the env's :class:`LearnedRewardWrapper`; None: found in the training env at the start.
+    :param verbose: 1: print each refit's numbers.
     """
 
     def __init__(
