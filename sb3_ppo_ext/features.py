@@ -21,6 +21,9 @@ from sb3_ppo_ext.masking import ActionMasks
 from sb3_ppo_ext.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
 from sb3_ppo_ext.recurrent.buffers import RecurrentDictGAERolloutBuffer, RecurrentGAERolloutBuffer
 from sb3_ppo_ext.recurrent.policies import (
+    GruActorCriticCnnPolicy,
+    GruActorCriticPolicy,
+    GruMultiInputActorCriticPolicy,
     RecurrentActorCriticCnnPolicy,
     RecurrentActorCriticPolicy,
     RecurrentMultiInputActorCriticPolicy,
@@ -43,7 +46,8 @@ __all__ = [
     "is_recurrent",
 ]
 
-#: the policy names ``ClippedPPO`` accepts; the ``*LstmPolicy`` ones turn recurrence on (sb3-contrib's names)
+#: the policy names ``ClippedPPO`` accepts; the ``*LstmPolicy`` ones (sb3-contrib's names) and the ``*GruPolicy``
+#: ones (the same policies with ``rnn_type="gru"``) turn recurrence on
 POLICY_ALIASES: dict[str, type[BasePolicy]] = {
     "MlpPolicy": ActorCriticPolicy,
     "CnnPolicy": ActorCriticCnnPolicy,
@@ -51,6 +55,9 @@ POLICY_ALIASES: dict[str, type[BasePolicy]] = {
     "MlpLstmPolicy": RecurrentActorCriticPolicy,
     "CnnLstmPolicy": RecurrentActorCriticCnnPolicy,
     "MultiInputLstmPolicy": RecurrentMultiInputActorCriticPolicy,
+    "MlpGruPolicy": GruActorCriticPolicy,
+    "CnnGruPolicy": GruActorCriticCnnPolicy,
+    "MultiInputGruPolicy": GruMultiInputActorCriticPolicy,
 }
 
 
@@ -225,7 +232,7 @@ def check_extensions(extensions: Any) -> list[Extension]:
 
 
 def is_recurrent(policy_class: Any) -> bool:
-    """Whether the policy has memory (``MlpLstmPolicy`` and the like): rollouts then carry LSTM states.
+    """Whether the policy has memory (``MlpLstmPolicy``, ``MlpGruPolicy`` and the like): rollouts then carry its states.
 
     :param policy_class: a policy class (anything else is not recurrent).
     :return: True for a subclass of :class:`~sb3_ppo_ext.recurrent.policies.RecurrentActorCriticPolicy`.

@@ -75,7 +75,7 @@ _SB3_TRUNCATED_MINIBATCH = (
 _SB3_CLIP_RANGE_VF = "`clip_range_vf` must be positive, pass `None` to deactivate vf clipping"
 _SB3_UNKNOWN_POLICY = "Policy {policy} unknown"
 #: the policy names that read Dict observations
-_MULTI_INPUT_POLICIES = ("MultiInputPolicy", "MultiInputLstmPolicy")
+_MULTI_INPUT_POLICIES = ("MultiInputPolicy", "MultiInputLstmPolicy", "MultiInputGruPolicy")
 _SB3_DICT_NEEDS_MULTI_INPUT = "You must use `MultiInputPolicy` when working with dict observation space, not {policy}"
 _SB3_OBSERVATION_SPACE = "{space} observation space is not supported"
 _SB3_NESTED_SPACE = "Nested observation spaces are not supported (Tuple/Dict space inside Tuple/Dict space)."
@@ -410,7 +410,10 @@ def _check_observation_space(observation_space: spaces.Space[Any], policy: Any) 
         if isinstance(policy, str) and policy not in _MULTI_INPUT_POLICIES:
             sb3 = _SB3_DICT_NEEDS_MULTI_INPUT.format(policy=policy)
             _fail(
-                "policy", policy, f"{sb3}: Dict observations need policy='MultiInputPolicy' (or 'MultiInputLstmPolicy')"
+                "policy",
+                policy,
+                f"{sb3}: Dict observations need policy='MultiInputPolicy' (or 'MultiInputLstmPolicy' / "
+                "'MultiInputGruPolicy')",
             )
         return
     if not isinstance(observation_space, SUPPORTED_OBSERVATION_SPACES):
@@ -426,7 +429,8 @@ def _check_observation_space(observation_space: spaces.Space[Any], policy: Any) 
             "policy",
             policy,
             f"{policy} needs a Dict observation space, got {observation_space}",
-            "Use 'MlpPolicy' (or 'CnnPolicy' for images; 'MlpLstmPolicy' / 'CnnLstmPolicy' with memory).",
+            "Use 'MlpPolicy' (or 'CnnPolicy' for images; 'MlpLstmPolicy' / 'CnnLstmPolicy' or 'MlpGruPolicy' / "
+            "'CnnGruPolicy' with memory).",
         )
 
 
