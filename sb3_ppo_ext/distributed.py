@@ -235,6 +235,7 @@ class SingleProcess:
     rank = 0
     world_size = 1
     is_main_process = True
+    _last_normalized: tuple[th.Tensor, int, th.Tensor] | None = None
 
     def rank_seed(self, seed: int | None, n_envs: int) -> int | None:
         """The seed of this rank's generators and envs (env i gets ``rank_seed + i``).
@@ -265,10 +266,18 @@ class SingleProcess:
     def normalize_advantages(self, advantages: th.Tensor) -> th.Tensor:
         """``(A - mean) / (std + eps)`` (:func:`sb3_ppo_ext.losses.normalize_advantages`).
 
+        A minibatch holding the whole rollout (CartPole's Zoo settings) is the same tensor in every epoch: its
+        normalised advantages are computed once per update, not once per epoch.
+
         :param advantages: this rank's advantages.
         :return: the normalised advantages.
         """
-        return losses.normalize_advantages(advantages)
+        last = self._last_normalized
+        if last is not None and last[0] is advantages and last[1] == advantages._version:
+            return last[2]
+        normalized = losses.normalize_advantages(advantages)
+        self._last_normalized = (advantages, advantages._version, normalized)
+        return normalized
 
     def reduce_update(self, parameters: list[th.Tensor], terms: losses.LossTerms) -> losses.LossTerms:
         """The gradients (``.grad``) and loss statistics of a minibatch, averaged over ranks.
