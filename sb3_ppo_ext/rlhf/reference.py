@@ -7,8 +7,8 @@ reference ``pi_ref``:
   ``r_t - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))`` before GAE;
 * ``ref_kl_mode="loss"``: ``beta * KL(pi_theta || pi_ref)`` joins the loss
   (:func:`sb3_ppo_ext.losses.reference_kl_loss`), in closed form where the action head has one
-  (:meth:`ActionHead.kl <sb3_ppo_ext.distributions.ActionHead.kl>`), else the sampled estimator
-  :func:`sb3_ppo_ext.losses.sampled_kl`.
+  (:meth:`ActionHead.kl <sb3_ppo_ext.distributions.ActionHead.kl>`), else (gSDE) the importance-weighted sampled
+  estimator ``rho * k3`` (:func:`sb3_ppo_ext.losses.importance_weighted_kl`).
 
 ``beta`` is fixed, or adapted by Ziegler et al.'s proportional controller (:class:`AdaptiveKLController`):
 ``ref_kl_coef="adaptive"`` with ``ref_kl_target`` (KL per step) and ``ref_kl_horizon`` (env steps), or
