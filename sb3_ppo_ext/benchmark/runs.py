@@ -9,6 +9,7 @@ import os
 import pickle
 import platform
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -400,6 +401,40 @@ def segment_hosts(state: dict[str, Any] | None) -> list[str | None]:
     return [*earlier, host_description()]
 
 
+def code_commit() -> str | None:
+    """The git commit of the code this process runs (``+dirty`` with uncommitted changes), if it is a checkout.
+
+    :return: the commit's hash, or None outside a git checkout.
+    """
+    root = Path(sb3_ppo_ext.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "sb3_ppo_ext"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def segment_commits(state: dict[str, Any] | None) -> list[str | None]:
+    """The code's commit in each segment of a run, this one last (a run resumed across sessions spans several).
+
+    :param state: the checkpoint the run resumes from, or None for a new run.
+    :return: one entry per segment; ``None`` for a segment that did not record it.
+    """
+    if state is None:
+        return [code_commit()]
+    earlier = state.get("commits") or [None] * state["segments"]
+    return [*earlier, code_commit()]
+
+
 def single_host(hosts: Sequence[str | None]) -> str | None:
     """The one machine all segments ran on.
 
@@ -440,7 +475,14 @@ def _jsonable(value: Any) -> Any:
 _STATE_FILE = "state.json"
 
 
-def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: int, hosts: list[str | None]) -> None:
+def save_checkpoint(
+    spec: RunSpec,
+    out: Path,
+    recorder: EvalRecorder,
+    segments: int,
+    hosts: list[str | None],
+    commits: list[str | None] | None = None,
+) -> None:
     """Save the model, its VecNormalize statistics and the recorder's history so the run can resume.
 
     Files carry the step count in their names and ``state.json`` is replaced last, atomically: a
@@ -451,6 +493,7 @@ def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: 
     :param recorder: the run's recorder, whose model, history and clocks are saved.
     :param segments: the number of this segment (1: the run was never resumed).
     :param hosts: the machine of each segment so far (see :func:`segment_hosts`).
+    :param commits: the code's commit in each segment so far (see :func:`segment_commits`).
     """
     model = recorder.model
     folder = spec.partial_dir(out)
@@ -474,6 +517,7 @@ def save_checkpoint(spec: RunSpec, out: Path, recorder: EvalRecorder, segments: 
         "cpu_s": recorder.cpu_seconds(),
         "segments": segments,
         "hosts": hosts,
+        "commits": commits,
     }
     write_json(folder / _STATE_FILE, state)
     for path in folder.iterdir():
@@ -556,7 +600,7 @@ def train_and_evaluate(
     settings = run_settings(spec, hyperparams_dir)
     state = load_checkpoint(spec, out) if checkpoints else None
     segments = 1 if state is None else state["segments"] + 1
-    hosts = segment_hosts(state)
+    hosts, commits = segment_hosts(state), segment_commits(state)
     # a resumed segment's envs get fresh seeds: replaying the first segment's episodes would be a bias
     env_seed = spec.seed + (segments - 1) * 1_000_000
     env = make_env(spec.env_id, settings, seed=env_seed)
@@ -565,7 +609,7 @@ def train_and_evaluate(
     model = _new_or_resumed_model(spec, settings, env, state, spec.partial_dir(out), env_seed)
 
     def checkpoint(recorder: EvalRecorder) -> None:
-        save_checkpoint(spec, out, recorder, segments, hosts)
+        save_checkpoint(spec, out, recorder, segments, hosts, commits)
 
     # the Zoo evaluates deterministically except on Atari (and MiniGrid)
     recorder = EvalRecorder(
@@ -604,6 +648,8 @@ def train_and_evaluate(
         # one machine throughout, else None: then the run's speed compares with nothing (see segment_hosts)
         "host": single_host(hosts),
         "hosts": hosts,
+        # the code's commit in each segment: results of a resumed run span these
+        "commits": commits,
         # >1: resumed from a checkpoint this many times minus one (each segment restarts its episodes)
         "segments": segments,
         "versions": _versions(),
