@@ -59,7 +59,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
 
     :param policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"``, their recurrent versions
         ``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``, ``"MultiInputLstmPolicy"`` (sb3-contrib's ``RecurrentPPO``
-        policies and keywords), or a policy class.
+        policies and keywords) or ``"MlpGruPolicy"``, ``"CnnGruPolicy"``, ``"MultiInputGruPolicy"``, or a class.
     :param normalize_advantage: ``True``/``"minibatch"``: per minibatch (SB3's default); ``"batch"``: once over the
         rollout (the seed's variant); ``False``: off.
     :param rollout_buffer_class: default :class:`~sb3_ppo_ext.buffers.GAERolloutBuffer` (or its Dict and recurrent

@@ -173,6 +173,9 @@ def test_aliases_are_our_classes_and_base_policies() -> None:
         "MlpLstmPolicy": recurrent_policies.RecurrentActorCriticPolicy,
         "CnnLstmPolicy": recurrent_policies.RecurrentActorCriticCnnPolicy,
         "MultiInputLstmPolicy": recurrent_policies.RecurrentMultiInputActorCriticPolicy,
+        "MlpGruPolicy": recurrent_policies.GruActorCriticPolicy,
+        "CnnGruPolicy": recurrent_policies.GruActorCriticCnnPolicy,
+        "MultiInputGruPolicy": recurrent_policies.GruMultiInputActorCriticPolicy,
     }
     for cls in ClippedPPO.policy_aliases.values():
         assert issubclass(cls, BasePolicy)
