@@ -7,6 +7,9 @@ that changes any bit of any case fails here. Floating-point results depend on th
 version, so the file is keyed by both; on another platform the test skips and says how to pin it there:
 
     SB3_PPO_EXT_PIN_DIGESTS=1 python -m pytest tests/test_bit_identity.py   # at the commit before a change
+
+Pinned at 3290d67 (before the issue-27 refactoring); pinned again after issue 32's deliberate arithmetic
+changes (flat gradient clip and Adam on flat buffers, NumPy acting), at the commit that says so.
 """
 
 from __future__ import annotations
