@@ -28,6 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
+from sb3_ppo_ext.fast.stacked import StackedLayers
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy
@@ -175,6 +176,7 @@ class Activations(NamedTuple):
     head_params: tuple[th.Tensor, ...]
     head_evaluation: HeadEvaluation
     reference_params: tuple[th.Tensor, ...] | None = None  # the reference's head parameters (the KL term)
+    stacked: tuple[list[th.Tensor], list[Any]] | None = None  # both networks as a batch of two: outs, views
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -213,6 +215,9 @@ class MLPActorCriticKernel:
         self.flat_float_obs = isinstance(space, spaces.Box) and len(space.shape) == 1
         # a rollout step's few rows: acting in NumPy (fast.acting) skips torch's per-operation cost
         self.numpy_actor = NumpyActor(self) if NumpyActor.supports(self) else None
+        # actor and critic of one shape: their layers as a batch of two (fast.stacked)
+        stackable = not self.onednn and StackedLayers.supports(self.pi_layers, self.vf_layers)
+        self.stacked = StackedLayers(self.pi_layers, self.vf_layers) if stackable else None
 
     @staticmethod
     def owned_parameters(policy: ActorCriticPolicy) -> list[nn.Parameter] | None:
@@ -273,22 +278,31 @@ class MLPActorCriticKernel:
 
     def _forward(
         self, obs: Any, action_masks: Any = None
-    ) -> tuple[list[th.Tensor], list[th.Tensor], tuple[th.Tensor, ...], th.Tensor]:
-        """Layer activations of both stacks, the head's (masked) parameters and ``V(s)`` as ``[B, 1]``.
+    ) -> tuple[list[th.Tensor], list[th.Tensor], tuple[th.Tensor, ...], th.Tensor, Any]:
+        """Layer activations of both stacks, the head's (masked) parameters, ``V(s)`` as ``[B, 1]``, stacked state.
+
+        Where both networks run as a batch of two (:mod:`sb3_ppo_ext.fast.stacked`), the per-network lists hold
+        their last outputs only and the last element is ``(outs, views)`` for the backward pass; else None.
 
         A masked Categorical is the same head on logits with the invalid ones at ``MASKED_LOGIT``: its
         probabilities there are exactly 0, so ``param_grads`` needs no change and gives them no gradient.
         """
         policy = self.policy
         features, vf_features = self._features(obs)
-        pi_outs = _forward(features, self.pi_layers, self.onednn)
-        vf_outs = _forward(vf_features, self.vf_layers, self.onednn)
+        views = self.stacked.views() if self.stacked is not None and features is vf_features else None
+        stacked = None
+        if views is not None:
+            outs = StackedLayers.forward(features, views)
+            pi_outs, vf_outs, stacked = [outs[-1][0]], [outs[-1][1]], (outs, views)
+        else:
+            pi_outs = _forward(features, self.pi_layers, self.onednn)
+            vf_outs = _forward(vf_features, self.vf_layers, self.onednn)
         head_out = F.linear(pi_outs[-1], *self.action_net)
         values = F.linear(vf_outs[-1], *self.value_net)
         params = policy.split_head_output(head_out)
         if action_masks is not None:
             params = self.head.mask(params, policy.mask_tensor(action_masks))
-        return pi_outs, vf_outs, params, values
+        return pi_outs, vf_outs, params, values, stacked
 
     def act(self, obs: Any, action_masks: Any = None) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """``policy.forward(obs)`` without per-module call overhead: ``(actions, values [B, 1], log_prob)``.
@@ -308,7 +322,7 @@ class MLPActorCriticKernel:
             and obs.shape[0] <= MAX_ROWS
         ):
             return numpy_actor.act(obs)
-        _, _, params, values = self._forward(obs, action_masks)
+        _, _, params, values, _ = self._forward(obs, action_masks)
         actions = self.head.sample(params, deterministic=False)
         log_prob = self.head.log_prob(params, actions)
         return actions.reshape((-1, *self.policy.action_space.shape)), values, log_prob
@@ -329,11 +343,11 @@ class MLPActorCriticKernel:
             then carries ``KL(pi || pi_ref)`` per sample (the reference-KL term, ``ref_kl_mode="loss"``).
         :return: the policy's evaluation and the activations.
         """
-        pi_outs, vf_outs, params, values = self._forward(obs, action_masks)
+        pi_outs, vf_outs, params, values, stacked = self._forward(obs, action_masks)
         head_evaluation = self.head.evaluate(params, actions)
         ref_kl = None if reference_params is None else self.head.kl(params, reference_params)
         evaluation = PolicyEvaluation(values.squeeze(1), head_evaluation.log_prob, head_evaluation.entropy, ref_kl)
-        return evaluation, Activations(pi_outs, vf_outs, params, head_evaluation, reference_params)
+        return evaluation, Activations(pi_outs, vf_outs, params, head_evaluation, reference_params, stacked)
 
     def backward(self, activations: Activations, grads: OutputGradients) -> None:
         """Set ``.grad`` of every policy parameter from ``dL/d(V, log pi, H)`` (chain rule, by hand).
@@ -342,7 +356,7 @@ class MLPActorCriticKernel:
         :param grads: ``dL/d(V, log pi, H, KL_ref)`` per sample (``PPOLoss.with_gradients``).
         """
         policy = self.policy
-        pi_outs, vf_outs, params, head_evaluation, reference_params = activations
+        pi_outs, vf_outs, params, head_evaluation, reference_params, stacked = activations
         param_grads = self.head.param_grads(params, head_evaluation, grads.log_prob, grads.entropy)
         if grads.ref_kl is not None:
             assert reference_params is not None, "evaluate() without reference_params has no KL term"
@@ -360,6 +374,14 @@ class MLPActorCriticKernel:
         _write_bias_grad(action_bias, grad_head, False)
         _write_grad(value_weight, grad_values.t(), vf_outs[-1], False)
         _write_bias_grad(value_bias, grad_values, False)
+        if stacked is not None:
+            outs, views = stacked
+            grad = th.empty((2, *pi_outs[-1].shape), dtype=grad_head.dtype, device=grad_head.device)
+            th.mm(grad_head, action_weight, out=grad[0])
+            th.mm(grad_values, value_weight, out=grad[1])
+            assert self.stacked is not None
+            self.stacked.backward(grad, outs, views)
+            return
         if self.pi_layers:
             _backward(grad_head @ action_weight, pi_outs, self.pi_layers, self.onednn)
         if self.vf_layers:

@@ -1,0 +1,83 @@
+"""StackedLayers: actor and critic run as a batch of two give the two separate stacks' gradients, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_ppo_ext import ClippedPPO
+from sb3_ppo_ext.backends import ClosedFormBackend
+from sb3_ppo_ext.fast.stacked import StackedLayers
+from sb3_ppo_ext.losses import PolicyEvaluation, PPOBatch, PPOLoss
+
+
+def _trained(env_id: str, **kwargs) -> ClippedPPO:
+    """A model after one update: its parameters and gradients live in the optimizer's flat buffers."""
+    model = ClippedPPO(
+        "MlpPolicy", make_vec_env(env_id, n_envs=2, seed=0), n_steps=64, batch_size=64, n_epochs=2, seed=0, **kwargs
+    )
+    model.learn(128)
+    return model
+
+
+def _gradients(model: ClippedPPO, kernel, batch: PPOBatch) -> list[th.Tensor]:
+    loss = PPOLoss(0.2, 0.3, "max", 0.01, 0.5)
+    with th.no_grad():
+        evaluation, activations = kernel.evaluate(batch.observations, batch.actions)
+        _, grads = loss.with_gradients(evaluation, batch)
+        kernel.backward(activations, grads)
+    return [p.grad.clone() for p in model.policy.parameters()]
+
+
+@pytest.mark.parametrize(
+    "env_id, policy_kwargs",
+    [
+        ("CartPole-v1", {}),
+        ("Pendulum-v1", dict(activation_fn=th.nn.ReLU, net_arch=[256, 256])),
+        ("Pendulum-v1", dict(net_arch=[8, 16, 4])),  # small layers: torch.tanh_ instead of the sigmoid form
+    ],
+)
+def test_stacked_gradients_equal_the_separate_stacks(env_id, policy_kwargs) -> None:
+    model = _trained(env_id, policy_kwargs=policy_kwargs)
+    kernel = ClosedFormBackend(model.policy).kernel
+    assert kernel.stacked is not None and kernel.stacked.views() is not None
+    sample = next(model.rollout_buffer.get(64))
+    batch = PPOBatch.from_minibatch(sample, sample.advantages, discrete_actions=env_id == "CartPole-v1")
+    grad_views = [p.grad for p in model.policy.parameters()]
+    stacked = _gradients(model, kernel, batch)
+    # written in place: still the views of the flat gradient buffer the optimizer steps on
+    assert all(p.grad is g for p, g in zip(model.policy.parameters(), grad_views, strict=True))
+    kernel.stacked = None
+    separate = _gradients(model, kernel, batch)
+    for a, b in zip(stacked, separate, strict=True):
+        assert th.equal(a, b)
+    # and both agree with autograd (independent of the hand-derived chain rule)
+    model.policy.optimizer.zero_grad(set_to_none=True)
+    values, log_prob, entropy = model.policy.evaluate_actions(batch.observations, batch.actions)
+    terms = PPOLoss(0.2, 0.3, "max", 0.01, 0.5)(PolicyEvaluation(values.flatten(), log_prob, entropy), batch)
+    terms.loss.backward()
+    for a, p in zip(stacked, model.policy.parameters(), strict=True):
+        th.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_layouts_that_do_not_stack_run_the_stacks_one_by_one() -> None:
+    model = _trained("Pendulum-v1", policy_kwargs=dict(net_arch=dict(pi=[32], vf=[64, 64])))
+    assert ClosedFormBackend(model.policy).kernel.stacked is None  # different shapes
+    model = _trained("CartPole-v1")
+    kernel = ClosedFormBackend(model.policy).kernel
+    assert kernel.stacked.views() is not None
+    weight = model.policy.mlp_extractor.value_net[2].weight
+    weight.data = weight.data.clone()  # out of the shared storage
+    assert kernel.stacked.views() is None
+    obs = th.zeros((4, 4))
+    evaluation, activations = kernel.evaluate(obs, th.zeros(4, dtype=th.long))
+    assert activations.stacked is None and evaluation.values.shape == (4,)
+
+
+def test_supports_needs_equal_shapes_and_activations() -> None:
+    model = ClippedPPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), policy_kwargs=dict(net_arch=[16]))
+    kernel = ClosedFormBackend(model.policy).kernel
+    assert StackedLayers.supports(kernel.pi_layers, kernel.vf_layers)
+    assert not StackedLayers.supports(kernel.pi_layers, kernel.vf_layers[:0])
+    assert not StackedLayers.supports([], [])
