@@ -41,7 +41,8 @@ def test_numpy_acting_equals_the_torch_path(env_id, kwargs) -> None:
     assert kernel.numpy_actor is not None
     generator = np.random.default_rng(0)
     for rows in (1, 4, MAX_ROWS):
-        obs = th.as_tensor(generator.normal(size=(rows, *model.observation_space.shape)).astype(np.float32))
+        dtype = np.float32 if rows != 4 else np.float64  # float64: what a MuJoCo env returns unnormalised
+        obs = th.as_tensor(generator.normal(size=(rows, *model.observation_space.shape)).astype(dtype))
         th.manual_seed(7)
         with th.inference_mode():
             actions, values, log_prob = kernel.act(obs)
@@ -94,8 +95,10 @@ def test_unsupported_inputs_take_the_torch_path(monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(kernel.numpy_actor, "act", lambda obs: calls.append(obs))
     kernel.act(th.zeros((MAX_ROWS + 1, 4)))  # many rows: torch's matrix products
-    kernel.act(th.zeros((2, 4), dtype=th.float64))
+    kernel.act(th.zeros((2, 4), dtype=th.float16))
     assert not calls
+    kernel.act(th.zeros((2, 4), dtype=th.float64))  # a float64 Box (MuJoCo without VecNormalize): cast, as .float()
+    assert len(calls) == 1
     monkeypatch.setenv("SB3_PPO_EXT_NUMPY_ACTING", "0")
     assert not NumpyActor.supports(kernel)
 

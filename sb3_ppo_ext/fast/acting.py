@@ -100,11 +100,14 @@ class NumpyActor:
     def act(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """Sample actions for a batch of flat float32 observations.
 
-        :param obs: ``[B, obs_dim]`` float32 CPU tensor, ``B <= MAX_ROWS``.
+        :param obs: ``[B, obs_dim]`` float32 or float64 CPU tensor (cast to float32, as preprocessing does),
+            ``B <= MAX_ROWS``.
         :return: ``(actions, values [B, 1], log_prob [B])`` as tensors, like the torch path.
         """
         pi_layers, vf_layers, (action_weight_t, action_bias), (value_weight_t, value_bias), log_std = self._views()
         x = obs.numpy()
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
         head_out = _stack(x, pi_layers) @ action_weight_t
         head_out += action_bias
         values = _stack(x, vf_layers) @ value_weight_t

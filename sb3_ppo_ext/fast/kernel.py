@@ -316,7 +316,7 @@ class MLPActorCriticKernel:
             numpy_actor is not None
             and action_masks is None
             and isinstance(obs, th.Tensor)
-            and obs.dtype == th.float32
+            and obs.dtype in (th.float32, th.float64)  # a float64 Box: preprocessing's .float() in NumPy
             and obs.device.type == "cpu"
             and obs.dim() == 2
             and obs.shape[0] <= MAX_ROWS
