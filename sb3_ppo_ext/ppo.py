@@ -21,7 +21,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import FloatSchedule, explained_variance, obs_as_tensor
+from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_ppo_ext import distributed as data_parallel
@@ -38,7 +38,7 @@ from sb3_ppo_ext.features import (
     is_recurrent,
 )
 from sb3_ppo_ext.gae import bootstrap_truncations
-from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss, mean_of
+from sb3_ppo_ext.losses import LossTerms, PPOBatch, PPOLoss
 from sb3_ppo_ext.masking import MaskedPredictMixin
 from sb3_ppo_ext.policies import ActorCriticPolicy, env_actions
 from sb3_ppo_ext.reliability import checks
@@ -46,6 +46,7 @@ from sb3_ppo_ext.reliability.finite import check_env_data, refuse_non_finite_upd
 from sb3_ppo_ext.reliability.mixin import ReliabilityMixin
 from sb3_ppo_ext.rlhf.penalty import REFERENCE_UNSAVED, ReferenceKLMixin
 from sb3_ppo_ext.rlhf.reference import DEFAULT_REF_KL_HORIZON, AdaptiveKLCoef, RefKLMode
+from sb3_ppo_ext.train_log import record_update
 
 SelfClippedPPO = TypeVar("SelfClippedPPO", bound="ClippedPPO")
 ExtensionT = TypeVar("ExtensionT", bound=Extension)
@@ -242,7 +243,11 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         self._dist.broadcast_model(self)  # data-parallel: every rank starts from rank 0's parameters
 
     def extension(self, kind: type[ExtensionT]) -> ExtensionT | None:
-        """The model's first extension of class ``kind`` (its own features included), or None."""
+        """The model's first extension of class ``kind`` (its own features included), or None.
+
+        :param kind: an :class:`~sb3_ppo_ext.extensions.Extension` subclass.
+        :return: the extension, or None.
+        """
         return next((e for e in self._extensions.extensions if isinstance(e, kind)), None)
 
     def _excluded_save_params(self) -> list[str]:
@@ -260,6 +265,12 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
 
         With several ranks, training goes on only if it does on every rank (a callback's stop reaches all), the
         VecNormalize statistics and episode statistics are merged, and so are the extensions' statistics.
+
+        :param env: the training env.
+        :param callback: the learn call's callback, called at every step.
+        :param rollout_buffer: the buffer to fill.
+        :param n_rollout_steps: steps per env.
+        :return: False when a callback stopped training.
         """
         going_on = self._collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         extensions = self._extensions
@@ -348,7 +359,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
         loss = PPOLoss(clip_range, clip_range_vf, self.vf_clip_mode, self.ent_coef, self.vf_coef, **options)
         history = self._train_epochs(self._learn.backend(self.policy, self.fast_update), loss)
         self._extensions.update_end(self, history)
-        self._record_update(history, clip_range, clip_range_vf)
+        record_update(self, history, clip_range, clip_range_vf)
 
     def _current_clip_range(self, schedule: Schedule, name: str) -> float:
         # the last rollout usually overshoots total_timesteps, so progress ends at or slightly below 0, where
@@ -398,28 +409,13 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
             extensions.epoch_done(self, history[-1])
         return history
 
-    def _record_update(self, history: list[list[LossTerms]], clip_range: float, clip_range_vf: float | None) -> None:
-        """SB3's ``train/`` keys, from the loss terms (tensors until now)."""
-        self.logger.record("train/entropy_loss", mean_of(history, "entropy_loss"))
-        self.logger.record("train/policy_gradient_loss", mean_of(history, "policy_loss"))
-        self.logger.record("train/value_loss", mean_of(history, "value_loss"))
-        # SB3 logs the approximate KL of the last epoch only
-        self.logger.record("train/approx_kl", mean_of(history[-1], "approx_kl"))
-        self.logger.record("train/clip_fraction", mean_of(history, "clip_fraction"))
-        if self.dual_clip is not None:
-            self.logger.record("train/dual_clip_fraction", mean_of(history, "dual_clip_fraction"))
-        self.logger.record("train/loss", history[-1][-1].loss.item() if history[-1] else float("nan"))
-        values, returns = np.asarray(self.rollout_buffer.values), np.asarray(self.rollout_buffer.returns)
-        self.logger.record("train/explained_variance", explained_variance(values.flatten(), returns.flatten()))
-        if hasattr(self.policy, "log_std"):
-            self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/clip_range", clip_range)
-        if clip_range_vf is not None:
-            self.logger.record("train/clip_range_vf", clip_range_vf)
-
     def export(self, path: str | Path, export_format: str | None = None, **options: Any) -> Path:
-        """The deterministic policy as ONNX (``.onnx``) or TorchScript (``.pt``): :func:`sb3_ppo_ext.export.export`."""
+        """The deterministic policy as ONNX (``.onnx``) or TorchScript (``.pt``): :func:`sb3_ppo_ext.export.export`.
+
+        :param path: the file to write.
+        :param export_format: ``"onnx"`` or ``"torchscript"``; None: from the suffix.
+        :return: the path written.
+        """
         from sb3_ppo_ext.export import export  # deferred: onnx is an optional dependency
 
         return export(self, path, export_format, **options)  # type: ignore[arg-type]
@@ -436,8 +432,15 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
     ) -> SelfClippedPPO:
         """Train for ``total_timesteps`` env steps (SB3's ``learn`` signature, plus sb3-contrib's ``use_masking``).
 
+        :param total_timesteps: env steps to train for (all envs, all ranks).
+        :param callback: SB3 callback(s) called at every step.
+        :param log_interval: updates between two logger dumps.
+        :param tb_log_name: the TensorBoard run's name.
+        :param reset_num_timesteps: start the step count (and the schedules) at 0; False continues a run.
+        :param progress_bar: show a progress bar (tqdm and rich).
         :param use_masking: apply the env's invalid-action masks when it has an ``action_masks()`` method (an
             env without one trains as SB3's PPO); ``False`` ignores them.
+        :return: the trained model.
         """
         self.use_masking = use_masking
         self._learn = LearnCache()  # hooks, fast_update or the policy may have changed since: choose again
