@@ -87,6 +87,17 @@ QUICK_PPO = dict(PPO_KWARGS, n_steps=256, n_epochs=2)
 
 METHODS = ("ours", "imitation")
 
+# "Which difference matters": ours with ONE of the three differences swapped to imitation's side
+VARIANTS = {
+    # SB3's PPO (same PPO_KWARGS) instead of ClippedPPO; VecNormalize and Adam kept
+    "ours_sb3ppo": dict(agent="sb3", reward_norm="vecnormalize", optimizer="adam"),
+    # imitation's per-step running mean/std of the learned reward instead of VecNormalize; ClippedPPO, Adam kept
+    "ours_runningnorm": dict(agent="clipped", reward_norm="running", optimizer="adam"),
+    # AdamW (torch's default weight decay 0.01, as imitation's BasicRewardTrainer) instead of Adam
+    "ours_adamw": dict(agent="clipped", reward_norm="vecnormalize", optimizer="adamw"),
+}
+OURS_DEFAULT = dict(agent="clipped", reward_norm="vecnormalize", optimizer="adam")
+
 
 def total_pairs(budget: dict) -> int:
     return budget["initial_pairs"] + budget["iterations"] * budget["pairs_per_iteration"]
@@ -157,8 +168,48 @@ def save_heldout_source(model, seed: int, budget: dict, path: Path) -> None:
 # ── ours ───────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def run_ours(seed: int, budget: dict, ppo_kwargs: dict, out: Path) -> dict:
+class ImitationRunningNorm:
+    """imitation's ``NormalizedRewardNet(RunningNorm)`` applied to the learned reward, as a VecEnv wrapper
+    (built lazily: the class needs SB3): each step's batch of rewards (one per env) is normalised with the
+    running mean and variance of all rewards before it, ``(r - mean) / sqrt(var + 1e-5)``, then the statistics
+    are updated with the batch (cumulative, count-weighted; never reset, also not when the model is refitted).
+    """
+
+    @staticmethod
+    def make(venv):
+        from stable_baselines3.common.vec_env import VecEnvWrapper
+
+        class _Norm(VecEnvWrapper):
+            def __init__(self, venv) -> None:
+                super().__init__(venv)
+                self.mean, self.var, self.count = 0.0, 1.0, 0
+
+            def update(self, batch: np.ndarray) -> None:
+                batch = np.asarray(batch, dtype=np.float64).reshape(-1)
+                b_mean, b_var, b_count = batch.mean(), batch.var(), batch.size
+                delta = b_mean - self.mean
+                total = self.count + b_count
+                self.mean += delta * b_count / total
+                self.var = (self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total) / total
+                self.count = total
+
+            def reset(self):
+                return self.venv.reset()
+
+            def step_wait(self):
+                obs, rewards, dones, infos = self.venv.step_wait()
+                normed = ((rewards - self.mean) / np.sqrt(self.var + 1e-5)).astype(np.float32)
+                self.update(rewards)
+                return obs, normed, dones, infos
+
+        return _Norm(venv)
+
+
+def run_ours(seed: int, budget: dict, ppo_kwargs: dict, out: Path, variant: dict | None = None) -> dict:
+    """Our pipeline; ``variant`` (a value of :data:`VARIANTS`) swaps the agent, the reward scaling or the
+    reward-model optimiser for imitation's; None: :data:`OURS_DEFAULT`."""
     import torch as th
+    from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecNormalize
 
     from sb3_ppo_ext import ClippedPPO
@@ -172,14 +223,19 @@ def run_ours(seed: int, budget: dict, ppo_kwargs: dict, out: Path) -> dict:
         fit,
     )
 
+    variant = OURS_DEFAULT if variant is None else variant
     th.manual_seed(seed)
     rollout_steps = N_ENVS * ppo_kwargs["n_steps"]
     venv = make_env(N_ENVS, seed)
     reward_model = RewardModel(venv.observation_space, venv.action_space, net_arch=budget["net_arch"])
     wrapper = LearnedRewardWrapper(venv, reward_model, mode="replace")
-    # the documented order: the reward model sees raw observations, VecNormalize scales the learned reward
-    env = VecNormalize(wrapper, norm_obs=False, norm_reward=True, gamma=ppo_kwargs["gamma"])
-    model = ClippedPPO("MlpPolicy", env, seed=seed, verbose=0, **ppo_kwargs)
+    if variant["reward_norm"] == "vecnormalize":
+        # the documented order: the reward model sees raw observations, VecNormalize scales the learned reward
+        env = VecNormalize(wrapper, norm_obs=False, norm_reward=True, gamma=ppo_kwargs["gamma"])
+    else:
+        env = ImitationRunningNorm.make(wrapper)
+    agent_cls = ClippedPPO if variant["agent"] == "clipped" else PPO
+    model = agent_cls("MlpPolicy", env, seed=seed, verbose=0, **ppo_kwargs)
 
     collector = SyntheticPreferenceCollector(
         budget["segment_length"],
@@ -210,11 +266,19 @@ def run_ours(seed: int, budget: dict, ppo_kwargs: dict, out: Path) -> dict:
         lr=budget["lr"],
         wrapper=wrapper,
     )
+    if variant["optimizer"] == "adamw":
+        # imitation's BasicRewardTrainer: th.optim.AdamW(params, lr=lr), i.e. torch's weight_decay=0.01;
+        # one optimiser for the first fit and all refits, as with our Adam
+        refit.optimizer = th.optim.AdamW(reward_model.parameters(), lr=budget["lr"])
 
     start, cpu_start = time.perf_counter(), time.process_time()
     # 1. initial pairs from the untrained agent's stochastic episodes (as imitation's first sample)
     initial_steps = math.ceil(oversampling(budget) * 2 * budget["initial_pairs"] * budget["segment_length"] / N_ENVS)
     steps = record(venv, initial_steps, lambda obs: model.predict(obs, deterministic=False)[0])
+    if variant["reward_norm"] == "running":
+        # imitation samples these steps through its reward wrapper: the untrained net's rewards enter the stats
+        for obs_t, act_t in zip(steps["obs"], steps["actions"]):
+            env.update(reward_model.predict_reward(obs_t, act_t))
     collector.add(Trajectories(steps["obs"], steps["actions"], steps["rewards"], steps["dones"]))
     collector.collect(budget["initial_pairs"], dataset)
     fit(reward_model, dataset, epochs=budget["initial_epochs"], batch_size=budget["batch_size"],
@@ -231,6 +295,7 @@ def run_ours(seed: int, budget: dict, ppo_kwargs: dict, out: Path) -> dict:
     save_heldout_source(model, seed, budget, out / "final_policy_steps.npz")
     returns = evaluate_true_return(model, seed, budget["eval_episodes"])
     return {
+        "variant": variant,
         "agent_env_steps": int(model.num_timesteps),
         "preference_sampling_env_steps": all_env_steps - int(model.num_timesteps),
         "comparisons": len(dataset),
@@ -332,8 +397,9 @@ def _segments(data: dict, length: int) -> np.ndarray:
     return np.argwhere(~crossing)
 
 
-def heldout(seed: int, budget: dict, quick: bool) -> dict:
-    """Both reward models of ``seed`` on the same pairs, labelled by the true return (noiseless)."""
+def heldout(seed: int, budget: dict, quick: bool, variants: tuple[str, ...] = ()) -> dict:
+    """Both reward models of ``seed`` on the same pairs, labelled by the true return (noiseless); with
+    ``variants``, those runs' reward models too, on the very same pairs (the sources and draws do not change)."""
     import gymnasium as gym
     import torch as th
 
@@ -350,6 +416,11 @@ def heldout(seed: int, budget: dict, quick: bool) -> dict:
     ours = RewardModel(env.observation_space, env.action_space, net_arch=saved["net_arch"])
     ours.load_state_dict(saved["state_dict"])
     theirs = th.load(run_dir("imitation", seed, quick) / "reward_net.pt", weights_only=False)
+    extra = {}
+    for name in variants:
+        saved = th.load(run_dir(name, seed, quick) / "reward_model.pt")
+        extra[name] = RewardModel(env.observation_space, env.action_space, net_arch=saved["net_arch"])
+        extra[name].load_state_dict(saved["state_dict"])
 
     def predicted(data: dict) -> dict[str, np.ndarray]:
         obs = data["obs"].reshape(-1, *env.observation_space.shape)
@@ -358,7 +429,8 @@ def heldout(seed: int, budget: dict, quick: bool) -> dict:
         # BasicRewardNet(use_next_state=False, use_done=False) ignores next_state and done
         theirs_r = theirs.predict(obs, act, obs, np.zeros(len(obs), dtype=bool))
         return {"ours": ours.predict_reward(obs, act).reshape(shape), "imitation": theirs_r.reshape(shape),
-                "true": data["rewards"].reshape(shape)}
+                "true": data["rewards"].reshape(shape)} | {
+                    name: model.predict_reward(obs, act).reshape(shape) for name, model in extra.items()}
 
     rewards = {name: predicted(data) for name, data in sources.items()}
     starts = {name: _segments(data, length) for name, data in sources.items()}
@@ -370,7 +442,7 @@ def heldout(seed: int, budget: dict, quick: bool) -> dict:
         return {key: float(r[t : t + length, n].sum()) for key, r in rewards[name].items()}
 
     def accuracy(names: list[str], n_pairs: int) -> dict[str, float]:
-        hits = {"ours": 0, "imitation": 0}
+        hits = {"ours": 0, "imitation": 0} | {name: 0 for name in extra}
         counted = 0
         for _ in range(n_pairs):
             a, b = draw(names), draw(names)
@@ -402,8 +474,10 @@ def cmd_run(args) -> None:
     budget, ppo_kwargs = (QUICK, QUICK_PPO) if args.quick else (BUDGET, PPO_KWARGS)
     out = run_dir(args.method, args.seed, args.quick)
     out.mkdir(parents=True, exist_ok=True)
-    runner = run_ours if args.method == "ours" else run_imitation
-    result = runner(args.seed, budget, ppo_kwargs, out)
+    if args.method == "imitation":
+        result = run_imitation(args.seed, budget, ppo_kwargs, out)
+    else:
+        result = run_ours(args.seed, budget, ppo_kwargs, out, VARIANTS.get(args.method))
     import gymnasium
     import stable_baselines3
 
@@ -432,6 +506,101 @@ def cmd_heldout(args) -> None:
     path = (RESULTS / ("quick" if args.quick else "")) / f"heldout_seed{args.seed}.json"
     path.write_text(json.dumps({"seed": args.seed, **result}, indent=1) + "\n")
     print(f"held-out seed {args.seed}: {result['pooled']}")
+
+
+def cmd_heldout_variants(args) -> None:
+    import torch as th
+
+    th.set_num_threads(1)
+    budget = QUICK if args.quick else BUDGET
+    folder = RESULTS / ("quick" if args.quick else "")
+    variants = tuple(name for name in VARIANTS if (folder / f"{name}_seed{args.seed}.json").exists())
+    result = heldout(args.seed, budget, args.quick, variants)
+    path = folder / f"heldout_variants_seed{args.seed}.json"
+    path.write_text(json.dumps({"seed": args.seed, "variants": list(variants), **result}, indent=1) + "\n")
+    print(f"held-out (variants) seed {args.seed}: {result['pooled']}")
+
+
+VARIANT_LABEL = {
+    "ours": ("sb3_ppo_ext as committed", "-"),
+    "ours_sb3ppo": ("ours, SB3 `PPO` as the agent", "(1) PPO implementation"),
+    "ours_runningnorm": ("ours, imitation's running-norm reward", "(2) reward scaling"),
+    "ours_adamw": ("ours, AdamW (wd 0.01) for the reward model", "(3) RM optimiser"),
+    "imitation": ("imitation 1.0.1 (SB3 PPO)", "all three"),
+}
+FAILED_EPISODE = -1000.0  # a deterministic Pendulum episode below this never swung up (about -1500 when it fails)
+
+
+def variants_section(folder: Path) -> list[str]:
+    """The "Which difference matters" section: every method/variant, over every seed it has a result for."""
+    rows: dict[str, list[dict]] = {}
+    for method in ("ours", *VARIANTS, "imitation"):
+        for seed in range(10):
+            path = folder / f"{method}_seed{seed}.json"
+            if not path.exists():
+                continue
+            run = json.loads(path.read_text())
+            held_path = folder / (f"heldout_seed{seed}.json" if method in METHODS else f"heldout_variants_seed{seed}.json")
+            held = json.loads(held_path.read_text()) if held_path.exists() else None
+            rows.setdefault(method, []).append({
+                "seed": seed, "return": run["final_return_mean"],
+                "failed": sum(r < FAILED_EPISODE for r in run["final_returns"]), "episodes": len(run["final_returns"]),
+                "train_last": float(np.mean([point[1] for point in run["curve_true_return"][-3:]])),
+                # how far the training return fell from its best point to its last (late degradation)
+                "drop": float(max(point[1] for point in run["curve_true_return"]) - run["curve_true_return"][-1][1]),
+                "acc_pooled": held["pooled"][method] if held and method in held["pooled"] else float("nan"),
+                "acc_random": held["random"][method] if held and method in held["random"] else float("nan"),
+                "cpu": run["cpu_s"],
+            })
+    if len(rows) <= 2:
+        return []
+    lines = [
+        "", "## Which difference matters", "",
+        "Ours with ONE of the three differences swapped to imitation's side (`VARIANTS` in compare.py; "
+        "`compare.py variants`), same seeds, budgets, labeller and evaluation. RM accuracy: the same held-out "
+        "pairs as above (`heldout_variants_seed*.json` rescore ours and imitation on them too, identically). "
+        "Failed: deterministic evaluation episodes below -1000 (the pendulum never swings up), of all the "
+        "method's episodes. ± is the std over seeds; per-seed values in seed order.", "",
+    ]
+    common = sorted(set.intersection(*({r["seed"] for r in sel} for sel in rows.values())))
+    for seeds, title in ((common, "seeds common to all"), (None, "every seed run")):
+        lines += [f"### {title}" + (f" ({', '.join(map(str, common))})" if seeds else ""), "",
+                  "| method | swapped | seeds | RM acc. pooled | RM acc. random | final return | per seed "
+                  "| failed episodes | training return | per seed | best-to-last drop | CPU time (s) |",
+                  "|---|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|"]
+        for method, sel in rows.items():
+            sel = [r for r in sel if seeds is None or r["seed"] in seeds]
+
+            def ms(key: str, fmt: str) -> str:
+                values = np.array([r[key] for r in sel])
+                return f"{np.nanmean(values):{fmt}} ± {np.nanstd(values):{fmt}}"
+
+            def per_seed(sel: list[dict], key: str) -> str:
+                return ", ".join(f"{r[key]:.0f}" for r in sel)
+
+            lines.append(
+                f"| {VARIANT_LABEL[method][0]} | {VARIANT_LABEL[method][1]} | {','.join(str(r['seed']) for r in sel)} | "
+                f"{ms('acc_pooled', '.3f')} | {ms('acc_random', '.3f')} | {ms('return', '.0f')} | "
+                f"{per_seed(sel, 'return')} | "
+                f"{sum(r['failed'] for r in sel)}/{sum(r['episodes'] for r in sel)} | {ms('train_last', '.0f')} | "
+                f"{per_seed(sel, 'train_last')} | {ms('drop', '.0f')} | {ms('cpu', '.0f')} |")
+        lines.append("")
+    lines += ["Paired by seed against ours as committed (variant minus ours, over the seeds both have):", ""]
+    base = {r["seed"]: r for r in rows["ours"]}
+    for method, sel in rows.items():
+        if method == "ours":
+            continue
+        pairs = [(r, base[r["seed"]]) for r in sel if r["seed"] in base]
+        parts = []
+        for key, what in (("return", "final return"), ("train_last", "training return")):
+            diffs = [r[key] - b[key] for r, b in pairs]
+            parts.append(f"{what} {', '.join(f'{d:+.0f}' for d in diffs)} (mean {np.mean(diffs):+.0f}, "
+                         f"better on {sum(d > 0 for d in diffs)} of {len(diffs)})")
+        lines.append(f"- {VARIANT_LABEL[method][0]}: " + "; ".join(parts))
+    lines += ["", "Best-to-last drop: the training return's best point minus its last (each point the mean true "
+              "return of the last 100 training episodes, after each rollout); large when the agent got worse "
+              "late in training.", ""]
+    return lines
 
 
 def cmd_summary(args) -> None:
@@ -500,6 +669,7 @@ def cmd_summary(args) -> None:
         wins = sum(d >= 0 for d in diffs)
         lines.append(f"- {what}: " + ", ".join(f"{d:+{fmt}}" for d in diffs)
                      + f" (mean {np.mean(diffs):+{fmt}}; ours >= imitation on {wins} of {len(diffs)} seeds)")
+    lines += variants_section(folder)
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     (folder / "summary.json").write_text(json.dumps({"rows": rows, "means": means}, indent=1) + "\n")
     print("\n".join(lines))
@@ -522,11 +692,36 @@ def cmd_all(args) -> None:
     cmd_summary(args)
 
 
+def cmd_variants(args) -> None:
+    """The ablation: each of ``--methods`` (default: every variant) for every seed, one process at a time,
+    method by method; then each seed's held-out evaluations and the summary (main table for ``--summary-seeds``)."""
+    folder = RESULTS / ("quick" if args.quick else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    quick = ["--quick"] if args.quick else []
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
+    for method in args.methods:
+        python = args.imitation_python if method == "imitation" else sys.executable
+        for seed in args.seeds:
+            if not (folder / f"{method}_seed{seed}.json").exists():
+                subprocess.run([python, __file__, "run", "--method", method, "--seed", str(seed), *quick],
+                               check=True, env=env)
+    for seed in args.seeds:
+        if not all((folder / f"{m}_seed{seed}.json").exists() for m in METHODS):
+            continue
+        if not (folder / f"heldout_seed{seed}.json").exists():
+            subprocess.run([args.imitation_python, __file__, "heldout", "--seed", str(seed), *quick],
+                           check=True, env=env)
+        subprocess.run([args.imitation_python, __file__, "heldout-variants", "--seed", str(seed), *quick],
+                       check=True, env=env)
+    args.seeds = args.summary_seeds
+    cmd_summary(args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="one method, one seed")
-    p_run.add_argument("--method", choices=METHODS, required=True)
+    p_run.add_argument("--method", choices=(*METHODS, *VARIANTS), required=True)
     p_run.add_argument("--seed", type=int, required=True)
     p_held = sub.add_parser("heldout", help="both reward models of one seed on the same held-out pairs (imitation venv)")
     p_held.add_argument("--seed", type=int, required=True)
@@ -535,10 +730,18 @@ def main() -> None:
     p_all = sub.add_parser("all", help="every run, held-out evaluation and the summary, one process at a time")
     p_all.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p_all.add_argument("--imitation-python", default="/tmp/imit-venv/bin/python")
-    for p in (p_run, p_held, p_sum, p_all):
+    p_hv = sub.add_parser("heldout-variants", help="every reward model of one seed (variants too) on the held-out pairs")
+    p_hv.add_argument("--seed", type=int, required=True)
+    p_var = sub.add_parser("variants", help="the one-difference-at-a-time ablation, its held-out scores, the summary")
+    p_var.add_argument("--methods", nargs="+", choices=(*METHODS, *VARIANTS), default=list(VARIANTS))
+    p_var.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p_var.add_argument("--summary-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p_var.add_argument("--imitation-python", default="/tmp/imit-venv/bin/python")
+    for p in (p_run, p_held, p_sum, p_all, p_hv, p_var):
         p.add_argument("--quick", action="store_true", help="a toy budget in seconds, results under results/quick/")
     args = parser.parse_args()
-    {"run": cmd_run, "heldout": cmd_heldout, "summary": cmd_summary, "all": cmd_all}[args.command](args)
+    {"run": cmd_run, "heldout": cmd_heldout, "summary": cmd_summary, "all": cmd_all,
+     "heldout-variants": cmd_heldout_variants, "variants": cmd_variants}[args.command](args)
 
 
 if __name__ == "__main__":
