@@ -28,7 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
-from sb3_ppo_ext.fast.stacked import StackedLayers
+from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy
@@ -73,10 +73,6 @@ def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | No
     return layers
 
 
-_RELU_BACKWARD = th.ops.aten.threshold_backward.default
-
-# below this many elements torch.tanh_ (one op) beats the four ops of the sigmoid form
-_SMALL_TANH = 2048
 
 
 def _tanh(z: th.Tensor) -> th.Tensor:

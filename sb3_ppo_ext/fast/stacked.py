@@ -21,7 +21,8 @@ import torch as th
 
 _RELU_BACKWARD = th.ops.aten.threshold_backward.default
 
-# below this many elements per network torch.tanh_ (one op) beats the sigmoid form (see kernel._tanh)
+# below this many elements (per network) torch.tanh_ (one op) beats the four ops of the sigmoid form; the kernel's
+# separate stacks use the same two constants
 _SMALL_TANH = 2048
 
 
