@@ -80,8 +80,15 @@ BUDGET = dict(
     heldout_pairs=3000,  # pooled pairs; plus 1000 within each source
 )
 QUICK = dict(
-    BUDGET, iterations=2, initial_pairs=10, pairs_per_iteration=8, initial_epochs=3, eval_episodes=2,
-    heldout_steps_per_env=200, heldout_pairs=200, sample_steps_per_iteration=800,
+    BUDGET,
+    iterations=2,
+    initial_pairs=10,
+    pairs_per_iteration=8,
+    initial_epochs=3,
+    eval_episodes=2,
+    heldout_steps_per_env=200,
+    heldout_pairs=200,
+    sample_steps_per_iteration=800,
 )
 QUICK_PPO = dict(PPO_KWARGS, n_steps=256, n_epochs=2)
 
@@ -124,7 +131,7 @@ def record(venv, n_steps: int, predict=None) -> dict[str, np.ndarray]:
             np.stack([venv.action_space.sample() for _ in range(venv.num_envs)]) if predict is None else predict(obs)
         )
         new_obs, rewards, dones, _ = venv.step(actions)
-        for key, value in zip(out, (obs, actions, rewards, dones)):
+        for key, value in zip(out, (obs, actions, rewards, dones), strict=True):
             out[key].append(np.array(value))
         obs = new_obs
     return {key: np.stack(values) for key, values in out.items()}
@@ -277,12 +284,18 @@ def run_ours(seed: int, budget: dict, ppo_kwargs: dict, out: Path, variant: dict
     steps = record(venv, initial_steps, lambda obs: model.predict(obs, deterministic=False)[0])
     if variant["reward_norm"] == "running":
         # imitation samples these steps through its reward wrapper: the untrained net's rewards enter the stats
-        for obs_t, act_t in zip(steps["obs"], steps["actions"]):
+        for obs_t, act_t in zip(steps["obs"], steps["actions"], strict=True):
             env.update(reward_model.predict_reward(obs_t, act_t))
     collector.add(Trajectories(steps["obs"], steps["actions"], steps["rewards"], steps["dones"]))
     collector.collect(budget["initial_pairs"], dataset)
-    fit(reward_model, dataset, epochs=budget["initial_epochs"], batch_size=budget["batch_size"],
-        optimizer=refit.optimizer, seed=seed)
+    fit(
+        reward_model,
+        dataset,
+        epochs=budget["initial_epochs"],
+        batch_size=budget["batch_size"],
+        optimizer=refit.optimizer,
+        seed=seed,
+    )
     # 2. and 3. PPO on the learned reward, a refit after each rollout but the last
     curve: list = []
     from stable_baselines3.common.callbacks import CallbackList
@@ -327,20 +340,25 @@ def run_imitation(seed: int, budget: dict, ppo_kwargs: dict, out: Path) -> dict:
     reward_net = NormalizedRewardNet(base, normalize_output_layer=RunningNorm)
     logger = imit_logger.configure(folder=str(out / "imitation_log"), format_strs=["csv"])
     agent = PPO("MlpPolicy", venv, seed=seed, verbose=0, **ppo_kwargs)
-    trajectory_generator = pc.AgentTrainer(agent, reward_net, venv, rng=rng, exploration_frac=0.0,
-                                           custom_logger=logger)
+    trajectory_generator = pc.AgentTrainer(agent, reward_net, venv, rng=rng, exploration_frac=0.0, custom_logger=logger)
     preference_model = pc.PreferenceModel(reward_net)
     reward_trainer = pc.BasicRewardTrainer(
-        preference_model, pc.CrossEntropyRewardLoss(), rng=rng, batch_size=budget["batch_size"],
-        epochs=budget["epochs"], lr=budget["lr"], custom_logger=logger,
+        preference_model,
+        pc.CrossEntropyRewardLoss(),
+        rng=rng,
+        batch_size=budget["batch_size"],
+        epochs=budget["epochs"],
+        lr=budget["lr"],
+        custom_logger=logger,
     )
     algorithm = pc.PreferenceComparisons(
         trajectory_generator,
         reward_net,
         num_iterations=budget["iterations"],
         fragmenter=pc.RandomFragmenter(rng=rng, warning_threshold=0, custom_logger=logger),
-        preference_gatherer=pc.SyntheticGatherer(temperature=budget["temperature"], sample=True, rng=rng,
-                                                 custom_logger=logger),
+        preference_gatherer=pc.SyntheticGatherer(
+            temperature=budget["temperature"], sample=True, rng=rng, custom_logger=logger
+        ),
         reward_trainer=reward_trainer,
         fragment_length=budget["segment_length"],
         transition_oversampling=oversampling(budget),
@@ -359,8 +377,12 @@ def run_imitation(seed: int, budget: dict, ppo_kwargs: dict, out: Path) -> dict:
         n_transitions = trajectory_generator.buffering_wrapper.n_transitions
         if n_transitions:
             raise RuntimeError(f"{n_transitions} transitions left in the buffer")
-        agent.learn(total_timesteps=steps, reset_num_timesteps=False,
-                    callback=CallbackList([trajectory_generator.log_callback, log_cb]), **kwargs)
+        agent.learn(
+            total_timesteps=steps,
+            reset_num_timesteps=False,
+            callback=CallbackList([trajectory_generator.log_callback, log_cb]),
+            **kwargs,
+        )
 
     trajectory_generator.train = train_with_log  # same as AgentTrainer.train, plus the curve
 
@@ -428,9 +450,11 @@ def heldout(seed: int, budget: dict, quick: bool, variants: tuple[str, ...] = ()
         shape = data["dones"].shape
         # BasicRewardNet(use_next_state=False, use_done=False) ignores next_state and done
         theirs_r = theirs.predict(obs, act, obs, np.zeros(len(obs), dtype=bool))
-        return {"ours": ours.predict_reward(obs, act).reshape(shape), "imitation": theirs_r.reshape(shape),
-                "true": data["rewards"].reshape(shape)} | {
-                    name: model.predict_reward(obs, act).reshape(shape) for name, model in extra.items()}
+        return {
+            "ours": ours.predict_reward(obs, act).reshape(shape),
+            "imitation": theirs_r.reshape(shape),
+            "true": data["rewards"].reshape(shape),
+        } | {name: model.predict_reward(obs, act).reshape(shape) for name, model in extra.items()}
 
     rewards = {name: predicted(data) for name, data in sources.items()}
     starts = {name: _segments(data, length) for name, data in sources.items()}
@@ -481,15 +505,24 @@ def cmd_run(args) -> None:
     import gymnasium
     import stable_baselines3
 
-    versions = {"stable_baselines3": stable_baselines3.__version__, "gymnasium": gymnasium.__version__,
-                "torch": th.__version__, "python": platform.python_version()}
+    versions = {
+        "stable_baselines3": stable_baselines3.__version__,
+        "gymnasium": gymnasium.__version__,
+        "torch": th.__version__,
+        "python": platform.python_version(),
+    }
     if args.method == "imitation":
         import importlib.metadata
 
         versions["imitation"] = importlib.metadata.version("imitation")
     result = {
-        "method": args.method, "seed": args.seed, "env": ENV_ID, "budget": budget, "ppo": ppo_kwargs,
-        "versions": versions, **result,
+        "method": args.method,
+        "seed": args.seed,
+        "env": ENV_ID,
+        "budget": budget,
+        "ppo": ppo_kwargs,
+        "versions": versions,
+        **result,
         "final_return_mean": float(np.mean(result["final_returns"])),
         "final_return_std": float(np.std(result["final_returns"])),
     }
@@ -540,38 +573,51 @@ def variants_section(folder: Path) -> list[str]:
             if not path.exists():
                 continue
             run = json.loads(path.read_text())
-            held_path = folder / (f"heldout_seed{seed}.json" if method in METHODS else f"heldout_variants_seed{seed}.json")
+            held_name = f"heldout_seed{seed}.json" if method in METHODS else f"heldout_variants_seed{seed}.json"
+            held_path = folder / held_name
             held = json.loads(held_path.read_text()) if held_path.exists() else None
-            rows.setdefault(method, []).append({
-                "seed": seed, "return": run["final_return_mean"],
-                "failed": sum(r < FAILED_EPISODE for r in run["final_returns"]), "episodes": len(run["final_returns"]),
-                "train_last": float(np.mean([point[1] for point in run["curve_true_return"][-3:]])),
-                # how far the training return fell from its best point to its last (late degradation)
-                "drop": float(max(point[1] for point in run["curve_true_return"]) - run["curve_true_return"][-1][1]),
-                "acc_pooled": held["pooled"][method] if held and method in held["pooled"] else float("nan"),
-                "acc_random": held["random"][method] if held and method in held["random"] else float("nan"),
-                "cpu": run["cpu_s"],
-            })
+            rows.setdefault(method, []).append(
+                {
+                    "seed": seed,
+                    "return": run["final_return_mean"],
+                    "failed": sum(r < FAILED_EPISODE for r in run["final_returns"]),
+                    "episodes": len(run["final_returns"]),
+                    "train_last": float(np.mean([point[1] for point in run["curve_true_return"][-3:]])),
+                    # how far the training return fell from its best point to its last (late degradation)
+                    "drop": float(
+                        max(point[1] for point in run["curve_true_return"]) - run["curve_true_return"][-1][1]
+                    ),
+                    "acc_pooled": held["pooled"][method] if held and method in held["pooled"] else float("nan"),
+                    "acc_random": held["random"][method] if held and method in held["random"] else float("nan"),
+                    "cpu": run["cpu_s"],
+                }
+            )
     if len(rows) <= 2:
         return []
     lines = [
-        "", "## Which difference matters", "",
+        "",
+        "## Which difference matters",
+        "",
         "Ours with ONE of the three differences swapped to imitation's side (`VARIANTS` in compare.py; "
         "`compare.py variants`), same seeds, budgets, labeller and evaluation. RM accuracy: the same held-out "
         "pairs as above (`heldout_variants_seed*.json` rescore ours and imitation on them too, identically). "
         "Failed: deterministic evaluation episodes below -1000 (the pendulum never swings up), of all the "
-        "method's episodes. ± is the std over seeds; per-seed values in seed order.", "",
+        "method's episodes. ± is the std over seeds; per-seed values in seed order.",
+        "",
     ]
     common = sorted(set.intersection(*({r["seed"] for r in sel} for sel in rows.values())))
     for seeds, title in ((common, "seeds common to all"), (None, "every seed run")):
-        lines += [f"### {title}" + (f" ({', '.join(map(str, common))})" if seeds else ""), "",
-                  "| method | swapped | seeds | RM acc. pooled | RM acc. random | final return | per seed "
-                  "| failed episodes | training return | per seed | best-to-last drop | CPU time (s) |",
-                  "|---|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|"]
+        lines += [
+            f"### {title}" + (f" ({', '.join(map(str, common))})" if seeds else ""),
+            "",
+            "| method | swapped | seeds | RM acc. pooled | RM acc. random | final return | per seed "
+            "| failed episodes | training return | per seed | best-to-last drop | CPU time (s) |",
+            "|---|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|",
+        ]
         for method, sel in rows.items():
             sel = [r for r in sel if seeds is None or r["seed"] in seeds]
 
-            def ms(key: str, fmt: str) -> str:
+            def ms(key: str, fmt: str, sel: list[dict] = sel) -> str:
                 values = np.array([r[key] for r in sel])
                 return f"{np.nanmean(values):{fmt}} ± {np.nanstd(values):{fmt}}"
 
@@ -579,11 +625,13 @@ def variants_section(folder: Path) -> list[str]:
                 return ", ".join(f"{r[key]:.0f}" for r in sel)
 
             lines.append(
-                f"| {VARIANT_LABEL[method][0]} | {VARIANT_LABEL[method][1]} | {','.join(str(r['seed']) for r in sel)} | "
+                f"| {VARIANT_LABEL[method][0]} | {VARIANT_LABEL[method][1]} | "
+                f"{','.join(str(r['seed']) for r in sel)} | "
                 f"{ms('acc_pooled', '.3f')} | {ms('acc_random', '.3f')} | {ms('return', '.0f')} | "
                 f"{per_seed(sel, 'return')} | "
                 f"{sum(r['failed'] for r in sel)}/{sum(r['episodes'] for r in sel)} | {ms('train_last', '.0f')} | "
-                f"{per_seed(sel, 'train_last')} | {ms('drop', '.0f')} | {ms('cpu', '.0f')} |")
+                f"{per_seed(sel, 'train_last')} | {ms('drop', '.0f')} | {ms('cpu', '.0f')} |"
+            )
         lines.append("")
     lines += ["Paired by seed against ours as committed (variant minus ours, over the seeds both have):", ""]
     base = {r["seed"]: r for r in rows["ours"]}
@@ -594,12 +642,18 @@ def variants_section(folder: Path) -> list[str]:
         parts = []
         for key, what in (("return", "final return"), ("train_last", "training return")):
             diffs = [r[key] - b[key] for r, b in pairs]
-            parts.append(f"{what} {', '.join(f'{d:+.0f}' for d in diffs)} (mean {np.mean(diffs):+.0f}, "
-                         f"better on {sum(d > 0 for d in diffs)} of {len(diffs)})")
+            parts.append(
+                f"{what} {', '.join(f'{d:+.0f}' for d in diffs)} (mean {np.mean(diffs):+.0f}, "
+                f"better on {sum(d > 0 for d in diffs)} of {len(diffs)})"
+            )
         lines.append(f"- {VARIANT_LABEL[method][0]}: " + "; ".join(parts))
-    lines += ["", "Best-to-last drop: the training return's best point minus its last (each point the mean true "
-              "return of the last 100 training episodes, after each rollout); large when the agent got worse "
-              "late in training.", ""]
+    lines += [
+        "",
+        "Best-to-last drop: the training return's best point minus its last (each point the mean true "
+        "return of the last 100 training episodes, after each rollout); large when the agent got worse "
+        "late in training.",
+        "",
+    ]
     return lines
 
 
@@ -610,17 +664,24 @@ def cmd_summary(args) -> None:
         for seed in args.seeds:
             run = json.loads((folder / f"{method}_seed{seed}.json").read_text())
             held = json.loads((folder / f"heldout_seed{seed}.json").read_text())
-            rows.append({
-                "method": method, "seed": seed,
-                "acc_pooled": held["pooled"][method], "acc_random": held["random"][method],
-                "acc_ours_final": held["ours_final"][method],
-                "acc_imitation_final": held["imitation_final"][method],
-                "return": run["final_return_mean"], "return_std": run["final_return_std"],
-                # the stochastic policy's true episode returns over its last 3 training rollouts (Monitor)
-                "train_last": float(np.mean([point[1] for point in run["curve_true_return"][-3:]])),
-                "steps": run["agent_env_steps"], "pairs": run["comparisons"],
-                "wall": run["wall_s"], "cpu": run["cpu_s"],
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "acc_pooled": held["pooled"][method],
+                    "acc_random": held["random"][method],
+                    "acc_ours_final": held["ours_final"][method],
+                    "acc_imitation_final": held["imitation_final"][method],
+                    "return": run["final_return_mean"],
+                    "return_std": run["final_return_std"],
+                    # the stochastic policy's true episode returns over its last 3 training rollouts (Monitor)
+                    "train_last": float(np.mean([point[1] for point in run["curve_true_return"][-3:]])),
+                    "steps": run["agent_env_steps"],
+                    "pairs": run["comparisons"],
+                    "wall": run["wall_s"],
+                    "cpu": run["cpu_s"],
+                }
+            )
     label = {"ours": "sb3_ppo_ext (ClippedPPO)", "imitation": "imitation 1.0.1 (SB3 PPO)"}
     lines = [
         f"# Anchor: preference-based reward learning on {ENV_ID}, sb3_ppo_ext against imitation",
@@ -644,31 +705,52 @@ def cmd_summary(args) -> None:
             f"{r['acc_ours_final']:.3f} | {r['acc_imitation_final']:.3f} | {r['return']:.1f} ± {r['return_std']:.1f} | "
             f"{r['train_last']:.1f} | {r['steps']} | {r['pairs']} | {r['wall']:.0f} | {r['cpu']:.0f} |"
         )
-    lines += ["", "Means over seeds (± std over seeds):", "",
-              "| method | RM acc. pooled | RM acc. random | RM acc. ours' agent | RM acc. imitation's agent "
-              "| final return | training return | wall time (s) | CPU time (s) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Means over seeds (± std over seeds):",
+        "",
+        "| method | RM acc. pooled | RM acc. random | RM acc. ours' agent | RM acc. imitation's agent "
+        "| final return | training return | wall time (s) | CPU time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     means = {}
     for method in METHODS:
         sel = [r for r in rows if r["method"] == method]
 
-        def ms(key: str, fmt: str) -> str:
+        def ms(key: str, fmt: str, sel: list[dict] = sel) -> str:
             values = np.array([r[key] for r in sel])
             return f"{values.mean():{fmt}} ± {values.std():{fmt}}"
 
-        means[method] = {key: float(np.mean([r[key] for r in sel]))
-                         for key in ("acc_pooled", "acc_random", "return", "train_last")}
-        lines.append(f"| {label[method]} | {ms('acc_pooled', '.3f')} | {ms('acc_random', '.3f')} | "
-                     f"{ms('acc_ours_final', '.3f')} | {ms('acc_imitation_final', '.3f')} | {ms('return', '.1f')} | "
-                     f"{ms('train_last', '.1f')} | {ms('wall', '.0f')} | {ms('cpu', '.0f')} |")
-    lines += ["", "Paired by seed (ours minus imitation; the same seed gives both the same env seeds and held-out pairs):", ""]
-    for key, what, fmt in (("acc_pooled", "RM accuracy, pooled", ".3f"), ("acc_random", "RM accuracy, random", ".3f"),
-                           ("return", "final return", ".1f"), ("train_last", "training return", ".1f")):
-        diffs = [next(r for r in rows if r["method"] == "ours" and r["seed"] == seed)[key]
-                 - next(r for r in rows if r["method"] == "imitation" and r["seed"] == seed)[key] for seed in args.seeds]
+        means[method] = {
+            key: float(np.mean([r[key] for r in sel])) for key in ("acc_pooled", "acc_random", "return", "train_last")
+        }
+        lines.append(
+            f"| {label[method]} | {ms('acc_pooled', '.3f')} | {ms('acc_random', '.3f')} | "
+            f"{ms('acc_ours_final', '.3f')} | {ms('acc_imitation_final', '.3f')} | {ms('return', '.1f')} | "
+            f"{ms('train_last', '.1f')} | {ms('wall', '.0f')} | {ms('cpu', '.0f')} |"
+        )
+    lines += [
+        "",
+        "Paired by seed (ours minus imitation; the same seed gives both the same env seeds and held-out pairs):",
+        "",
+    ]
+    for key, what, fmt in (
+        ("acc_pooled", "RM accuracy, pooled", ".3f"),
+        ("acc_random", "RM accuracy, random", ".3f"),
+        ("return", "final return", ".1f"),
+        ("train_last", "training return", ".1f"),
+    ):
+        diffs = [
+            next(r for r in rows if r["method"] == "ours" and r["seed"] == seed)[key]
+            - next(r for r in rows if r["method"] == "imitation" and r["seed"] == seed)[key]
+            for seed in args.seeds
+        ]
         wins = sum(d >= 0 for d in diffs)
-        lines.append(f"- {what}: " + ", ".join(f"{d:+{fmt}}" for d in diffs)
-                     + f" (mean {np.mean(diffs):+{fmt}}; ours >= imitation on {wins} of {len(diffs)} seeds)")
+        lines.append(
+            f"- {what}: "
+            + ", ".join(f"{d:+{fmt}}" for d in diffs)
+            + f" (mean {np.mean(diffs):+{fmt}}; ours >= imitation on {wins} of {len(diffs)} seeds)"
+        )
     lines += variants_section(folder)
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     (folder / "summary.json").write_text(json.dumps({"rows": rows, "means": means}, indent=1) + "\n")
@@ -684,11 +766,15 @@ def cmd_all(args) -> None:
     for seed in args.seeds:
         for method in METHODS:
             if not (folder / f"{method}_seed{seed}.json").exists():
-                subprocess.run([pythons[method], __file__, "run", "--method", method, "--seed", str(seed), *quick],
-                               check=True, env=env)
+                subprocess.run(
+                    [pythons[method], __file__, "run", "--method", method, "--seed", str(seed), *quick],
+                    check=True,
+                    env=env,
+                )
         if not (folder / f"heldout_seed{seed}.json").exists():
-            subprocess.run([args.imitation_python, __file__, "heldout", "--seed", str(seed), *quick],
-                           check=True, env=env)
+            subprocess.run(
+                [args.imitation_python, __file__, "heldout", "--seed", str(seed), *quick], check=True, env=env
+            )
     cmd_summary(args)
 
 
@@ -703,16 +789,19 @@ def cmd_variants(args) -> None:
         python = args.imitation_python if method == "imitation" else sys.executable
         for seed in args.seeds:
             if not (folder / f"{method}_seed{seed}.json").exists():
-                subprocess.run([python, __file__, "run", "--method", method, "--seed", str(seed), *quick],
-                               check=True, env=env)
+                subprocess.run(
+                    [python, __file__, "run", "--method", method, "--seed", str(seed), *quick], check=True, env=env
+                )
     for seed in args.seeds:
         if not all((folder / f"{m}_seed{seed}.json").exists() for m in METHODS):
             continue
         if not (folder / f"heldout_seed{seed}.json").exists():
-            subprocess.run([args.imitation_python, __file__, "heldout", "--seed", str(seed), *quick],
-                           check=True, env=env)
-        subprocess.run([args.imitation_python, __file__, "heldout-variants", "--seed", str(seed), *quick],
-                       check=True, env=env)
+            subprocess.run(
+                [args.imitation_python, __file__, "heldout", "--seed", str(seed), *quick], check=True, env=env
+            )
+        subprocess.run(
+            [args.imitation_python, __file__, "heldout-variants", "--seed", str(seed), *quick], check=True, env=env
+        )
     args.seeds = args.summary_seeds
     cmd_summary(args)
 
@@ -723,14 +812,18 @@ def main() -> None:
     p_run = sub.add_parser("run", help="one method, one seed")
     p_run.add_argument("--method", choices=(*METHODS, *VARIANTS), required=True)
     p_run.add_argument("--seed", type=int, required=True)
-    p_held = sub.add_parser("heldout", help="both reward models of one seed on the same held-out pairs (imitation venv)")
+    p_held = sub.add_parser(
+        "heldout", help="both reward models of one seed on the same held-out pairs (imitation venv)"
+    )
     p_held.add_argument("--seed", type=int, required=True)
     p_sum = sub.add_parser("summary", help="results/summary.md from the JSON files")
     p_sum.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p_all = sub.add_parser("all", help="every run, held-out evaluation and the summary, one process at a time")
     p_all.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p_all.add_argument("--imitation-python", default="/tmp/imit-venv/bin/python")
-    p_hv = sub.add_parser("heldout-variants", help="every reward model of one seed (variants too) on the held-out pairs")
+    p_hv = sub.add_parser(
+        "heldout-variants", help="every reward model of one seed (variants too) on the held-out pairs"
+    )
     p_hv.add_argument("--seed", type=int, required=True)
     p_var = sub.add_parser("variants", help="the one-difference-at-a-time ablation, its held-out scores, the summary")
     p_var.add_argument("--methods", nargs="+", choices=(*METHODS, *VARIANTS), default=list(VARIANTS))
@@ -740,8 +833,14 @@ def main() -> None:
     for p in (p_run, p_held, p_sum, p_all, p_hv, p_var):
         p.add_argument("--quick", action="store_true", help="a toy budget in seconds, results under results/quick/")
     args = parser.parse_args()
-    {"run": cmd_run, "heldout": cmd_heldout, "summary": cmd_summary, "all": cmd_all,
-     "heldout-variants": cmd_heldout_variants, "variants": cmd_variants}[args.command](args)
+    {
+        "run": cmd_run,
+        "heldout": cmd_heldout,
+        "summary": cmd_summary,
+        "all": cmd_all,
+        "heldout-variants": cmd_heldout_variants,
+        "variants": cmd_variants,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,6 @@ def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | No
     return layers
 
 
-
-
 def _tanh(z: th.Tensor) -> th.Tensor:
     """``tanh(z)`` in place on a fresh tensor; ``2 sigmoid(2 z) - 1`` for large tensors.
 

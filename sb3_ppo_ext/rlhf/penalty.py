@@ -40,7 +40,9 @@ The keys an RLHF user watches for over-optimisation, one name per quantity (``tr
   the rollout (loss mode, with a controller whose target or horizon is per episode).
 * ``rlhf/entropy``: the policy's entropy, averaged over the update's minibatches.
 
-With several ranks each per-rollout number is the mean of the ranks' means.
+With several ranks (``torchrun``) a per-episode number is the mean over every rank's episodes (each episode weighs
+the same, whichever rank ran it), the episode count the total over ranks, and a per-step number the mean of the
+ranks' means (every rank runs the same number of steps).
 """
 
 from __future__ import annotations
@@ -190,7 +192,8 @@ class RewardKLPenalty(_ReferenceKL):
     :param controller: beta's controller (:func:`~sb3_ppo_ext.rlhf.reference.make_kl_controller`).
     """
 
-    statistics = ("ref_kl", *EPISODE_KEYS, "episodes")
+    # sums and counts, not means: averaged over ranks, their ratio is the mean over every rank's episodes
+    statistics = ("ref_kl", *(f"sum/{key}" for key in EPISODE_KEYS), "episodes")
 
     def __init__(self, controller: KLController) -> None:
         super().__init__(controller)
@@ -261,15 +264,15 @@ class RewardKLPenalty(_ReferenceKL):
         :param model: the model.
         :return: the statistics measured over the rollout.
         """
-        return {"ref_kl": self._kl_sum / self._samples, **self._episodes.means(), "episodes": self._episodes.count()}
+        return {"ref_kl": self._kl_sum / self._samples, **self._episodes.sums(), "episodes": self._episodes.count()}
 
     def rollout_statistics(self, statistics: dict[str, float]) -> None:
         """Keep the means over every rank (the KL is None when the rollout stopped early everywhere).
 
-        :param statistics: the rollout's statistics, over every rank.
+        :param statistics: the rollout's statistics, over every rank (sums and counts averaged over ranks).
         """
         self.rollout_kl = statistics.get("ref_kl")
-        self.rollout_statistics_ = statistics
+        self.rollout_statistics_ = _pooled_means(statistics, EPISODE_KEYS)
 
     def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
         """The ``train/ref_kl*`` keys and beta's move (see the base class), then the ``rlhf/`` keys.
@@ -298,7 +301,7 @@ class LossKLPenalty(_ReferenceKL):
     :param controller: beta's controller (:func:`~sb3_ppo_ext.rlhf.reference.make_kl_controller`).
     """
 
-    statistics = ("episodes", "episode_length")
+    statistics = ("episodes", "sum/episode_length")
 
     def __init__(self, controller: KLController) -> None:
         super().__init__(controller)
@@ -350,11 +353,11 @@ class LossKLPenalty(_ReferenceKL):
         return self._lengths.statistics() if self._counting else {}
 
     def rollout_statistics(self, statistics: dict[str, float]) -> None:
-        """Keep the means over every rank.
+        """Keep the mean episode length over every rank's episodes.
 
-        :param statistics: the rollout's statistics, over every rank.
+        :param statistics: the rollout's statistics, over every rank (sums and counts averaged over ranks).
         """
-        self.rollout_statistics_ = statistics
+        self.rollout_statistics_ = _pooled_means(statistics, ("episode_length",))
 
     def _episodes_measured(self, kl: float | None) -> tuple[float | None, float]:
         statistics = self.rollout_statistics_
@@ -446,9 +449,9 @@ class _EpisodeSums:
             self._ended[key].extend(self._running[key][ended].tolist())
             self._running[key][ended] = 0.0
 
-    def means(self) -> dict[str, float]:
-        """The mean of each sum over the episodes that ended in this rollout (nothing if none ended)."""
-        return {key: float(np.mean(values)) for key, values in self._ended.items() if values}
+    def sums(self) -> dict[str, float]:
+        """``sum/<key>``: each quantity summed over the episodes that ended in this rollout (0 if none ended)."""
+        return {f"sum/{key}": float(np.sum(values)) for key, values in self._ended.items()}
 
     def count(self) -> float:
         """The number of episodes that ended in this rollout."""
@@ -476,10 +479,24 @@ class _EpisodeLengths:
         self._running[dones] = 0
 
     def statistics(self) -> dict[str, float]:
-        """The number of episodes that ended, and their mean length (left out if none ended)."""
-        if not self._ended:
-            return {"episodes": 0.0}
-        return {"episodes": float(len(self._ended)), "episode_length": float(np.mean(self._ended))}
+        """The number of episodes that ended, and the sum of their lengths."""
+        return {"episodes": float(len(self._ended)), "sum/episode_length": float(np.sum(self._ended))}
+
+
+def _pooled_means(statistics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """``statistics`` with each ``sum/<key>`` replaced by ``<key>``, its mean over the episodes counted.
+
+    Sums and counts arrive averaged over the same ranks, so their ratio weighs every rank's episodes equally
+    (the mean of the ranks' means would weigh a rank with few, long episodes as much as one with many).
+    Keys are left out when no episode ended on any rank.
+    """
+    pooled = {name: value for name, value in statistics.items() if not name.startswith("sum/")}
+    episodes = statistics.get("episodes", 0.0)
+    for key in keys:
+        total = statistics.get(f"sum/{key}")
+        if total is not None and episodes > 0:
+            pooled[key] = total / episodes
+    return pooled
 
 
 def _record_rlhf(model: Any, beta: float, history: list[list[LossTerms]], measured: dict[str, float]) -> None:
