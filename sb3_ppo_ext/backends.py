@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch as th
 
 from sb3_ppo_ext.fast.kernel import MLPActorCriticKernel
+from sb3_ppo_ext.loss_statistics import DeferredStatistics
 from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss, importance_weighted_kl
 from sb3_ppo_ext.optim import LeanAdamStep, UpdateSteps
 
@@ -106,6 +107,14 @@ class ClosedFormBackend:
         self.kernel = MLPActorCriticKernel(policy)
         self.autograd = AutogradBackend(policy)
         self.act = self.kernel.act
+        self._later: DeferredStatistics | None = None  # the loss statistics of the current update, computed late
+
+    def _statistics_of(self, loss: PPOLoss) -> DeferredStatistics:
+        """Where this update's minibatches wait for their statistics (a new ``PPOLoss``: a new update)."""
+        later = self._later
+        if later is None or later.loss is not loss:
+            later = self._later = DeferredStatistics(loss)
+        return later
 
     def loss_and_grad(self, loss: PPOLoss, batch: PPOBatch) -> LossTerms:
         """Closed-form gradients, or autograd for a step the kernel cannot differentiate by hand.
@@ -121,7 +130,7 @@ class ClosedFormBackend:
             evaluation, activations = self.kernel.evaluate(
                 batch.observations, batch.actions, batch.action_masks, None if reference is None else reference.params
             )
-            terms, grads = loss.with_gradients(evaluation, batch)
+            terms, grads = loss.with_gradients(evaluation, batch, self._statistics_of(loss))
             self.kernel.backward(activations, grads)
         return terms
 

@@ -11,6 +11,10 @@ autograd path differentiates :meth:`PPOLoss.__call__`; the closed-form path
 the policy's per-sample outputs ``log pi(a|s)``, ``V(s)`` and ``H(pi(.|s))``, and backpropagates them
 through the network by hand.
 
+Every term averages over the last dimension: a minibatch's ``[B]`` gives a scalar, a stack of ``m``
+minibatches ``[m, B]`` gives one value per minibatch (the closed-form path logs its statistics that way,
+:mod:`sb3_ppo_ext.loss_statistics`).
+
 Adding a term: write its formula here, add it in :meth:`PPOLoss._terms` and its derivative with respect to
 those outputs in :meth:`PPOLoss._output_gradients` (every term has one today). A term without a closed form
 must make ``ClosedFormBackend.loss_and_grad`` hand its steps to autograd, as it does for LSTM minibatches.
@@ -165,7 +169,7 @@ def clipped_surrogate_loss(
     objective = th.min(surrogate, clipped_surrogate)
     if dual_clip is not None:
         objective = th.where(advantages < 0, th.max(objective, dual_clip * advantages), objective)
-    return -objective.mean()
+    return -objective.mean(-1)
 
 
 def clipped_surrogate_grad(
@@ -200,7 +204,7 @@ def reference_kl_loss(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
     :param ref_kl_coef: beta.
     :return: the scalar loss.
     """
-    return ref_kl_coef * ref_kl.mean()
+    return ref_kl_coef * ref_kl.mean(-1)
 
 
 def reference_kl_loss_grad(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
@@ -252,7 +256,7 @@ def clip_fraction(ratio: th.Tensor, clip_range: float) -> th.Tensor:
     :param clip_range: epsilon.
     :return: a scalar in [0, 1].
     """
-    return ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
+    return ((ratio.detach() - 1.0).abs() > clip_range).float().mean(-1)
 
 
 def dual_clip_fraction(ratio: th.Tensor, advantages: th.Tensor, dual_clip: float) -> th.Tensor:
@@ -265,7 +269,7 @@ def dual_clip_fraction(ratio: th.Tensor, advantages: th.Tensor, dual_clip: float
     :param dual_clip: c.
     :return: a scalar in [0, 1].
     """
-    return ((advantages < 0) & (ratio.detach() > dual_clip)).float().mean()
+    return ((advantages < 0) & (ratio.detach() > dual_clip)).float().mean(-1)
 
 
 # -- the value loss (seed section 6, "value function clipping") -------------------------------------
@@ -296,13 +300,13 @@ def value_loss(
     :raises ValueError: for an unknown ``mode``.
     """
     if clip_range_vf is None:
-        return ((values - returns) ** 2).mean()
+        return ((values - returns) ** 2).mean(-1)
     _check_value_clip_mode(mode)
     values_clipped = old_values + th.clamp(values - old_values, -clip_range_vf, clip_range_vf)
     clipped_error = (values_clipped - returns) ** 2
     if mode == "sb3":
-        return clipped_error.mean()
-    return th.max((values - returns) ** 2, clipped_error).mean()
+        return clipped_error.mean(-1)
+    return th.max((values - returns) ** 2, clipped_error).mean(-1)
 
 
 def value_loss_grad(
@@ -358,8 +362,8 @@ def entropy_loss(entropy: th.Tensor | None, log_prob: th.Tensor) -> th.Tensor:
     :return: the scalar loss.
     """
     if entropy is None:
-        return log_prob.mean()
-    return -entropy.mean()
+        return log_prob.mean(-1)
+    return -entropy.mean(-1)
 
 
 def entropy_loss_grad(entropy: th.Tensor, coef: float = 1.0) -> th.Tensor:
@@ -383,7 +387,7 @@ def approx_kl(ratio: th.Tensor, log_ratio: th.Tensor) -> th.Tensor:
     :return: a scalar.
     """
     with th.no_grad():
-        return (ratio - 1.0 - log_ratio).mean()
+        return (ratio - 1.0 - log_ratio).mean(-1)
 
 
 # -- the whole objective ----------------------------------------------------------------------------
@@ -422,7 +426,9 @@ class PPOLoss:
         """
         return self._terms(evaluation, batch)[0]
 
-    def with_gradients(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, OutputGradients]:
+    def with_gradients(
+        self, evaluation: PolicyEvaluation, batch: PPOBatch, later: Any = None
+    ) -> tuple[LossTerms, OutputGradients]:
         """The loss terms and ``dL/d(V, log pi, H, KL_ref)`` per sample, for the closed-form path (no graph).
 
         Every term has its derivative in :meth:`_output_gradients`; the reference-KL term's is ``dL/dKL_i``, which
@@ -430,10 +436,17 @@ class PPOLoss:
 
         :param evaluation: the policy's outputs for the minibatch.
         :param batch: the minibatch.
-        :return: the terms and the gradients with respect to the policy's outputs.
+        :param later: a :class:`~sb3_ppo_ext.loss_statistics.DeferredStatistics` of this loss, or None: the terms
+            are then computed at their first read, together with the other minibatches waiting there (the
+            gradients need only the ratio).
+        :return: the terms (or a :class:`~sb3_ppo_ext.loss_statistics.DeferredTerms` standing for them) and the
+            gradients with respect to the policy's outputs.
         """
         with th.no_grad():
-            terms, ratio = self._terms(evaluation, batch)
+            if later is None:
+                terms, ratio = self._terms(evaluation, batch)
+            else:
+                terms, ratio = later.add(evaluation, batch), probability_ratio(evaluation.log_prob, batch.old_log_prob)
             return terms, self._output_gradients(evaluation, batch, ratio)
 
     def _terms(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, th.Tensor]:
@@ -453,7 +466,7 @@ class PPOLoss:
             loss = loss + self.ent_coef * entropy_term
         ref_kl = None
         if evaluation.ref_kl is not None:
-            ref_kl = evaluation.ref_kl.mean().detach()
+            ref_kl = evaluation.ref_kl.mean(-1).detach()
             if self.ref_kl_coef != 0:
                 loss = loss + reference_kl_loss(evaluation.ref_kl, self.ref_kl_coef)
         terms = LossTerms(

@@ -401,7 +401,7 @@ class ClippedPPO(MaskedPredictMixin, ReferenceKLMixin, DataParallelMixin, Reliab
                     self._n_updates += 1  # SB3 counts the interrupted epoch
                     return history
                 grad_norm = update.clip_grad_norm(parameters, max_grad_norm)
-                if not th.isfinite(grad_norm):
+                if not np.isfinite(float(grad_norm)):  # a Python float: a tensor op costs ~10 us here
                     refuse_non_finite_update(self, terms, grad_norm, batch.advantages)  # before the step
                 update.step()
                 extensions.minibatch_done(self, terms)

@@ -47,8 +47,8 @@ def test_dual_clip_fraction_counts_negative_advantages_past_c() -> None:
 def test_dual_clip_keeps_the_closed_form_path_and_trains(monkeypatch) -> None:
     model = ClippedPPO("MlpPolicy", "CartPole-v1", seed=0, dual_clip=3.0, **SMALL)
     assert type(select_backend(model.policy, model.fast_update)).__name__ == "ClosedFormBackend"
-    # every minibatch reports a bounded share of 0.25: the logged value is their mean
-    monkeypatch.setattr(losses, "dual_clip_fraction", lambda ratio, advantages, c: th.tensor(0.25))
+    # every minibatch reports a bounded share of 0.25 (one per row of a stack): the logged value is their mean
+    monkeypatch.setattr(losses, "dual_clip_fraction", lambda ratio, advantages, c: th.full(ratio.shape[:-1], 0.25))
     model.learn(128)
     assert model.logger.name_to_value["train/dual_clip_fraction"] == pytest.approx(0.25)
     plain = ClippedPPO("MlpPolicy", "CartPole-v1", seed=0, **SMALL)
@@ -76,7 +76,7 @@ def test_adaptive_rule_gives_the_hand_computed_learning_rates() -> None:
 @pytest.mark.parametrize("every", ["epoch", "minibatch"])
 def test_adaptive_learning_rate_drives_the_optimizer_and_is_logged(every, monkeypatch) -> None:
     # every minibatch reports a KL of 1, far above twice the target: the rate falls by 1.5 at each adaptation
-    monkeypatch.setattr(losses, "approx_kl", lambda ratio, log_ratio: th.tensor(1.0))
+    monkeypatch.setattr(losses, "approx_kl", lambda ratio, log_ratio: th.ones(ratio.shape[:-1]))
     model = ClippedPPO("MlpPolicy", "CartPole-v1", seed=0, adaptive_lr_kl=0.01, adaptive_lr_every=every, **SMALL)
     model.learn(128)
     updates = model.n_epochs * (2 if every == "minibatch" else 1) * 2  # 2 rollouts, 2 minibatches per epoch
