@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import queue
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -260,10 +261,14 @@ def _execute_in_pool(
     steps_task: Any,
     finished: Callable[[RunSpec, dict[str, Any] | None, str | None], None],
 ) -> None:
-    # spawn: fresh interpreters, no forked torch/OpenMP state; each sets torch threads to 1
+    # spawn: fresh interpreters, no forked torch/OpenMP state; each sets torch threads to 1. One run per
+    # interpreter (Python >= 3.11): a run executes the code checked out when it starts, the commit it records
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
-    with ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_init_worker, initargs=(progress_queue,)) as pool:
+    one_run_each = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    with ProcessPoolExecutor(
+        n_jobs, mp_context=context, initializer=_init_worker, initargs=(progress_queue,), **one_run_each
+    ) as pool:
         pending: dict[Future, RunSpec] = {
             pool.submit(_run_in_worker, spec, out, hyperparams_dir): spec for spec in todo
         }
