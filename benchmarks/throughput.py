@@ -2,10 +2,10 @@
 
 Workloads with a ``counterpart`` compare against sb3-contrib instead: ``masked`` against MaskablePPO,
 ``recurrent`` (LSTM policies) against RecurrentPPO; ``reference_reward`` and ``reference_loss`` (the KL
-penalty to a reference policy, in the reward or in the loss) against plain ClippedPPO. ``distributed`` and
-``distributed_halfcheetah`` compare ClippedPPO on 1 process against 2 processes launched by ``torchrun``
-(data-parallel, 1 thread each, the same per-rank settings and the same total env steps): weak scaling, global
-env-steps/s.
+penalty to a reference policy, in the reward or in the loss) against plain ClippedPPO. ``distributed``,
+``distributed_halfcheetah`` and ``distributed_pong`` compare ClippedPPO on 1 process against 2 processes
+launched by ``torchrun`` (data-parallel, 1 thread each, the same per-rank settings and the same total env
+steps): weak scaling, global env-steps/s.
 
 Each (workload, algorithm, seed) trains in a fresh subprocess so that peak RSS is measured per run;
 runs alternate A B A B to cancel slow machine drift. Results go to ``benchmarks/results/throughput.md``
@@ -80,6 +80,15 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         env_id="HalfCheetah-v5",
         timesteps=40_960,
         eval_episodes=3,
+        counterpart="clipped_ppo",
+        candidate="clipped_ppo_2ranks",
+    ),
+    # NatureCNN, the Zoo's Atari settings per rank (8 envs, n_steps 128, batch 256, 4 epochs): 32 updates of one
+    # rank against 16 of two
+    "distributed_pong": dict(
+        env_id="ALE/Pong-v5",
+        timesteps=32_768,
+        eval_episodes=1,
         counterpart="clipped_ppo",
         candidate="clipped_ppo_2ranks",
     ),
