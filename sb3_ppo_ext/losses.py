@@ -436,9 +436,9 @@ class PPOLoss:
 
         :param evaluation: the policy's outputs for the minibatch.
         :param batch: the minibatch.
-        :param later: a :class:`~sb3_ppo_ext.loss_statistics.DeferredStatistics` of this loss, or None: the terms
-            are then computed at their first read, together with the other minibatches waiting there (the
-            gradients need only the ratio).
+        :param later: None: the terms are computed now; a :class:`~sb3_ppo_ext.loss_statistics.DeferredStatistics`
+            of this loss: they wait there and are computed at their first read, with every other minibatch waiting
+            (the gradients need only the ratio).
         :return: the terms (or a :class:`~sb3_ppo_ext.loss_statistics.DeferredTerms` standing for them) and the
             gradients with respect to the policy's outputs.
         """
