@@ -15,6 +15,8 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.logger import KVWriter, Logger
 
+from sb3_ppo_ext.extensions import Extension
+
 th.set_num_threads(1)
 
 
@@ -172,3 +174,38 @@ def params_changed(before: dict[str, th.Tensor], model: Any) -> bool:
 def tiny() -> dict[str, int]:
     """Constructor arguments for fast smoke training."""
     return dict(TINY)
+
+
+class RolloutRecorder(Extension):
+    """An extension: per rollout, copies of the buffer's observations, actions, log-probabilities and rewards and
+    every step's done flags; per update, ``ref_kl_coef`` after it and the logger's values (its hooks run after the
+    package's own)."""
+
+    def __init__(self) -> None:
+        self.rollouts: list[dict[str, np.ndarray]] = []
+        self.betas: list[float] = []
+        self.logged: list[dict[str, float]] = []
+        self._dones: list[np.ndarray] = []
+
+    def rollout_start(self, model: Any, env: Any, rollout_buffer: Any) -> None:
+        self._dones = []
+
+    def step_end(self, model: Any) -> None:
+        self._dones.append(np.asarray(model._last_episode_starts, dtype=bool).copy())
+
+    def rollout_end(self, model: Any) -> dict[str, float]:
+        buffer = model.rollout_buffer
+        self.rollouts.append(
+            dict(
+                observations=buffer.observations.copy(),
+                actions=buffer.actions.copy(),
+                log_probs=buffer.log_probs.copy(),
+                rewards=buffer.rewards.copy(),
+                dones=np.stack(self._dones),
+            )
+        )
+        return {}
+
+    def update_end(self, model: Any, history: Any) -> None:
+        self.betas.append(getattr(model, "ref_kl_coef", float("nan")))
+        self.logged.append(dict(model.logger.name_to_value))

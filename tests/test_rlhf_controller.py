@@ -7,49 +7,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
+from conftest import RolloutRecorder
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.errors import ConfigurationError
-from sb3_ppo_ext.extensions import Extension
 from sb3_ppo_ext.rlhf import AdaptiveKLCoef
 from sb3_ppo_ext.rlhf.reference import AdaptiveKLController
 
 SMALL = dict(n_steps=64, batch_size=64, n_epochs=2, device="cpu")
-
-
-class _Record(Extension):
-    """Per rollout: the buffer's observations, actions, log-probabilities and rewards, the done flags; per update:
-    beta after it (this extension's hooks run after the package's own)."""
-
-    def __init__(self) -> None:
-        self.rollouts: list[dict[str, np.ndarray]] = []
-        self.betas: list[float] = []
-        self.logged: list[dict[str, float]] = []
-        self._dones: list[np.ndarray] = []
-
-    def rollout_start(self, model: Any, env: Any, rollout_buffer: Any) -> None:
-        self._dones = []
-
-    def step_end(self, model: Any) -> None:
-        self._dones.append(np.asarray(model._last_episode_starts, dtype=bool).copy())
-
-    def rollout_end(self, model: Any) -> dict[str, float]:
-        buffer = model.rollout_buffer
-        self.rollouts.append(
-            dict(
-                observations=buffer.observations.copy(),
-                actions=buffer.actions.copy(),
-                log_probs=buffer.log_probs.copy(),
-                rewards=buffer.rewards.copy(),
-                dones=np.stack(self._dones),
-            )
-        )
-        return {}
-
-    def update_end(self, model: Any, history: Any) -> None:
-        self.betas.append(model.ref_kl_coef)
-        self.logged.append(dict(model.logger.name_to_value))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +64,7 @@ def _episodes(values: list[np.ndarray], dones: list[np.ndarray]) -> list[list[fl
 def test_reward_mode_moves_beta_as_ziegler_et_al_in_the_units_asked(
     reference, target_per, horizon_in, target, horizon
 ) -> None:
-    record = _Record()
+    record = RolloutRecorder()
     coef = AdaptiveKLCoef(initial=0.3, target=target, target_per=target_per, horizon=horizon, horizon_in=horizon_in)
     model = ClippedPPO(
         "MlpPolicy",
@@ -127,7 +93,7 @@ def test_reward_mode_moves_beta_as_ziegler_et_al_in_the_units_asked(
 
 
 def test_loss_mode_per_episode_is_the_exact_kl_times_the_mean_episode_length(reference) -> None:
-    record = _Record()
+    record = RolloutRecorder()
     model = ClippedPPO(
         "MlpPolicy",
         make_vec_env("CartPole-v1", n_envs=2, seed=0),

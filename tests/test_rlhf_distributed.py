@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import RolloutRecorder
 from stable_baselines3.common.env_util import make_vec_env
 from test_distributed import launch, ok
-from test_rlhf_controller import SMALL, _episodes, _per_step_kl, _Record, _ziegler
+from test_rlhf_controller import SMALL, _episodes, _per_step_kl, _ziegler
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.rlhf import AdaptiveKLCoef
@@ -24,7 +25,7 @@ INITIAL, TARGET, HORIZON = 0.3, 0.4, 30
 
 
 def _rank_worker(rank: int, out: Path, reference_path: str, mode: str) -> dict[str, Any]:
-    record = _Record()
+    record = RolloutRecorder()
     coef = AdaptiveKLCoef(initial=INITIAL, target=TARGET, target_per="episode", horizon=HORIZON)
     model = ClippedPPO(
         "MlpPolicy",

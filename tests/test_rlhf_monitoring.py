@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
+from conftest import RolloutRecorder
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import KVWriter, Logger
 
@@ -22,36 +23,9 @@ class _Capture(KVWriter):
         self.rows.append(dict(key_values))
 
 
-class _KeepRollout(Extension):
-    """Copies what the buffer holds at the end of each rollout, and every step's done flags."""
-
-    def __init__(self) -> None:
-        self.rollouts: list[dict[str, np.ndarray]] = []
-        self._dones: list[np.ndarray] = []
-
-    def rollout_start(self, model: Any, env: Any, rollout_buffer: Any) -> None:
-        self._dones = []
-
-    def step_end(self, model: Any) -> None:
-        self._dones.append(np.asarray(model._last_episode_starts, dtype=bool).copy())
-
-    def rollout_end(self, model: Any) -> dict[str, float]:
-        buffer = model.rollout_buffer
-        self.rollouts.append(
-            dict(
-                observations=buffer.observations.copy(),
-                actions=buffer.actions.copy(),
-                log_probs=buffer.log_probs.copy(),
-                rewards=buffer.rewards.copy(),
-                dones=np.stack(self._dones),
-            )
-        )
-        return {}
-
-
 def test_reward_mode_keys_equal_sums_over_the_episodes_of_the_rollout() -> None:
     reference = ClippedPPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=2, seed=5), seed=5)
-    keep = _KeepRollout()
+    keep = RolloutRecorder()
     beta = 0.3
     model = ClippedPPO(
         "MlpPolicy",
