@@ -272,7 +272,7 @@ class RewardKLPenalty(_ReferenceKL):
         :param statistics: the rollout's statistics, over every rank (sums and counts averaged over ranks).
         """
         self.rollout_kl = statistics.get("ref_kl")
-        self.rollout_statistics_ = _pooled_means(statistics, EPISODE_KEYS)
+        self.rollout_statistics_ = _pooled_means(statistics)
 
     def update_end(self, model: Any, history: list[list[LossTerms]]) -> None:
         """The ``train/ref_kl*`` keys and beta's move (see the base class), then the ``rlhf/`` keys.
@@ -357,7 +357,7 @@ class LossKLPenalty(_ReferenceKL):
 
         :param statistics: the rollout's statistics, over every rank (sums and counts averaged over ranks).
         """
-        self.rollout_statistics_ = _pooled_means(statistics, ("episode_length",))
+        self.rollout_statistics_ = _pooled_means(statistics)
 
     def _episodes_measured(self, kl: float | None) -> tuple[float | None, float]:
         statistics = self.rollout_statistics_
@@ -483,19 +483,17 @@ class _EpisodeLengths:
         return {"episodes": float(len(self._ended)), "sum/episode_length": float(np.sum(self._ended))}
 
 
-def _pooled_means(statistics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+def _pooled_means(statistics: dict[str, float]) -> dict[str, float]:
     """``statistics`` with each ``sum/<key>`` replaced by ``<key>``, its mean over the episodes counted.
 
     Sums and counts arrive averaged over the same ranks, so their ratio weighs every rank's episodes equally
     (the mean of the ranks' means would weigh a rank with few, long episodes as much as one with many).
     Keys are left out when no episode ended on any rank.
     """
-    pooled = {name: value for name, value in statistics.items() if not name.startswith("sum/")}
     episodes = statistics.get("episodes", 0.0)
-    for key in keys:
-        total = statistics.get(f"sum/{key}")
-        if total is not None and episodes > 0:
-            pooled[key] = total / episodes
+    pooled = {name: value for name, value in statistics.items() if not name.startswith("sum/")}
+    if episodes > 0:
+        pooled.update({name[4:]: total / episodes for name, total in statistics.items() if name.startswith("sum/")})
     return pooled
 
 
