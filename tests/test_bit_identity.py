@@ -9,7 +9,8 @@ version, so the file is keyed by both; on another platform the test skips and sa
     SB3_PPO_EXT_PIN_DIGESTS=1 python -m pytest tests/test_bit_identity.py   # at the commit before a change
 
 Pinned at 3290d67 (before the issue-27 refactoring); pinned again after issue 32's deliberate arithmetic
-changes (flat gradient clip and Adam on flat buffers, NumPy acting), at the commit that says so.
+changes (flat gradient clip and Adam on flat buffers, NumPy acting), at the commit that says so. AVX512 pinned
+at 96367f3's code, then again when tanh layers took PyTorch's fused kernels there (``fast/stacked.FUSED_TANH``).
 """
 
 from __future__ import annotations

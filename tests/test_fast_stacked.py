@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.backends import ClosedFormBackend
-from sb3_ppo_ext.fast.stacked import StackedLayers
+from sb3_ppo_ext.fast import kernel as kernel_module
+from sb3_ppo_ext.fast import stacked as stacked_module
+from sb3_ppo_ext.fast.stacked import StackedLayers, _fused_tanh
 from sb3_ppo_ext.losses import PolicyEvaluation, PPOBatch, PPOLoss
 
 
@@ -30,6 +34,16 @@ def _gradients(model: ClippedPPO, kernel, batch: PPOBatch) -> list[th.Tensor]:
     return [p.grad.clone() for p in model.policy.parameters()]
 
 
+@pytest.fixture(params=[False, True], ids=["sigmoid-form", "fused-tanh"])
+def tanh_form(request, monkeypatch) -> bool:
+    """Both tanh forms, whichever this CPU picks (AVX2: the sigmoid form, AVX512: PyTorch's fused kernels)."""
+    fused = request.param
+    monkeypatch.setattr(stacked_module, "FUSED_TANH", fused)
+    for module in (stacked_module, kernel_module):
+        monkeypatch.setattr(module, "_SMALL_TANH", sys.maxsize if fused else 2048)
+    return fused
+
+
 @pytest.mark.parametrize(
     "env_id, policy_kwargs",
     [
@@ -38,7 +52,7 @@ def _gradients(model: ClippedPPO, kernel, batch: PPOBatch) -> list[th.Tensor]:
         ("Pendulum-v1", dict(net_arch=[8, 16, 4])),  # small layers: torch.tanh_ instead of the sigmoid form
     ],
 )
-def test_stacked_gradients_equal_the_separate_stacks(env_id, policy_kwargs) -> None:
+def test_stacked_gradients_equal_the_separate_stacks(env_id, policy_kwargs, tanh_form) -> None:
     model = _trained(env_id, policy_kwargs=policy_kwargs)
     kernel = ClosedFormBackend(model.policy).kernel
     assert kernel.stacked is not None and kernel.stacked.views() is not None
@@ -81,3 +95,26 @@ def test_supports_needs_equal_shapes_and_activations() -> None:
     assert StackedLayers.supports(kernel.pi_layers, kernel.vf_layers)
     assert not StackedLayers.supports(kernel.pi_layers, kernel.vf_layers[:0])
     assert not StackedLayers.supports([], [])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_tanh_grad_is_the_derivative_of_tanh(fused, monkeypatch) -> None:
+    monkeypatch.setattr(stacked_module, "FUSED_TANH", fused)
+    z = th.linspace(-4.0, 4.0, 257, dtype=th.float64).float().requires_grad_()
+    grad = th.randn(257)
+    h = th.tanh(z)
+    (expected,) = th.autograd.grad(h, z, grad)
+    got = stacked_module.tanh_grad(grad, h.detach())
+    # absolute tolerance: where tanh saturates, 1 - h^2 cancels and only |grad| sets the scale of the error
+    exact = grad.double() * (1 - h.detach().double() ** 2)
+    th.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-6)
+    th.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not th.equal(got, th.zeros_like(got))
+
+
+def test_the_tanh_form_follows_the_cpu_unless_forced(monkeypatch) -> None:
+    monkeypatch.delenv("SB3_PPO_EXT_FUSED_TANH", raising=False)
+    assert _fused_tanh() == (th.backends.cpu.get_cpu_capability() == "AVX512")
+    for value, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("SB3_PPO_EXT_FUSED_TANH", value)
+        assert _fused_tanh() is expected

@@ -28,7 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
-from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers
+from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers, tanh_grad
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy
@@ -76,9 +76,10 @@ def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | No
 def _tanh(z: th.Tensor) -> th.Tensor:
     """``tanh(z)`` in place on a fresh tensor; ``2 sigmoid(2 z) - 1`` for large tensors.
 
-    PyTorch's CPU tanh kernel is about 3x slower than its sigmoid on a 256x64 minibatch; the sigmoid
-    form agrees with ``torch.tanh`` to within 2.5e-7 (absolute). For the small batches of acting
-    (8 x 64), one ``tanh_`` call is faster than four. The backward pass only needs ``1 - h^2``.
+    On AVX2, PyTorch's CPU tanh kernel is about 3x slower than its sigmoid on a 256x64 minibatch; the sigmoid
+    form agrees with ``torch.tanh`` to within 2.5e-7 (absolute). For the small batches of acting (8 x 64), and
+    at every size on AVX512 (:func:`~sb3_ppo_ext.fast.stacked.tanh_grad`), one ``tanh_`` call is faster. The
+    backward pass only needs ``1 - h^2``.
     """
     if z.numel() <= _SMALL_TANH:
         return th.tanh_(z)
@@ -150,9 +151,7 @@ def _backward(grad: th.Tensor, outs: list[th.Tensor], layers: list[_Layer], oned
         weight, bias, kind = layers[i]
         h = outs[i + 1]
         if kind == "tanh":
-            # tanh' = 1 - h^2, as grad - (grad h) h: one op fewer than grad * (1 - h * h). (autograd's fused
-            # tanh_backward is one op, but rounds differently: it would change every committed result by ~1 ulp)
-            grad = th.addcmul(grad, grad * h, h, value=-1.0)
+            grad = tanh_grad(grad, h)
         else:
             # grad * (h > 0) as autograd's fused kernel: same values, 10 instead of 42-54 us for 64 x 256 here
             grad = _RELU_BACKWARD(grad, h, 0)

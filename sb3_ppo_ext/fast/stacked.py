@@ -15,15 +15,49 @@ stacks one after the other.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, NamedTuple
 
 import torch as th
 
 _RELU_BACKWARD = th.ops.aten.threshold_backward.default
+_TANH_BACKWARD = th.ops.aten.tanh_backward.default
+
+
+def _fused_tanh() -> bool:
+    """Whether tanh layers use PyTorch's own ``tanh_``/``tanh_backward`` kernels at every size.
+
+    Which form is faster depends on the CPU's vector unit (docs/throughput.md): on AVX2 PyTorch's tanh is ~3x
+    slower than its sigmoid at 256 x 64, so large layers use ``2 sigmoid(2 z) - 1`` and ``g - (g h) h``; on
+    AVX512 ``tanh_`` is 2x faster than that form's three passes and the fused ``tanh_backward`` 2x faster than
+    the two-op derivative. The forms round differently (~1 ulp), so each platform's results are pinned apart
+    (tests/test_bit_identity.py). ``SB3_PPO_EXT_FUSED_TANH=0``/``1`` overrides the choice.
+    """
+    forced = os.environ.get("SB3_PPO_EXT_FUSED_TANH")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return th.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+FUSED_TANH = _fused_tanh()
 
 # below this many elements (per network) torch.tanh_ (one op) beats the four ops of the sigmoid form; the kernel's
-# separate stacks use the same two constants
-_SMALL_TANH = 2048
+# separate stacks use the same constants
+_SMALL_TANH = sys.maxsize if FUSED_TANH else 2048
+
+
+def tanh_grad(grad: th.Tensor, h: th.Tensor) -> th.Tensor:
+    """``grad * tanh'(z)`` from the layer's output ``h = tanh(z)``: ``grad * (1 - h^2)`` in the platform's form.
+
+    :param grad: ``dL/dh``.
+    :param h: the layer's output.
+    :return: ``dL/dz``.
+    """
+    if FUSED_TANH:
+        return _TANH_BACKWARD(grad, h)
+    # one op fewer than grad * (1 - h * h); the committed AVX2 results were made with this form
+    return th.addcmul(grad, grad * h, h, value=-1.0)
 
 
 class _PairViews(NamedTuple):
@@ -138,7 +172,7 @@ class StackedLayers:
             weight, _, weight_grad, bias_grad, kind = views[i]
             h = outs[i + 1]
             if kind == "tanh":
-                grad = th.addcmul(grad, grad * h, h, value=-1.0)  # as kernel._backward: grad * (1 - h^2)
+                grad = tanh_grad(grad, h)
             else:
                 grad = _RELU_BACKWARD(grad, h, 0)
             inputs = outs[i]
