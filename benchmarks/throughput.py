@@ -8,7 +8,7 @@ launched by ``torchrun`` (data-parallel, 1 thread each, the same per-rank settin
 steps): weak scaling, global env-steps/s.
 
 Each (workload, algorithm, seed) trains in a fresh subprocess so that peak RSS is measured per run;
-runs alternate A B A B to cancel slow machine drift. Results go to ``benchmarks/results/throughput.md``
+runs alternate A B B A (seed by seed) to cancel slow machine drift. Results go to ``benchmarks/results/throughput.md``
 and ``throughput.json``.
 
     python benchmarks/throughput.py                      # every workload, default budgets
@@ -273,10 +273,25 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def _cpu_model() -> str:
+    """The CPU's model name and torch's vector capability (kernels, and so speed and rounding, depend on both)."""
+    import torch as th
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        model = names[0] if names else model
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=RESULTS.parent
+    )
+    return f"{model} ({th.backends.cpu.get_cpu_capability()}), code {commit.stdout.strip() or 'unknown'}"
+
+
 def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], threads: int) -> str:
     """The markdown table of the results."""
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores, "
         f"torch threads = {threads}, Python {platform.python_version()}.",
         "",
         "| workload | algo | env-steps/s (median, wall) | per CPU-second | rollout s | train s | peak RSS MB "
@@ -345,8 +360,10 @@ def main() -> None:
     for workload in args.workloads:
         timesteps = args.timesteps or WORKLOADS[workload]["timesteps"]
         floor[workload] = _child([workload, "floors", "0", "0", str(args.threads)])
-        for seed in args.seeds:
-            for algo in _pair(workload):  # A B A B ...
+        for index, seed in enumerate(args.seeds):
+            # A B B A ...: which library runs first alternates, so a drift within a pair cancels over two seeds
+            pair = _pair(workload)
+            for algo in pair if index % 2 == 0 else pair[::-1]:
                 run = _child([workload, algo, str(seed), str(timesteps), str(args.threads)])
                 runs.append(run)
                 print(
