@@ -588,3 +588,14 @@ def test_a_checkpoint_of_another_spec_is_ignored(tmp_path):
     (folder / "model_5.zip").write_bytes(b"")
     assert runs.load_checkpoint(spec, tmp_path) is None
     assert runs.load_checkpoint(other, tmp_path) is not None
+
+
+def test_env_kwargs_are_recorded_where_set(tmp_path: Path) -> None:
+    from sb3_ppo_ext.benchmark.runs import recorded_hyperparameters
+
+    block = "Pendulum-v1:\n  n_envs: 2\n  policy: 'MlpPolicy'\n  env_kwargs:\n    g: 9.0\n"
+    (tmp_path / "clipped_ppo.yml").write_text(block)
+    with_kwargs = recorded_hyperparameters(zoo_settings("clipped_ppo", "Pendulum-v1", tmp_path / "clipped_ppo.yml"))
+    assert with_kwargs["env_kwargs"] == {"g": 9.0}
+    # without env_kwargs the record keeps its earlier form, so older result files stay comparable for --reuse
+    assert "env_kwargs" not in recorded_hyperparameters(zoo_settings("clipped_ppo", "Pendulum-v1"))

@@ -181,11 +181,19 @@ def recorded_hyperparameters(settings: presets.Settings) -> dict[str, Any]:
     """The settings as a result file records them.
 
     :param settings: a run's settings.
-    :return: the policy, ``n_envs``, ``normalize`` and the model's arguments as readable JSON values (schedules
-        and classes by name).
+    :return: the policy, ``n_envs``, ``normalize``, the env's ``env_kwargs`` where the settings have some, and the
+        model's arguments, as readable JSON values (schedules and classes by name).
     """
+    # only where set: the files written before env_kwargs were recorded stay comparable (``reusable_result``)
+    env = {"env_kwargs": settings.env_kwargs} if settings.env_kwargs else {}
     return _jsonable(
-        {"policy": settings.policy, "n_envs": settings.n_envs, "normalize": settings.normalize, **settings.model_kwargs}
+        {
+            "policy": settings.policy,
+            "n_envs": settings.n_envs,
+            "normalize": settings.normalize,
+            **env,
+            **settings.model_kwargs,
+        }
     )
 
 
