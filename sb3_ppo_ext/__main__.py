@@ -215,17 +215,24 @@ def enjoy(args: argparse.Namespace) -> int:
     :param args: the parsed ``enjoy`` command line.
     :return: the exit status.
     """
-    settings, _ = resolve_settings(args.env, args.hyperparams, args.preset, n_envs=1)
+    settings, source = resolve_settings(args.env, args.hyperparams, args.preset, n_envs=1)
     stats_path = vecnormalize_path(args.load)
-    env = make_env(
-        args.env,
-        settings,
-        1,
-        args.seed,
-        normalize=stats_path if stats_path.exists() else False,
-        evaluation=True,
-        env_kwargs={"render_mode": "human"} if args.render else None,
-    )
+    try:
+        env = make_env(
+            args.env,
+            settings,
+            1,
+            args.seed,
+            normalize=stats_path if stats_path.exists() else False,
+            evaluation=True,
+            env_kwargs={"render_mode": "human"} if args.render else None,
+        )
+    except AssertionError as error:  # VecNormalize's check: its statistics are of another observation shape
+        raise SystemExit(
+            f"error: the VecNormalize statistics saved with the model ({stats_path}) do not fit {args.env} as built "
+            f"from the {source} ({error}). Pass the --env, --preset and --hyperparams the model was trained with "
+            "(--preset mujoco-tuned, for example, leaves Ant-v5's contact forces out of the observation)."
+        ) from error
     model = ClippedPPO.load(args.load, env=env, device=_device(args.device, settings.policy))
     _set_threads(args.threads, model.policy)
     returns: list[float] = []

@@ -221,6 +221,16 @@ def test_train_with_vecnormalize_saves_stats_and_enjoy_loads_them(tmp_path, caps
     assert f"mean return {np.mean(returns):.2f}" in out
 
 
+def test_enjoy_with_an_env_the_statistics_do_not_fit_says_what_to_pass(tmp_path, capsys):
+    save = tmp_path / "pendulum.zip"
+    hyperparams = ["normalize=True", "n_steps=64", "batch_size=64", "n_epochs=1", "n_envs=1"]
+    train = ["train", "--env", "Pendulum-v1", "--timesteps", "64", "--eval-episodes", "1", "--save-path", str(save)]
+    assert cli.main([*train, "--hyperparams", *hyperparams]) == 0
+    # Pendulum's statistics are of 3 observation dims, MountainCarContinuous has 2
+    with pytest.raises(SystemExit, match=r"do not fit MountainCarContinuous-v0 .*\(3,\) != \(2,\).*--preset"):
+        cli.main(["enjoy", "--load", str(save), "--env", "MountainCarContinuous-v0", "--episodes", "1"])
+
+
 def test_train_accepts_policy_kwargs_and_extra_clippedppo_args(tmp_path, capsys):
     save = tmp_path / "cartpole"
     hyperparams = [
