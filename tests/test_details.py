@@ -170,3 +170,18 @@ def test_the_tuned_mujoco_preset_turns_both_switches_on_for_the_four_envs() -> N
         assert settings == presets.zoo_settings("clipped_ppo_tuned", env_id)  # the harness reads the same file
     with pytest.raises(ValueError, match="no block for 'Pendulum-v1'"):
         presets.preset("mujoco-tuned", "Pendulum-v1")
+
+
+def test_the_tuned_preset_leaves_ants_contact_forces_out_of_the_observation() -> None:
+    from sb3_ppo_ext.zoo import presets
+    from sb3_ppo_ext.zoo.envs import make_env
+
+    ant = presets.preset("mujoco-tuned", "Ant-v5")
+    assert ant.env_kwargs == {"include_cfrc_ext_in_observation": False}
+    # the same algorithm settings as the other envs: only the env differs
+    assert ant.model_kwargs == presets.preset("mujoco-tuned", "Hopper-v5").model_kwargs
+    assert all(not presets.preset("mujoco-tuned", e).env_kwargs for e in ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"))
+    for evaluation in (False, True):  # training and evaluation envs alike: 27 dims instead of Ant-v5's 105
+        env = make_env("Ant-v5", ant, 1, 0, evaluation=evaluation)
+        assert env.observation_space.shape == (27,)
+        env.close()
