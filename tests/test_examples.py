@@ -160,3 +160,15 @@ def test_rlhf_text(tmp_path):
     assert "KL to the pretrained model 0.00 nats" in out  # the pretrained model against itself
     assert "after fine-tuning, beta = 0.05" in out
     assert "beta = 0.05 |" in out  # the closing table
+
+
+@pytest.mark.parametrize("env_id, observation", [("Hopper-v5", "(11,)"), ("Ant-v5", "(27,)")])
+def test_mujoco_tuned_preset_trains_with_both_switches_and_saves_its_statistics(tmp_path, env_id, observation):
+    # 8 envs x 256 steps: one rollout is the smallest budget
+    args = ("--env", env_id, "--eval-episodes", "1")
+    out = run_script(EXAMPLES / "mujoco_tuned_preset.py", tmp_path, 2048, *args).stdout
+    assert f"{env_id}: 8 envs, observation {observation}" in out
+    assert "'recompute_advantages': True, 'scale_rewards': True" in out
+    assert "evaluation: mean return" in out
+    assert (tmp_path / f"clipped_ppo_tuned_{env_id}.zip").exists()
+    assert (tmp_path / f"clipped_ppo_tuned_{env_id}_vecnormalize.pkl").exists()
