@@ -277,15 +277,12 @@ def _cpu_model() -> str:
     """The CPU's model name and torch's vector capability (kernels, and so speed and rounding, depend on both)."""
     import torch as th
 
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        model = names[0] if names else model
+    from sb3_ppo_ext.benchmark.runs import cpu_model
+
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=RESULTS.parent
     )
-    return f"{model} ({th.backends.cpu.get_cpu_capability()}), code {commit.stdout.strip() or 'unknown'}"
+    return f"{cpu_model()} ({th.backends.cpu.get_cpu_capability()}), code {commit.stdout.strip() or 'unknown'}"
 
 
 def summarize(runs: list[dict[str, Any]], floor: dict[str, dict[str, float]], threads: int) -> str:

@@ -31,6 +31,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_ppo_ext import ClippedPPO
+from sb3_ppo_ext.benchmark.runs import cpu_model
 
 DIGESTS = Path(__file__).parent / "data" / "bit_identity.json"
 PIN = os.environ.get("SB3_PPO_EXT_PIN_DIGESTS") == "1"
@@ -44,13 +45,6 @@ class _MaskedCartPole(gym.Wrapper):
         return np.array([True, bool(x >= 0.0)])
 
 
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown CPU"
-
-
 def _platform_keys() -> list[str]:
     """This platform's key, then the older key without the CPU model (the AVX2 pins, made on AMD EPYC VMs).
 
@@ -58,7 +52,7 @@ def _platform_keys() -> list[str]:
     another vendor's CPU with the same capability skips instead of failing.
     """
     generic = f"torch {th.__version__} | {th.backends.cpu.get_cpu_capability()} | {platform.machine()}"
-    return [f"{generic} | {_cpu_model()}", generic]
+    return [f"{generic} | {cpu_model()}", generic]
 
 
 def _digest(model: ClippedPPO) -> str:

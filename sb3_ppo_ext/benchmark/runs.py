@@ -452,10 +452,10 @@ def single_host(hosts: Sequence[str | None]) -> str | None:
     return hosts[0] if hosts and hosts[0] is not None and all(h == hosts[0] for h in hosts) else None
 
 
-def host_description() -> str:
-    """The machine a run trains on.
+def cpu_model() -> str:
+    """The CPU model of the machine running (``/proc/cpuinfo``'s model name, else what ``platform`` says).
 
-    :return: its CPU model and logical CPU count (e.g. ``"Intel(R) Xeon(R) Processor x2"``).
+    :return: e.g. ``"Intel(R) Xeon(R) Processor"``.
     """
     model = platform.processor() or platform.machine()
     try:
@@ -463,7 +463,15 @@ def host_description() -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model} x{os.cpu_count()}"
+    return model
+
+
+def host_description() -> str:
+    """The machine a run trains on.
+
+    :return: its CPU model and logical CPU count (e.g. ``"Intel(R) Xeon(R) Processor x2"``).
+    """
+    return f"{cpu_model()} x{os.cpu_count()}"
 
 
 def _jsonable(value: Any) -> Any:
