@@ -227,11 +227,10 @@ def enjoy(args: argparse.Namespace) -> int:
             evaluation=True,
             env_kwargs={"render_mode": "human"} if args.render else None,
         )
-    except AssertionError as error:  # VecNormalize's check: its statistics are of another observation shape
+    except ValueError as error:  # make_env's: statistics saved with the model that do not fit this env
         raise SystemExit(
-            f"error: the VecNormalize statistics saved with the model ({stats_path}) do not fit {args.env} as built "
-            f"from the {source} ({error}). Pass the --env, --preset and --hyperparams the model was trained with "
-            "(--preset mujoco-tuned, for example, leaves Ant-v5's contact forces out of the observation)."
+            f"error: {error} (settings: {source}). Pass the --env, --preset and --hyperparams the model was trained "
+            "with (--preset mujoco-tuned, for example, leaves Ant-v5's contact forces out of the observation)."
         ) from error
     model = ClippedPPO.load(args.load, env=env, device=_device(args.device, settings.policy))
     _set_threads(args.threads, model.policy)

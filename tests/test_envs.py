@@ -101,6 +101,10 @@ def test_evaluation_envs_freeze_statistics_and_take_the_training_ones(tmp_path):
     assert isinstance(loaded, VecNormalize) and not loaded.training and not loaded.norm_reward
     np.testing.assert_allclose(loaded.obs_rms.mean, train_env.obs_rms.mean)
 
+    # Pendulum's statistics (3 observation dims) loaded for an env of 2: an error that says what to do
+    with pytest.raises(ValueError, match=r"do not fit MountainCarContinuous-v0 .*\(3,\) != \(2,\).*settings"):
+        make_env("MountainCarContinuous-v0", parse_zoo_block({}), 1, 2, normalize=path, evaluation=True)
+
 
 @pytest.mark.filterwarnings("ignore:.*render_mode")  # make_vec_env asks every env for rgb_array
 def test_channel_last_images_are_transposed_after_frame_stacking():

@@ -248,6 +248,7 @@ def make_env(
     :param env_kwargs: ``gym.make`` keyword arguments over the settings' ``env_kwargs``.
     :param monitor_dir: folder for the ``Monitor`` CSV files; ``None``: none written.
     :return: the wrapped VecEnv.
+    :raises ValueError: saved statistics (``normalize`` a path) of another observation space than the env's.
     """
     _register(env_id)  # ALE's ids exist only once ale_py has registered them
     env = make_vec_env(
@@ -259,7 +260,14 @@ def make_env(
         monitor_dir=monitor_dir,
     )
     if isinstance(normalize, (str, Path)):
-        env = VecNormalize.load(str(normalize), env)
+        try:
+            env = VecNormalize.load(str(normalize), env)
+        except AssertionError as error:  # VecNormalize's own check of the observation spaces
+            raise ValueError(
+                f"the VecNormalize statistics in {normalize} do not fit {env_id} as built from these settings "
+                f"({error}): build the env with the settings (env_kwargs, wrappers, frame stacking) they were "
+                "saved with"
+            ) from error
         if evaluation:
             env.training = False
             env.norm_reward = False
