@@ -277,7 +277,7 @@ def _cpu_model() -> str:
     """The CPU's model name and torch's vector capability (kernels, and so speed and rounding, depend on both)."""
     import torch as th
 
-    from sb3_ppo_ext.benchmark.runs import cpu_model
+    from sb3_ppo_ext.fast.cpu import cpu_model
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=RESULTS.parent

@@ -31,7 +31,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_ppo_ext import ClippedPPO
-from sb3_ppo_ext.benchmark.runs import cpu_model
+from sb3_ppo_ext.fast.cpu import cpu_model
 
 DIGESTS = Path(__file__).parent / "data" / "bit_identity.json"
 PIN = os.environ.get("SB3_PPO_EXT_PIN_DIGESTS") == "1"

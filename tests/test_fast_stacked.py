@@ -10,9 +10,11 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.backends import ClosedFormBackend
+from sb3_ppo_ext.fast import cpu as cpu_module
 from sb3_ppo_ext.fast import kernel as kernel_module
 from sb3_ppo_ext.fast import stacked as stacked_module
-from sb3_ppo_ext.fast.stacked import StackedLayers, _fused_tanh
+from sb3_ppo_ext.fast.cpu import fused_tanh
+from sb3_ppo_ext.fast.stacked import StackedLayers
 from sb3_ppo_ext.losses import PolicyEvaluation, PPOBatch, PPOLoss
 
 
@@ -112,9 +114,20 @@ def test_tanh_grad_is_the_derivative_of_tanh(fused, monkeypatch) -> None:
     assert not th.equal(got, th.zeros_like(got))
 
 
-def test_the_tanh_form_follows_the_cpu_unless_forced(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("capability", "model", "expected"),
+    [
+        ("AVX512", "Intel(R) Xeon(R) Processor", True),
+        ("AVX512", "AMD EPYC", False),  # Zen 4: tanh_ ~3x slower than the sigmoid form (fast/cpu.py)
+        ("AVX2", "AMD EPYC", False),
+        ("AVX2", "Intel(R) Xeon(R) Processor", False),  # no pins made there: AVX2 keeps its committed arithmetic
+    ],
+)
+def test_the_tanh_form_follows_the_cpu_unless_forced(monkeypatch, capability: str, model: str, expected: bool) -> None:
     monkeypatch.delenv("SB3_PPO_EXT_FUSED_TANH", raising=False)
-    assert _fused_tanh() == (th.backends.cpu.get_cpu_capability() == "AVX512")
-    for value, expected in (("0", False), ("1", True)):
+    monkeypatch.setattr(cpu_module.th.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(cpu_module, "cpu_model", lambda: model)
+    assert fused_tanh() is expected
+    for value, forced in (("0", False), ("1", True)):
         monkeypatch.setenv("SB3_PPO_EXT_FUSED_TANH", value)
-        assert _fused_tanh() is expected
+        assert fused_tanh() is forced

@@ -31,6 +31,7 @@ from sb3_ppo_ext import distributed
 from sb3_ppo_ext.benchmark import ablations
 from sb3_ppo_ext.evaluation import evaluate_policy as evaluate_policy_with_states
 from sb3_ppo_ext.evaluation import predict_takes_masks
+from sb3_ppo_ext.fast.cpu import cpu_model
 from sb3_ppo_ext.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_ppo_ext.reliability.checkpoints import atomic_write
 from sb3_ppo_ext.zoo import presets
@@ -450,20 +451,6 @@ def single_host(hosts: Sequence[str | None]) -> str | None:
     :return: that machine, or None where they ran on several or did not say.
     """
     return hosts[0] if hosts and hosts[0] is not None and all(h == hosts[0] for h in hosts) else None
-
-
-def cpu_model() -> str:
-    """The CPU model of the machine running (``/proc/cpuinfo``'s model name, else what ``platform`` says).
-
-    :return: e.g. ``"Intel(R) Xeon(R) Processor"``.
-    """
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return model
 
 
 def host_description() -> str:

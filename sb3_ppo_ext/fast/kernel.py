@@ -76,10 +76,10 @@ def _stack_layers(sequential: nn.Sequential) -> list[tuple[nn.Linear, str]] | No
 def _tanh(z: th.Tensor) -> th.Tensor:
     """``tanh(z)`` in place on a fresh tensor; ``2 sigmoid(2 z) - 1`` for large tensors.
 
-    On the AMD (AVX2) VMs measured, PyTorch's CPU tanh kernel was about 3x slower than its sigmoid on a 256x64
-    minibatch; the sigmoid form agrees with ``torch.tanh`` to within 2.5e-7 (absolute). For the small batches
-    of acting (8 x 64), and at every size where ``stacked.FUSED_TANH`` holds (AVX512), one ``tanh_`` call is
-    faster. The backward pass only needs ``1 - h^2``.
+    On the AMD EPYC VMs measured (AVX2 and AVX512), PyTorch's CPU tanh kernel was about 3x slower than its sigmoid
+    on a 256x64 minibatch; the sigmoid form agrees with ``torch.tanh`` to within 2.5e-7 (absolute). For the small
+    batches of acting (8 x 64), and at every size where ``stacked.FUSED_TANH`` holds (Intel AVX512), one
+    ``tanh_`` call is faster. The backward pass only needs ``1 - h^2``.
     """
     if z.numel() <= _SMALL_TANH:
         return th.tanh_(z)

@@ -15,34 +15,19 @@ stacks one after the other.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, NamedTuple
 
 import torch as th
 
+from sb3_ppo_ext.fast.cpu import fused_tanh
+
 _RELU_BACKWARD = th.ops.aten.threshold_backward.default
 _TANH_BACKWARD = th.ops.aten.tanh_backward.default
 
 
-def _fused_tanh() -> bool:
-    """Whether tanh layers use PyTorch's own ``tanh_``/``tanh_backward`` kernels at every size.
-
-    Which form is faster depends on the CPU (docs/throughput.md): on the AMD EPYC (AVX2) VMs measured, PyTorch's
-    tanh was ~3x slower than its sigmoid at 256 x 64, so large layers use ``2 sigmoid(2 z) - 1`` and
-    ``g - (g h) h`` there; on an Intel Xeon with AVX512 ``tanh_`` is 2x faster than that form's three passes and
-    the fused ``tanh_backward`` 2x faster than the two-op derivative. The forms round differently (~1 ulp), so
-    each platform's results are pinned apart (tests/test_bit_identity.py), and AVX2 keeps the form its committed
-    results were made with until an AVX2 machine measures the other. ``SB3_PPO_EXT_FUSED_TANH=0``/``1``
-    overrides the choice.
-    """
-    forced = os.environ.get("SB3_PPO_EXT_FUSED_TANH")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return th.backends.cpu.get_cpu_capability() == "AVX512"
-
-
-FUSED_TANH = _fused_tanh()
+# the tanh form this CPU runs fastest (fast/cpu.py says which and why)
+FUSED_TANH = fused_tanh()
 
 # below this many elements (per network) torch.tanh_ (one op) beats the four ops of the sigmoid form; the kernel's
 # separate stacks use the same constants
