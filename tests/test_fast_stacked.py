@@ -13,7 +13,7 @@ from sb3_ppo_ext.backends import ClosedFormBackend
 from sb3_ppo_ext.fast import cpu as cpu_module
 from sb3_ppo_ext.fast import kernel as kernel_module
 from sb3_ppo_ext.fast import stacked as stacked_module
-from sb3_ppo_ext.fast.cpu import fused_tanh
+from sb3_ppo_ext.fast.cpu import fused_tanh, transposed_narrow_grads
 from sb3_ppo_ext.fast.stacked import StackedLayers
 from sb3_ppo_ext.losses import PolicyEvaluation, PPOBatch, PPOLoss
 
@@ -46,6 +46,13 @@ def tanh_form(request, monkeypatch) -> bool:
     return fused
 
 
+@pytest.fixture(params=[False, True], ids=["g^T x", "(x^T g)^T"])
+def narrow_route(request, monkeypatch) -> bool:
+    """Both routes of narrow layers' weight gradients, whichever this CPU picks (fast/cpu.py)."""
+    monkeypatch.setattr(stacked_module, "TRANSPOSED_NARROW_GRADS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "env_id, policy_kwargs",
     [
@@ -54,7 +61,7 @@ def tanh_form(request, monkeypatch) -> bool:
         ("Pendulum-v1", dict(net_arch=[8, 16, 4])),  # small layers: torch.tanh_ instead of the sigmoid form
     ],
 )
-def test_stacked_gradients_equal_the_separate_stacks(env_id, policy_kwargs, tanh_form) -> None:
+def test_stacked_gradients_equal_the_separate_stacks(env_id, policy_kwargs, tanh_form, narrow_route) -> None:
     model = _trained(env_id, policy_kwargs=policy_kwargs)
     kernel = ClosedFormBackend(model.policy).kernel
     assert kernel.stacked is not None and kernel.stacked.views() is not None
@@ -99,6 +106,22 @@ def test_supports_needs_equal_shapes_and_activations() -> None:
     assert not StackedLayers.supports([], [])
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("in_features", [3, 11, 12, 40])
+def test_weight_grad_is_grad_transposed_times_inputs(transposed, in_features, monkeypatch) -> None:
+    monkeypatch.setattr(stacked_module, "TRANSPOSED_NARROW_GRADS", transposed)
+    generator = th.Generator().manual_seed(in_features)
+    grad = th.randn(2, 256, 64, generator=generator)
+    inputs = th.randn(256, in_features, generator=generator).expand(2, 256, in_features)  # as the first layer
+    exact = th.einsum("kbo,kbi->koi", grad.double(), inputs.double())  # independent of both routes
+    out = th.full((2, 64, in_features), float("nan"))
+    assert stacked_module.weight_grad(grad, inputs, out=out) is out
+    th.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4)
+    single = stacked_module.weight_grad(grad[1], inputs[1])
+    assert single.is_contiguous() and single.shape == (64, in_features)
+    assert th.equal(single, out[1])  # one network alone rounds as the batch of two does
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_tanh_grad_is_the_derivative_of_tanh(fused, monkeypatch) -> None:
     monkeypatch.setattr(stacked_module, "FUSED_TANH", fused)
@@ -115,19 +138,25 @@ def test_tanh_grad_is_the_derivative_of_tanh(fused, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("capability", "model", "expected"),
+    ("capability", "model", "fused", "narrow"),
     [
-        ("AVX512", "Intel(R) Xeon(R) Processor", True),
-        ("AVX512", "AMD EPYC", False),  # Zen 4: tanh_ ~3x slower than the sigmoid form (fast/cpu.py)
-        ("AVX2", "AMD EPYC", False),
-        ("AVX2", "Intel(R) Xeon(R) Processor", False),  # no pins made there: AVX2 keeps its committed arithmetic
+        ("AVX512", "Intel(R) Xeon(R) Processor", True, False),
+        ("AVX512", "AMD EPYC", False, True),  # Zen 4: tanh_ ~3x slower, MKL's narrow g^T x slow (fast/cpu.py)
+        ("AVX2", "AMD EPYC", False, False),
+        ("AVX2", "Intel(R) Xeon(R) Processor", False, False),  # no pins made there: AVX2 keeps its arithmetic
     ],
 )
-def test_the_tanh_form_follows_the_cpu_unless_forced(monkeypatch, capability: str, model: str, expected: bool) -> None:
+def test_the_arithmetic_follows_the_cpu_unless_forced(
+    monkeypatch, capability: str, model: str, fused: bool, narrow: bool
+) -> None:
     monkeypatch.delenv("SB3_PPO_EXT_FUSED_TANH", raising=False)
+    monkeypatch.delenv("SB3_PPO_EXT_NARROW_GRAD", raising=False)
     monkeypatch.setattr(cpu_module.th.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(cpu_module, "cpu_model", lambda: model)
-    assert fused_tanh() is expected
+    assert fused_tanh() is fused
+    assert transposed_narrow_grads() is narrow
     for value, forced in (("0", False), ("1", True)):
         monkeypatch.setenv("SB3_PPO_EXT_FUSED_TANH", value)
+        monkeypatch.setenv("SB3_PPO_EXT_NARROW_GRAD", value)
         assert fused_tanh() is forced
+        assert transposed_narrow_grads() is forced

@@ -1,5 +1,10 @@
-"""Which CPU runs the arithmetic, and the one choice of arithmetic that follows from it (the tanh form).
+"""Which CPU runs the arithmetic, and the choices of arithmetic that follow from it (measured per CPU).
 
+Each choice changes rounding (~1 ulp) and is taken only on CPUs where it was measured faster; elsewhere the
+arithmetic stays as the committed results (and the bit-identity pins) were made. Environment variables override
+each choice to compare the forms on a new CPU.
+
+**The tanh form.**
 A tanh layer can run as PyTorch's ``tanh_``/``tanh_backward`` or as ``2 sigmoid(2 z) - 1`` and ``g - (g h) h``.
 The two round differently (~1 ulp) and their speed depends on the CPU's vector kernels, not on its capability
 alone (docs/throughput.md, "third round" and "fourth round"), quiet micro-timings at ``[2, 256, 64]``, one thread:
@@ -15,6 +20,13 @@ AMD EPYC (AVX2)               ~3x sigmoid     --              not measured      
 On the AMD EPYC with AVX512 an in-process A/B of CartPole's update measured the fused pair 1.15x slower and
 the fused derivative alone (with the sigmoid forward) no faster, so one rule serves: the fused kernels on
 Intel CPUs with AVX512, the sigmoid form elsewhere.
+
+**Weight gradients of narrow inputs.** A layer's weight gradient is ``g^T x`` (``[out, B] @ [B, in]``). Where
+``in`` is small (CartPole's 4 observations, Hopper's 11), MKL on the AMD EPYC with AVX512 takes a slow path for
+that shape: 42-47 us at ``B = 256``, ``in = 4`` (two networks), as long as a 64 x 64 product, while ``(x^T g)^T``
+(``[in, B] @ [B, out]``, then a transposed copy) takes 10-11 us; at ``in >= 12`` the two are even (quiet micro-
+timings, one thread, ``B`` 64 to 1024). The transposed route is taken there for layers with fewer than
+:data:`NARROW_INPUT` inputs.
 """
 
 from __future__ import annotations
@@ -39,6 +51,21 @@ def cpu_model() -> str:
     return model
 
 
+#: layers with fewer inputs than this compute their weight gradient as ``(x^T g)^T`` where
+#: :func:`transposed_narrow_grads` holds
+NARROW_INPUT = 12
+
+
+def _forced(variable: str) -> bool | None:
+    """``True``/``False`` where the environment variable is ``1``/``0``, else None (the CPU's rule applies)."""
+    value = os.environ.get(variable)
+    return value == "1" if value in ("0", "1") else None
+
+
+def _amd_avx512() -> bool:
+    return th.backends.cpu.get_cpu_capability() == "AVX512" and "AMD" in cpu_model().upper()
+
+
 def fused_tanh() -> bool:
     """Whether tanh layers use PyTorch's own ``tanh_``/``tanh_backward`` kernels at every size (module docstring).
 
@@ -46,7 +73,18 @@ def fused_tanh() -> bool:
 
     :return: True on Intel CPUs where torch runs AVX512 kernels.
     """
-    forced = os.environ.get("SB3_PPO_EXT_FUSED_TANH")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = _forced("SB3_PPO_EXT_FUSED_TANH")
+    if forced is not None:
+        return forced
     return th.backends.cpu.get_cpu_capability() == "AVX512" and "AMD" not in cpu_model().upper()
+
+
+def transposed_narrow_grads() -> bool:
+    """Whether narrow layers' weight gradients are computed as ``(x^T g)^T`` (module docstring).
+
+    ``SB3_PPO_EXT_NARROW_GRAD=0``/``1`` overrides the choice.
+
+    :return: True on AMD CPUs where torch runs AVX512 kernels.
+    """
+    forced = _forced("SB3_PPO_EXT_NARROW_GRAD")
+    return _amd_avx512() if forced is None else forced

@@ -28,7 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
-from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers, tanh_grad
+from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers, tanh_grad, weight_grad
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy
@@ -95,16 +95,18 @@ def _mm(a: th.Tensor, b: th.Tensor, onednn: bool) -> th.Tensor:
     return mm(a, b) if onednn else a @ b
 
 
-def _write_grad(param: th.Tensor, a: th.Tensor, b: th.Tensor, onednn: bool) -> None:
-    """``param.grad = a @ b``, into the existing ``.grad`` tensor when there is one.
+def _write_grad(param: th.Tensor, grad: th.Tensor, inputs: th.Tensor, onednn: bool) -> None:
+    """``param.grad = grad^T @ inputs`` (``stacked.weight_grad``), into the existing ``.grad`` when there is one.
 
     Reusing the buffers avoids allocating and freeing every weight gradient on every minibatch (256 KB
     each for a 256x256 layer), which let glibc's heap grow by a few MB over a run.
     """
-    if param.grad is not None and not onednn:
-        th.mm(a, b, out=param.grad)
+    if onednn:
+        param.grad = mm(grad.t(), inputs)
+    elif param.grad is not None:
+        weight_grad(grad, inputs, out=param.grad)
     else:
-        param.grad = _mm(a, b, onednn)
+        param.grad = weight_grad(grad, inputs)
 
 
 class _Layer(NamedTuple):
@@ -155,7 +157,7 @@ def _backward(grad: th.Tensor, outs: list[th.Tensor], layers: list[_Layer], oned
         else:
             # grad * (h > 0) as autograd's fused kernel: same values, 10 instead of 42-54 us for 64 x 256 here
             grad = _RELU_BACKWARD(grad, h, 0)
-        _write_grad(weight, grad.t(), outs[i], onednn)
+        _write_grad(weight, grad, outs[i], onednn)
         _write_bias_grad(bias, grad, onednn)
         if i > 0:
             grad = _mm(grad, weight, onednn)
@@ -363,9 +365,9 @@ class MLPActorCriticKernel:
             grad_head = th.cat(param_grads, dim=1) if len(param_grads) > 1 else param_grads[0]
         grad_values = grads.values.unsqueeze(1)
         (action_weight, action_bias), (value_weight, value_bias) = self.action_net, self.value_net
-        _write_grad(action_weight, grad_head.t(), pi_outs[-1], False)
+        _write_grad(action_weight, grad_head, pi_outs[-1], False)
         _write_bias_grad(action_bias, grad_head, False)
-        _write_grad(value_weight, grad_values.t(), vf_outs[-1], False)
+        _write_grad(value_weight, grad_values, vf_outs[-1], False)
         _write_bias_grad(value_bias, grad_values, False)
         if stacked is not None:
             outs, views = stacked

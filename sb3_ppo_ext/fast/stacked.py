@@ -20,14 +20,15 @@ from typing import Any, NamedTuple
 
 import torch as th
 
-from sb3_ppo_ext.fast.cpu import fused_tanh
+from sb3_ppo_ext.fast.cpu import NARROW_INPUT, fused_tanh, transposed_narrow_grads
 
 _RELU_BACKWARD = th.ops.aten.threshold_backward.default
 _TANH_BACKWARD = th.ops.aten.tanh_backward.default
 
 
-# the tanh form this CPU runs fastest (fast/cpu.py says which and why)
+# the forms this CPU runs fastest (fast/cpu.py says which and why)
 FUSED_TANH = fused_tanh()
+TRANSPOSED_NARROW_GRADS = transposed_narrow_grads()
 
 # below this many elements (per network) torch.tanh_ (one op) beats the four ops of the sigmoid form; the kernel's
 # separate stacks use the same constants
@@ -45,6 +46,23 @@ def tanh_grad(grad: th.Tensor, h: th.Tensor) -> th.Tensor:
         return _TANH_BACKWARD(grad, h)
     # one op fewer than grad * (1 - h * h); the committed AVX2 results were made with this form
     return th.addcmul(grad, grad * h, h, value=-1.0)
+
+
+def weight_grad(grad: th.Tensor, inputs: th.Tensor, out: th.Tensor | None = None) -> th.Tensor:
+    """A layer's weight gradient ``grad^T @ inputs`` (``[..., out, in]``; one layer or a batch of two).
+
+    Layers of few inputs take ``(inputs^T @ grad)^T`` where ``TRANSPOSED_NARROW_GRADS`` holds (fast/cpu.py).
+
+    :param grad: ``dL/dz``, ``[B, out]`` or ``[2, B, out]``.
+    :param inputs: the layer's inputs, ``[B, in]`` or ``[2, B, in]``.
+    :param out: the tensor to write into (the parameter's ``.grad``), or None for a new one.
+    :return: the gradient (``out`` when given).
+    """
+    product = th.bmm if grad.dim() == 3 else th.mm
+    if TRANSPOSED_NARROW_GRADS and inputs.shape[-1] < NARROW_INPUT:
+        transposed = product(inputs.transpose(-2, -1), grad).transpose(-2, -1)
+        return transposed.contiguous() if out is None else out.copy_(transposed)
+    return product(grad.transpose(-2, -1), inputs, out=out)
 
 
 class _PairViews(NamedTuple):
@@ -156,19 +174,19 @@ class StackedLayers:
         :param views: the views :meth:`forward` ran with.
         """
         for i in range(len(views) - 1, -1, -1):
-            weight, _, weight_grad, bias_grad, kind = views[i]
+            weight, _, weight_grads, bias_grad, kind = views[i]
             h = outs[i + 1]
             if kind == "tanh":
                 grad = tanh_grad(grad, h)
             else:
                 grad = _RELU_BACKWARD(grad, h, 0)
             inputs = outs[i]
-            if weight_grad is not None and bias_grad is not None:
-                th.bmm(grad.transpose(1, 2), inputs, out=weight_grad)
+            if weight_grads is not None and bias_grad is not None:
+                weight_grad(grad, inputs, out=weight_grads)
                 th.sum(grad, 1, out=bias_grad)
             else:
                 for k, layer in enumerate(self.pairs[i]):
-                    layer.weight.grad = grad[k].t() @ inputs[k]
+                    layer.weight.grad = weight_grad(grad[k], inputs[k])
                     layer.bias.grad = grad[k].sum(0)
             if i > 0:
                 grad = th.bmm(grad, weight)
