@@ -112,7 +112,10 @@ class StackedLayers:
 
     def __init__(self, pi_layers: list[Any], vf_layers: list[Any]) -> None:
         self.pairs = list(zip(pi_layers, vf_layers, strict=True))
-        self._key: tuple[int, ...] = ()
+        self._parameters = [
+            param for pi, vf in self.pairs for layer in (pi, vf) for param in (layer.weight, layer.bias)
+        ]
+        self._key: list[int] = []
         self._views: list[_PairViews] | None = None
 
     @staticmethod
@@ -133,13 +136,10 @@ class StackedLayers:
 
         :return: the views (rebuilt whenever a parameter or gradient moved), or None.
         """
-        key = tuple(
-            t.data_ptr() if t is not None else 0
-            for pi, vf in self.pairs
-            for layer in (pi, vf)
-            for param in (layer.weight, layer.bias)
-            for t in (param, param.grad)
-        )
+        # every minibatch step asks: one flat comprehension over the parameters, not four nested generators
+        key = [p.data_ptr() for p in self._parameters] + [
+            0 if (grad := p.grad) is None else grad.data_ptr() for p in self._parameters
+        ]
         if key != self._key:
             views = [_layer_views(pi, vf) for pi, vf in self.pairs]
             self._views = None if any(v is None for v in views) else views  # type: ignore[assignment]
