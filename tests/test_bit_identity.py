@@ -11,7 +11,7 @@ version, so the file is keyed by both; on another platform the test skips and sa
 Pinned at 3290d67 (before the issue-27 refactoring); pinned again after issue 32's deliberate arithmetic
 changes (flat gradient clip and Adam on flat buffers, NumPy acting), at the commit that says so. AVX512 pinned
 at 96367f3's code, then again when tanh layers took PyTorch's fused kernels there (``fast/stacked.FUSED_TANH``).
-AMD EPYC with AVX512 pinned after its own choices of arithmetic (``fast/cpu.py``: sigmoid form, narrow weight
+AMD EPYC with AVX512 pinned after its own choices of arithmetic (``fast/cpu.py``: NumPy's tanh, narrow weight
 gradients transposed).
 """
 

@@ -13,7 +13,7 @@ from sb3_ppo_ext.backends import ClosedFormBackend
 from sb3_ppo_ext.fast import cpu as cpu_module
 from sb3_ppo_ext.fast import kernel as kernel_module
 from sb3_ppo_ext.fast import stacked as stacked_module
-from sb3_ppo_ext.fast.cpu import fused_tanh, transposed_narrow_grads
+from sb3_ppo_ext.fast.cpu import fused_tanh, numpy_tanh, transposed_narrow_grads
 from sb3_ppo_ext.fast.stacked import StackedLayers
 from sb3_ppo_ext.losses import PolicyEvaluation, PPOBatch, PPOLoss
 
@@ -36,14 +36,15 @@ def _gradients(model: ClippedPPO, kernel, batch: PPOBatch) -> list[th.Tensor]:
     return [p.grad.clone() for p in model.policy.parameters()]
 
 
-@pytest.fixture(params=[False, True], ids=["sigmoid-form", "fused-tanh"])
-def tanh_form(request, monkeypatch) -> bool:
-    """Both tanh forms, whichever this CPU picks (AVX2: the sigmoid form, AVX512: PyTorch's fused kernels)."""
-    fused = request.param
-    monkeypatch.setattr(stacked_module, "FUSED_TANH", fused)
+@pytest.fixture(params=["sigmoid", "fused", "numpy"], ids=["sigmoid-form", "fused-tanh", "numpy-tanh"])
+def tanh_form(request, monkeypatch) -> str:
+    """Every tanh form, whichever this CPU picks (fast/cpu.py: sigmoid form, PyTorch's fused kernels, NumPy's)."""
+    form = request.param
+    monkeypatch.setattr(stacked_module, "FUSED_TANH", form == "fused")
+    monkeypatch.setattr(stacked_module, "NUMPY_TANH", form == "numpy")
     for module in (stacked_module, kernel_module):
-        monkeypatch.setattr(module, "_SMALL_TANH", sys.maxsize if fused else 2048)
-    return fused
+        monkeypatch.setattr(module, "_SMALL_TANH", 2048 if form == "sigmoid" else sys.maxsize)
+    return form
 
 
 @pytest.fixture(params=[False, True], ids=["g^T x", "(x^T g)^T"])
@@ -122,6 +123,17 @@ def test_weight_grad_is_grad_transposed_times_inputs(transposed, in_features, mo
     assert th.equal(single, out[1])  # one network alone rounds as the batch of two does
 
 
+@pytest.mark.parametrize("numpy_form", [False, True])
+def test_tanh_in_place_is_tanh(numpy_form, monkeypatch) -> None:
+    monkeypatch.setattr(stacked_module, "NUMPY_TANH", numpy_form)
+    z = th.linspace(-9.0, 9.0, 2 * 256 * 64).reshape(2, 256, 64)
+    exact = th.tanh(z.double())  # float64: independent of either float32 kernel
+    got = stacked_module.tanh_(z.clone())
+    th.testing.assert_close(got.double(), exact, rtol=0, atol=4e-7)
+    with_grad = z.clone().requires_grad_()
+    assert stacked_module.tanh_(with_grad.clone()).grad_fn is not None  # autograd's own kernel there
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_tanh_grad_is_the_derivative_of_tanh(fused, monkeypatch) -> None:
     monkeypatch.setattr(stacked_module, "FUSED_TANH", fused)
@@ -141,7 +153,7 @@ def test_tanh_grad_is_the_derivative_of_tanh(fused, monkeypatch) -> None:
     ("capability", "model", "fused", "narrow"),
     [
         ("AVX512", "Intel(R) Xeon(R) Processor", True, False),
-        ("AVX512", "AMD EPYC", False, True),  # Zen 4: tanh_ ~3x slower, MKL's narrow g^T x slow (fast/cpu.py)
+        ("AVX512", "AMD EPYC", False, True),  # Zen 4: tanh_ ~3x slower (NumPy's), MKL's narrow g^T x slow
         ("AVX2", "AMD EPYC", False, False),
         ("AVX2", "Intel(R) Xeon(R) Processor", False, False),  # no pins made there: AVX2 keeps its arithmetic
     ],
@@ -151,12 +163,15 @@ def test_the_arithmetic_follows_the_cpu_unless_forced(
 ) -> None:
     monkeypatch.delenv("SB3_PPO_EXT_FUSED_TANH", raising=False)
     monkeypatch.delenv("SB3_PPO_EXT_NARROW_GRAD", raising=False)
+    monkeypatch.delenv("SB3_PPO_EXT_NUMPY_TANH", raising=False)
     monkeypatch.setattr(cpu_module.th.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(cpu_module, "cpu_model", lambda: model)
     assert fused_tanh() is fused
     assert transposed_narrow_grads() is narrow
+    assert numpy_tanh() is narrow  # the same CPUs measured both
     for value, forced in (("0", False), ("1", True)):
-        monkeypatch.setenv("SB3_PPO_EXT_FUSED_TANH", value)
-        monkeypatch.setenv("SB3_PPO_EXT_NARROW_GRAD", value)
+        for variable in ("SB3_PPO_EXT_FUSED_TANH", "SB3_PPO_EXT_NARROW_GRAD", "SB3_PPO_EXT_NUMPY_TANH"):
+            monkeypatch.setenv(variable, value)
         assert fused_tanh() is forced
         assert transposed_narrow_grads() is forced
+        assert numpy_tanh() is forced

@@ -18,8 +18,12 @@ AMD EPYC (AVX2)               ~3x sigmoid     --              not measured      
 ============================  ==============  ==============  ==================  ==============
 
 On the AMD EPYC with AVX512 an in-process A/B of CartPole's update measured the fused pair 1.15x slower and
-the fused derivative alone (with the sigmoid forward) no faster, so one rule serves: the fused kernels on
-Intel CPUs with AVX512, the sigmoid form elsewhere.
+the fused derivative alone (with the sigmoid forward) no faster: the fused kernels are for Intel CPUs with AVX512.
+There NumPy's own float32 ``tanh`` (SIMD, in place on the tensor's memory) takes 12.5 us at ``[2, 256, 64]``, and
+CartPole's update ran 0.956x the time with it than with the sigmoid form (in-process A/B, 120 alternating
+``train()`` calls), so the AMD EPYC with AVX512 computes the forward ``tanh`` through NumPy (the rollout's
+:class:`~sb3_ppo_ext.fast.acting.NumpyActor` already did) and keeps ``g - (g h) h`` for the derivative; other CPUs
+keep the sigmoid form below Intel's AVX512.
 
 **Weight gradients of narrow inputs.** A layer's weight gradient is ``g^T x`` (``[out, B] @ [B, in]``). Where
 ``in`` is small (CartPole's 4 observations, Hopper's 11), MKL on the AMD EPYC with AVX512 takes a slow path for
@@ -77,6 +81,17 @@ def fused_tanh() -> bool:
     if forced is not None:
         return forced
     return th.backends.cpu.get_cpu_capability() == "AVX512" and "AMD" not in cpu_model().upper()
+
+
+def numpy_tanh() -> bool:
+    """Whether tanh layers compute ``tanh`` with NumPy's kernel, in place on the tensor (module docstring).
+
+    ``SB3_PPO_EXT_NUMPY_TANH=0``/``1`` overrides the choice; where :func:`fused_tanh` holds too, NumPy's wins.
+
+    :return: True on AMD CPUs where torch runs AVX512 kernels.
+    """
+    forced = _forced("SB3_PPO_EXT_NUMPY_TANH")
+    return _amd_avx512() if forced is None else forced
 
 
 def transposed_narrow_grads() -> bool:

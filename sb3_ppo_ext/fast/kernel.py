@@ -28,7 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
-from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers, tanh_grad, weight_grad
+from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers, tanh_, tanh_grad, weight_grad
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
 from sb3_ppo_ext.policies import ActorCriticMLP, ActorCriticPolicy
@@ -78,11 +78,11 @@ def _tanh(z: th.Tensor) -> th.Tensor:
 
     On the AMD EPYC VMs measured (AVX2 and AVX512), PyTorch's CPU tanh kernel was about 3x slower than its sigmoid
     on a 256x64 minibatch; the sigmoid form agrees with ``torch.tanh`` to within 2.5e-7 (absolute). For the small
-    batches of acting (8 x 64), and at every size where ``stacked.FUSED_TANH`` holds (Intel AVX512), one
-    ``tanh_`` call is faster. The backward pass only needs ``1 - h^2``.
+    batches of acting (8 x 64), and at every size where ``stacked.FUSED_TANH`` (Intel AVX512) or
+    ``stacked.NUMPY_TANH`` (AMD AVX512) holds, one ``tanh_`` call is faster. The backward pass only needs ``1 - h^2``.
     """
     if z.numel() <= _SMALL_TANH:
-        return th.tanh_(z)
+        return tanh_(z)
     return th.sigmoid_(z.mul_(2.0)).mul_(2.0).sub_(1.0)
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import sys
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch as th
 
-from sb3_ppo_ext.fast.cpu import NARROW_INPUT, fused_tanh, transposed_narrow_grads
+from sb3_ppo_ext.fast.cpu import NARROW_INPUT, fused_tanh, numpy_tanh, transposed_narrow_grads
 
 _RELU_BACKWARD = th.ops.aten.threshold_backward.default
 _TANH_BACKWARD = th.ops.aten.tanh_backward.default
@@ -28,11 +29,25 @@ _TANH_BACKWARD = th.ops.aten.tanh_backward.default
 
 # the forms this CPU runs fastest (fast/cpu.py says which and why)
 FUSED_TANH = fused_tanh()
+NUMPY_TANH = numpy_tanh()
 TRANSPOSED_NARROW_GRADS = transposed_narrow_grads()
 
-# below this many elements (per network) torch.tanh_ (one op) beats the four ops of the sigmoid form; the kernel's
+# below this many elements (per network) tanh_ (one op) beats the four ops of the sigmoid form; the kernel's
 # separate stacks use the same constants
-_SMALL_TANH = sys.maxsize if FUSED_TANH else 2048
+_SMALL_TANH = sys.maxsize if FUSED_TANH or NUMPY_TANH else 2048
+
+
+def tanh_(z: th.Tensor) -> th.Tensor:
+    """``tanh(z)`` in place: NumPy's kernel where ``NUMPY_TANH`` holds (CPU tensors without grad), else PyTorch's.
+
+    :param z: a fresh pre-activation (the layer's product), overwritten.
+    :return: ``z``.
+    """
+    if NUMPY_TANH and z.is_cpu and not z.requires_grad:
+        array = z.numpy()
+        np.tanh(array, out=array)
+        return z
+    return th.tanh_(z)
 
 
 def tanh_grad(grad: th.Tensor, h: th.Tensor) -> th.Tensor:
@@ -163,7 +178,7 @@ class StackedLayers:
                 outs.append(th.sigmoid_(z2).mul_(2.0).sub_(1.0))
                 continue
             z = th.baddbmm(bias, h, weight.transpose(1, 2))
-            outs.append(th.tanh_(z) if kind == "tanh" else th.relu_(z))
+            outs.append(tanh_(z) if kind == "tanh" else th.relu_(z))
         return outs
 
     def backward(self, grad: th.Tensor, outs: list[th.Tensor], views: list[_PairViews]) -> None:
