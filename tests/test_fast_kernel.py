@@ -155,3 +155,18 @@ def test_kernel_is_used_only_where_it_is_exact() -> None:
         "MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=dict(activation_fn=th.nn.GELU)
     )
     assert not MLPActorCriticKernel.supports(gelu.policy)
+
+
+def test_the_numpy_prototype_in_benchmarks_computes_the_kernels_gradients(monkeypatch, capsys) -> None:
+    """benchmarks/numpy_update_step.py checks its gradients against the kernel's before it times anything."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "numpy_update_step.py"
+    spec = importlib.util.spec_from_file_location("numpy_update_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr("sys.argv", ["numpy_update_step.py", "--repeats", "3"])
+    module.main()  # raises AssertionError when a gradient differs by more than 1e-4 of its scale
+    out = capsys.readouterr().out
+    assert "gradients agree" in out and "ratio NumPy / PyTorch" in out
