@@ -132,6 +132,8 @@ def test_tanh_in_place_is_tanh(numpy_form, monkeypatch) -> None:
     th.testing.assert_close(got.double(), exact, rtol=0, atol=4e-7)
     with_grad = z.clone().requires_grad_()
     assert stacked_module.tanh_(with_grad.clone()).grad_fn is not None  # autograd's own kernel there
+    half = stacked_module.tanh_(z.clone().bfloat16())  # no NumPy dtype: PyTorch's kernel
+    th.testing.assert_close(half.double(), exact, rtol=0, atol=1e-2)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -23,6 +23,7 @@ import torch as th
 
 from sb3_ppo_ext.fast.cpu import NARROW_INPUT, fused_tanh, numpy_tanh, transposed_narrow_grads
 
+_NUMPY_FLOATS = (th.float32, th.float64)
 _RELU_BACKWARD = th.ops.aten.threshold_backward.default
 _TANH_BACKWARD = th.ops.aten.tanh_backward.default
 
@@ -38,12 +39,14 @@ _SMALL_TANH = sys.maxsize if FUSED_TANH or NUMPY_TANH else 2048
 
 
 def tanh_(z: th.Tensor) -> th.Tensor:
-    """``tanh(z)`` in place: NumPy's kernel where ``NUMPY_TANH`` holds (CPU tensors without grad), else PyTorch's.
+    """``tanh(z)`` in place: NumPy's kernel where ``NUMPY_TANH`` holds, else PyTorch's.
+
+    NumPy's applies to float32 and float64 CPU tensors without grad (a half-precision policy keeps PyTorch's).
 
     :param z: a fresh pre-activation (the layer's product), overwritten.
     :return: ``z``.
     """
-    if NUMPY_TANH and z.is_cpu and not z.requires_grad:
+    if NUMPY_TANH and z.is_cpu and not z.requires_grad and z.dtype in _NUMPY_FLOATS:
         array = z.numpy()
         np.tanh(array, out=array)
         return z
