@@ -66,8 +66,9 @@ def _forced(variable: str) -> bool | None:
     return value == "1" if value in ("0", "1") else None
 
 
-def _amd_avx512() -> bool:
-    return th.backends.cpu.get_cpu_capability() == "AVX512" and "AMD" in cpu_model().upper()
+def _avx512(amd: bool) -> bool:
+    """Whether torch runs AVX512 kernels here on an AMD CPU (``amd=True``) or on another vendor's."""
+    return th.backends.cpu.get_cpu_capability() == "AVX512" and ("AMD" in cpu_model().upper()) == amd
 
 
 def fused_tanh() -> bool:
@@ -78,9 +79,7 @@ def fused_tanh() -> bool:
     :return: True on Intel CPUs where torch runs AVX512 kernels.
     """
     forced = _forced("SB3_PPO_EXT_FUSED_TANH")
-    if forced is not None:
-        return forced
-    return th.backends.cpu.get_cpu_capability() == "AVX512" and "AMD" not in cpu_model().upper()
+    return _avx512(amd=False) if forced is None else forced
 
 
 def numpy_tanh() -> bool:
@@ -91,7 +90,7 @@ def numpy_tanh() -> bool:
     :return: True on AMD CPUs where torch runs AVX512 kernels.
     """
     forced = _forced("SB3_PPO_EXT_NUMPY_TANH")
-    return _amd_avx512() if forced is None else forced
+    return _avx512(amd=True) if forced is None else forced
 
 
 def transposed_narrow_grads() -> bool:
@@ -102,4 +101,4 @@ def transposed_narrow_grads() -> bool:
     :return: True on AMD CPUs where torch runs AVX512 kernels.
     """
     forced = _forced("SB3_PPO_EXT_NARROW_GRAD")
-    return _amd_avx512() if forced is None else forced
+    return _avx512(amd=True) if forced is None else forced
