@@ -77,6 +77,17 @@ def test_improvement_pairs_put_clipped_ppo_or_the_variant_first(labels, pairs):
     assert statistics.improvement_pairs(labels) == pairs
 
 
+def test_labels_follow_their_own_ablation_where_variant_names_recur():
+    # no_obs_norm is a variant of the details ablation (listed earlier) and of the tuned one: the tuned
+    # ablation's reference must still come first, or every variant would be compared with no_obs_norm
+    labels = ["no_obs_norm", "adv_norm", "tuned", "no_reward_scaling"]
+    ordered = statistics.ordered_labels(labels)
+    assert ordered == ["tuned", "no_reward_scaling", "adv_norm", "no_obs_norm"]  # the tuned table's order
+    assert statistics.improvement_pairs(ordered) == [(label, "tuned") for label in ordered[1:]]
+    assert statistics.ordered_labels(["ppo", "clipped_ppo"]) == ["clipped_ppo", "ppo"]
+    assert statistics.ordered_labels(["no_obs_norm", "all_on"])[0] == "all_on"  # the details ablation's reference
+
+
 def test_recorder_adds_the_cpu_time_of_earlier_segments(monkeypatch):
     spec = RunSpec("Pendulum-v1", "clipped_ppo", 0, 100, 50)
     resumed = {"history": {"timesteps": [0, 50]}, "eval_s": 1.0, "wall_s": 10.0, "cpu_s": 4.0}

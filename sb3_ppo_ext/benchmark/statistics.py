@@ -11,7 +11,7 @@ variant with the ablation's reference; runs trained at 1M env steps are set besi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,15 +88,25 @@ def load_results(out: Path) -> Results:
         label = spec["variant"] or spec["algo"]
         results.setdefault(spec["env_id"], {}).setdefault(label, []).append(result)
     return {
-        env: {label: sorted(runs[label], key=lambda r: r["spec"]["seed"]) for label in sorted(runs, key=_label_order)}
+        env: {label: sorted(runs[label], key=lambda r: r["spec"]["seed"]) for label in ordered_labels(runs)}
         for env, runs in results.items()
     }
 
 
-def _label_order(label: str) -> tuple[int, str]:
-    # algorithms in ALGOS order, then ablation variants in their table order
-    order = list(ALGOS) + [variant for variants in ABLATIONS.values() for variant in variants]
-    return (order.index(label) if label in order else len(order), label)
+def ordered_labels(labels: Iterable[str]) -> list[str]:
+    """Labels in the benchmark's order: algorithms as in ``ALGOS``, then variants as in their ablation's table.
+
+    Variant names recur across ablations (``no_obs_norm`` is in ``details`` and in ``tuned``), so the ablation
+    holding most of the labels gives the order: its reference comes first, and the other variants are compared
+    with it (:func:`improvement_pairs`).
+
+    :param labels: algorithm or variant names.
+    :return: the distinct labels, ordered.
+    """
+    labels = set(labels)
+    ablation = max(ABLATIONS.values(), key=lambda variants: len(labels & set(variants)))  # ties: the first
+    order = [*ALGOS, *ablation, *(variant for variants in ABLATIONS.values() for variant in variants)]
+    return sorted(labels, key=lambda label: (order.index(label) if label in order else len(order), label))
 
 
 def final_scores(runs: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -249,7 +259,7 @@ def probability_of_improvement(
     :return: rows ``(env or "all envs", X, Y, p, low, high, runs of X, runs of Y)``.
     """
     rows = []
-    labels = sorted({label for by_label in results.values() for label in by_label}, key=_label_order)
+    labels = ordered_labels(label for by_label in results.values() for label in by_label)
 
     def estimate(scope: str, x: np.ndarray, y: np.ndarray, label_x: str, label_y: str) -> None:
         points, intervals = interval_estimates(
@@ -515,7 +525,7 @@ def _speed_lines(results: Results) -> list[str]:
         "| env | machine | algorithm | unshared runs | env-steps/s (median) | ratio |",
         "|---|---|---|---:|---:|---|",
     ]
-    pairs = improvement_pairs(sorted({label for _, _, label in speeds}, key=_label_order))
+    pairs = improvement_pairs(ordered_labels(label for _, _, label in speeds))
     for (env_id, host, label), values in speeds.items():
         ratios = [
             f"{np.median(values) / np.median(speeds[env_id, host, y]):.2f}x {y}"
