@@ -19,14 +19,19 @@ measures, not a general implementation (docs/throughput.md, fourth round).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch as th
+# one BLAS thread, as torch's: NumPy's OpenBLAS otherwise uses every core, and its step time swung from 300 to
+# 615 us with what the other core was doing (set before NumPy loads; a no-op when imported after it)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch as th  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (this folder's helpers: the Zoo's CartPole settings)
@@ -49,7 +54,7 @@ class NumpyStep:
 
         pi, vf = kernel.pi_layers, kernel.vf_layers
         assert len(pi) == 2 and all(layer.kind == "tanh" for layer in (*pi, *vf)), "two tanh layers per network"
-        self.layers = (pi, vf)
+        self.stacked = kernel.stacked  # its [2, ...] views over the optimizer's flat parameter buffer
         self.action_w, self.action_b = (array(t) for t in kernel.action_net)
         self.value_w, self.value_b = (array(t) for t in kernel.value_net)
         hidden, inputs = pi[0].weight.shape
@@ -76,11 +81,10 @@ class NumpyStep:
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the current parameters (the stacked ``[2, ...]`` copies the step multiplies with)."""
-        pi, vf = self.layers
-        for name, index in (("w1", 0), ("w2", 1)):
-            setattr(self, name, np.stack([pi[index].weight.detach().numpy(), vf[index].weight.detach().numpy()]))
-            setattr(self, f"b{index + 1}", np.stack([pi[index].bias.detach().numpy(), vf[index].bias.detach().numpy()]))
+        """Read the current parameters: NumPy views of the kernel's stacked ``[2, ...]`` layer views (no copies)."""
+        views = self.stacked.views()
+        assert views is not None, "the parameters are not in the optimizer's flat buffer yet (train one update first)"
+        (self.w1, self.b1), (self.w2, self.b2) = ((v.weight.detach().numpy(), v.bias.detach().numpy()) for v in views)
 
     def step(
         self,
@@ -102,10 +106,10 @@ class NumpyStep:
         g = self.grads
         # forward: both networks as a batch of two
         np.matmul(x, self.w1.transpose(0, 2, 1), out=h1)
-        h1 += self.b1[:, None, :]
+        h1 += self.b1  # [2, 1, out]
         np.tanh(h1, out=h1)
         np.matmul(h1, self.w2.transpose(0, 2, 1), out=h2)
-        h2 += self.b2[:, None, :]
+        h2 += self.b2
         np.tanh(h2, out=h2)
         logits, probs, g_logits = self.logits, self.probs, self.g_logits
         np.matmul(h2[0], self.action_w.T, out=logits)
@@ -236,9 +240,7 @@ def main() -> None:
     )
     print(f"gradients agree: largest difference {worst:.1e} of each gradient's largest entry")
     print(f"closed-form kernel (PyTorch), loss_and_grad: {torch_us:7.1f} us")
-    print(
-        f"NumPy prototype, same gradients:             {numpy_us:7.1f} us (+ {refresh_us:.1f} us reading the weights)"
-    )
+    print(f"NumPy prototype, same gradients:             {numpy_us:7.1f} us (+ {refresh_us:.1f} us weight views)")
     print(f"ratio NumPy / PyTorch:                       {(numpy_us + refresh_us) / torch_us:7.3f}")
 
 
