@@ -26,6 +26,8 @@ __all__ = ["DeferredStatistics", "DeferredTerms"]
 
 # the inputs waiting, in elements of one per-sample field, at which they are computed anyway (bounds the memory)
 MAX_WAITING_ELEMENTS = 1 << 20
+# the minibatch's fields the terms read, after the evaluation's
+_BATCH_FIELDS = ("old_log_prob", "old_values", "advantages", "returns")
 
 
 class DeferredTerms:
@@ -84,15 +86,20 @@ class DeferredStatistics:
         :return: the object that stands for its terms.
         """
         terms = DeferredTerms(self)
-        fields = [*evaluation, batch.old_log_prob, batch.old_values, batch.advantages, batch.returns]
+        fields = [*evaluation, *(getattr(batch, name) for name in _BATCH_FIELDS)]
+        # NumPy arrays (the NumPy head's evaluation) as tensors on their memory: the stack below copies them
+        fields = [field if field is None or isinstance(field, th.Tensor) else th.from_numpy(field) for field in fields]
         present = [field for field in fields if field is not None]
-        shape, dtype = evaluation.log_prob.shape, evaluation.log_prob.dtype
+        log_prob = fields[1]
+        shape, dtype = log_prob.shape, log_prob.dtype
         if any(field.shape != shape or field.dtype != dtype for field in present):  # not seen in our policies
+            targets = dict(zip(_BATCH_FIELDS, fields[4:], strict=True))
+            evaluation, batch = PolicyEvaluation(*fields[:4]), batch._replace(**targets)
             terms._set(self.loss(evaluation, batch))
             return terms
         key = (shape, dtype, *(field is None for field in fields))
         self._waiting.append((terms, key, th.stack(present)))
-        self._elements += evaluation.log_prob.numel()
+        self._elements += log_prob.numel()
         if self._elements >= MAX_WAITING_ELEMENTS:
             self.compute()
         return terms

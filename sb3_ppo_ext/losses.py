@@ -15,6 +15,10 @@ Every term averages over the last dimension: a minibatch's ``[B]`` gives a scala
 minibatches ``[m, B]`` gives one value per minibatch (the closed-form path logs its statistics that way,
 :mod:`sb3_ppo_ext.loss_statistics`).
 
+The gradients (and :func:`probability_ratio`) take torch tensors or NumPy arrays and answer in kind (``_xp``):
+where the closed-form path evaluates the action head in NumPy (:mod:`sb3_ppo_ext.fast.numpy_head`), the same
+formulas run on its arrays. On tensors they are the torch operations they always were.
+
 Adding a term: write its formula here, add it in :meth:`PPOLoss._terms` and its derivative with respect to
 those outputs in :meth:`PPOLoss._output_gradients` (every term has one today). A term without a closed form
 must make ``ClosedFormBackend.loss_and_grad`` hand its steps to autograd, as it does for LSTM minibatches.
@@ -25,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch as th
 
 ValueClipMode = Literal["max", "sb3"]
@@ -64,6 +69,16 @@ class PPOBatch(NamedTuple):
         masks, sequences = getattr(samples, "action_masks", None), getattr(samples, "sequences", None)
         fields = (samples.observations, actions, samples.old_log_prob, samples.old_values, advantages, samples.returns)
         return cls(*fields, masks, sequences)
+
+    def numpy_targets(self) -> PPOBatch:
+        """The batch with the loss's targets (old log-probabilities and values, advantages, returns) as NumPy arrays.
+
+        The arrays share the tensors' memory; the gradients of an evaluation in NumPy read them so.
+
+        :return: the batch.
+        """
+        targets = ("old_log_prob", "old_values", "advantages", "returns")
+        return self._replace(**{name: _numpy(getattr(self, name)) for name in targets})
 
     def policy_inputs(self) -> dict[str, Any]:
         """What ``evaluate_actions`` gets besides observations and actions: the masks and sequences there are.
@@ -134,6 +149,21 @@ def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
+def _xp(array: Any) -> Any:
+    """The array library of ``array``: NumPy for an ``ndarray``, else torch (whose ``where``/``clip``/... match)."""
+    return np if isinstance(array, np.ndarray) else th
+
+
+def _numpy(array: Any) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.detach().numpy()
+
+
+def _as_tensors(fields: Any) -> Any:
+    """A NamedTuple (evaluation, batch) with its NumPy arrays as tensors on their memory; tensors stay as they are."""
+    arrays = {name: th.from_numpy(value) for name, value in fields._asdict().items() if isinstance(value, np.ndarray)}
+    return fields._replace(**arrays) if arrays else fields
+
+
 def probability_ratio(log_prob: th.Tensor, old_log_prob: th.Tensor) -> th.Tensor:
     """Return ``r(theta) = pi_theta(a|s) / pi_theta_old(a|s)``, computed from log-probabilities.
 
@@ -141,7 +171,7 @@ def probability_ratio(log_prob: th.Tensor, old_log_prob: th.Tensor) -> th.Tensor
     :param old_log_prob: ``log pi_theta_old(a|s)`` from the rollout, ``[B]``.
     :return: ``[B]`` ratios.
     """
-    return th.exp(log_prob - old_log_prob)
+    return _xp(log_prob).exp(log_prob - old_log_prob)
 
 
 # -- the clipped surrogate (seed section 3) ---------------------------------------------------------
@@ -188,10 +218,11 @@ def clipped_surrogate_grad(
     :param dual_clip: c > 1 of dual clip, or None.
     :return: ``[B]`` gradients with respect to ``log pi(a|s)``.
     """
-    active = th.where(advantages > 0, ratio <= 1.0 + clip_range, ratio >= 1.0 - clip_range)
+    xp = _xp(ratio)
+    active = xp.where(advantages > 0, ratio <= 1.0 + clip_range, ratio >= 1.0 - clip_range)
     if dual_clip is not None:
         active = active & ((advantages >= 0) | (ratio <= dual_clip))
-    return th.where(active, ratio * advantages, 0.0) * (-1.0 / ratio.shape[0])
+    return xp.where(active, ratio * advantages, 0.0) * (-1.0 / ratio.shape[0])
 
 
 # -- the KL penalty towards a reference policy (seed section 7, RLHF) ----------------------------------
@@ -214,7 +245,7 @@ def reference_kl_loss_grad(ref_kl: th.Tensor, ref_kl_coef: float) -> th.Tensor:
     :param ref_kl_coef: beta.
     :return: ``[B]`` gradients with respect to each sample's KL.
     """
-    return th.full_like(ref_kl, ref_kl_coef / ref_kl.shape[0])
+    return _xp(ref_kl).full_like(ref_kl, ref_kl_coef / ref_kl.shape[0])
 
 
 def sampled_kl(log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
@@ -333,14 +364,15 @@ def value_loss_grad(
     if clip_range_vf is None:
         return error * scale
     _check_value_clip_mode(mode)
+    xp = _xp(values)
     delta = values - old_values
-    clipped_error = old_values + th.clamp(delta, -clip_range_vf, clip_range_vf) - returns
+    clipped_error = old_values + xp.clip(delta, -clip_range_vf, clip_range_vf) - returns
     # inside the clip range V_clip = V and both errors are the same; outside it V_clip is constant in V
     in_range = (delta >= -clip_range_vf) & (delta <= clip_range_vf)
     if mode == "sb3":
-        return th.where(in_range, clipped_error, 0.0) * scale
+        return xp.where(in_range, clipped_error, 0.0) * scale
     use_unclipped = (error * error > clipped_error * clipped_error) | in_range
-    return th.where(use_unclipped, error, 0.0) * scale
+    return xp.where(use_unclipped, error, 0.0) * scale
 
 
 def _check_value_clip_mode(mode: str) -> None:
@@ -373,7 +405,7 @@ def entropy_loss_grad(entropy: th.Tensor, coef: float = 1.0) -> th.Tensor:
     :param coef: c2, the entropy loss's weight.
     :return: ``[B]`` gradients with respect to each entropy.
     """
-    return th.full_like(entropy, -coef / entropy.shape[0])
+    return _xp(entropy).full_like(entropy, -coef / entropy.shape[0])
 
 
 # -- diagnostics ------------------------------------------------------------------------------------
@@ -443,10 +475,13 @@ class PPOLoss:
             gradients with respect to the policy's outputs.
         """
         with th.no_grad():
+            if isinstance(evaluation.log_prob, np.ndarray):  # the heads ran in NumPy: so do the derivatives
+                batch = batch.numpy_targets()
+            ratio = probability_ratio(evaluation.log_prob, batch.old_log_prob)
             if later is None:
-                terms, ratio = self._terms(evaluation, batch)
+                terms = self._terms(_as_tensors(evaluation), _as_tensors(batch))[0]
             else:
-                terms, ratio = later.add(evaluation, batch), probability_ratio(evaluation.log_prob, batch.old_log_prob)
+                terms = later.add(evaluation, batch)
             return terms, self._output_gradients(evaluation, batch, ratio)
 
     def _terms(self, evaluation: PolicyEvaluation, batch: PPOBatch) -> tuple[LossTerms, th.Tensor]:

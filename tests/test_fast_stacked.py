@@ -13,7 +13,7 @@ from sb3_ppo_ext.backends import ClosedFormBackend
 from sb3_ppo_ext.fast import cpu as cpu_module
 from sb3_ppo_ext.fast import kernel as kernel_module
 from sb3_ppo_ext.fast import stacked as stacked_module
-from sb3_ppo_ext.fast.cpu import fused_tanh, numpy_tanh, transposed_narrow_grads
+from sb3_ppo_ext.fast.cpu import fused_tanh, numpy_head, numpy_tanh, transposed_narrow_grads
 from sb3_ppo_ext.fast.stacked import StackedLayers
 from sb3_ppo_ext.losses import PolicyEvaluation, PPOBatch, PPOLoss
 
@@ -167,14 +167,18 @@ def test_the_arithmetic_follows_the_cpu_unless_forced(
     monkeypatch.delenv("SB3_PPO_EXT_FUSED_TANH", raising=False)
     monkeypatch.delenv("SB3_PPO_EXT_NARROW_GRAD", raising=False)
     monkeypatch.delenv("SB3_PPO_EXT_NUMPY_TANH", raising=False)
+    monkeypatch.delenv("SB3_PPO_EXT_NUMPY_HEAD", raising=False)
     monkeypatch.setattr(cpu_module.th.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(cpu_module, "cpu_model", lambda: model)
     assert fused_tanh() is fused
     assert transposed_narrow_grads() is narrow
-    assert numpy_tanh() is narrow  # the same CPUs measured both
+    assert numpy_tanh() is narrow  # the same CPUs measured all three NumPy and narrow choices
+    assert numpy_head() is narrow
+    variables = [f"SB3_PPO_EXT_{name}" for name in ("FUSED_TANH", "NARROW_GRAD", "NUMPY_TANH", "NUMPY_HEAD")]
     for value, forced in (("0", False), ("1", True)):
-        for variable in ("SB3_PPO_EXT_FUSED_TANH", "SB3_PPO_EXT_NARROW_GRAD", "SB3_PPO_EXT_NUMPY_TANH"):
+        for variable in variables:
             monkeypatch.setenv(variable, value)
         assert fused_tanh() is forced
         assert transposed_narrow_grads() is forced
         assert numpy_tanh() is forced
+        assert numpy_head() is forced

@@ -28,6 +28,7 @@ from torch.nn.modules import module as torch_module
 
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
+from sb3_ppo_ext.fast.numpy_head import HeadState, NumpyHead
 from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers, tanh_, tanh_grad, weight_grad
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
@@ -172,6 +173,7 @@ class Activations(NamedTuple):
     head_evaluation: HeadEvaluation
     reference_params: tuple[th.Tensor, ...] | None = None  # the reference's head parameters (the KL term)
     stacked: tuple[list[th.Tensor], list[Any]] | None = None  # both networks as a batch of two: outs, views
+    numpy_head: HeadState | None = None  # the heads ran in NumPy (fast.numpy_head): the evaluation is NumPy arrays
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -213,6 +215,8 @@ class MLPActorCriticKernel:
         # actor and critic of one shape: their layers as a batch of two (fast.stacked)
         stackable = not self.onednn and StackedLayers.supports(self.pi_layers, self.vf_layers)
         self.stacked = StackedLayers(self.pi_layers, self.vf_layers) if stackable else None
+        # the heads and the loss's derivatives in NumPy where this CPU's rule says so (fast.numpy_head)
+        self.numpy_head = NumpyHead(self) if not self.onednn and NumpyHead.supports(self) else None
 
     @staticmethod
     def owned_parameters(policy: ActorCriticPolicy) -> list[nn.Parameter] | None:
@@ -271,27 +275,29 @@ class MLPActorCriticKernel:
             return features, features
         return features, policy.extract_features(obs, policy.vf_features_extractor)
 
-    def _forward(
-        self, obs: Any, action_masks: Any = None
-    ) -> tuple[list[th.Tensor], list[th.Tensor], tuple[th.Tensor, ...], th.Tensor, Any]:
-        """Layer activations of both stacks, the head's (masked) parameters, ``V(s)`` as ``[B, 1]``, stacked state.
+    def _hidden(self, obs: Any) -> tuple[list[th.Tensor], list[th.Tensor], Any]:
+        """Layer activations of both stacks and the stacked state.
 
         Where both networks run as a batch of two (:mod:`sb3_ppo_ext.fast.stacked`), the per-network lists hold
         their last outputs only and the last element is ``(outs, views)`` for the backward pass; else None.
+        """
+        features, vf_features = self._features(obs)
+        views = self.stacked.views() if self.stacked is not None and features is vf_features else None
+        if views is not None:
+            outs = StackedLayers.forward(features, views)
+            return [outs[-1][0]], [outs[-1][1]], (outs, views)
+        return _forward(features, self.pi_layers, self.onednn), _forward(vf_features, self.vf_layers, self.onednn), None
+
+    def _forward(
+        self, obs: Any, action_masks: Any = None
+    ) -> tuple[list[th.Tensor], list[th.Tensor], tuple[th.Tensor, ...], th.Tensor, Any]:
+        """:meth:`_hidden`, then the head's (masked) parameters and ``V(s)`` as ``[B, 1]``.
 
         A masked Categorical is the same head on logits with the invalid ones at ``MASKED_LOGIT``: its
         probabilities there are exactly 0, so ``param_grads`` needs no change and gives them no gradient.
         """
         policy = self.policy
-        features, vf_features = self._features(obs)
-        views = self.stacked.views() if self.stacked is not None and features is vf_features else None
-        stacked = None
-        if views is not None:
-            outs = StackedLayers.forward(features, views)
-            pi_outs, vf_outs, stacked = [outs[-1][0]], [outs[-1][1]], (outs, views)
-        else:
-            pi_outs = _forward(features, self.pi_layers, self.onednn)
-            vf_outs = _forward(vf_features, self.vf_layers, self.onednn)
+        pi_outs, vf_outs, stacked = self._hidden(obs)
         head_out = F.linear(pi_outs[-1], *self.action_net)
         values = F.linear(vf_outs[-1], *self.value_net)
         params = policy.split_head_output(head_out)
@@ -338,6 +344,12 @@ class MLPActorCriticKernel:
             then carries ``KL(pi || pi_ref)`` per sample (the reference-KL term, ``ref_kl_mode="loss"``).
         :return: the policy's evaluation and the activations.
         """
+        numpy_head = self.numpy_head
+        plain = action_masks is None and reference_params is None
+        if numpy_head is not None and plain and numpy_head.fits(len(actions)):
+            pi_outs, vf_outs, stacked = self._hidden(obs)
+            evaluation, state = numpy_head.evaluate(pi_outs[-1], vf_outs[-1], actions)
+            return evaluation, Activations(pi_outs, vf_outs, (), HeadEvaluation(None, None), None, stacked, state)  # type: ignore[arg-type]
         pi_outs, vf_outs, params, values, stacked = self._forward(obs, action_masks)
         head_evaluation = self.head.evaluate(params, actions)
         ref_kl = None if reference_params is None else self.head.kl(params, reference_params)
@@ -351,7 +363,11 @@ class MLPActorCriticKernel:
         :param grads: ``dL/d(V, log pi, H, KL_ref)`` per sample (``PPOLoss.with_gradients``).
         """
         policy = self.policy
-        pi_outs, vf_outs, params, head_evaluation, reference_params, stacked = activations
+        pi_outs, vf_outs, params, head_evaluation, reference_params, stacked, numpy_state = activations
+        if numpy_state is not None:
+            assert self.numpy_head is not None
+            self._backward_hidden(self.numpy_head.backward(numpy_state, grads), pi_outs, vf_outs, stacked)
+            return
         param_grads = self.head.param_grads(params, head_evaluation, grads.log_prob, grads.entropy)
         if grads.ref_kl is not None:
             assert reference_params is not None, "evaluate() without reference_params has no KL term"
@@ -370,14 +386,23 @@ class MLPActorCriticKernel:
         _write_grad(value_weight, grad_values, vf_outs[-1], False)
         _write_bias_grad(value_bias, grad_values, False)
         if stacked is not None:
-            outs, views = stacked
             grad = th.empty((2, *pi_outs[-1].shape), dtype=grad_head.dtype, device=grad_head.device)
             th.mm(grad_head, action_weight, out=grad[0])
             th.mm(grad_values, value_weight, out=grad[1])
-            assert self.stacked is not None
-            self.stacked.backward(grad, outs, views)
+            self._backward_hidden(grad, pi_outs, vf_outs, stacked)
             return
         if self.pi_layers:
             _backward(grad_head @ action_weight, pi_outs, self.pi_layers, self.onednn)
         if self.vf_layers:
             _backward(grad_values @ value_weight, vf_outs, self.vf_layers, self.onednn)
+
+    def _backward_hidden(
+        self, grad: th.Tensor, pi_outs: list[th.Tensor], vf_outs: list[th.Tensor], stacked: Any
+    ) -> None:
+        """Backpropagate ``dL/dh`` of both networks' last hidden outputs (``[2, B, hidden]``) through their layers."""
+        if stacked is not None:
+            assert self.stacked is not None
+            self.stacked.backward(grad, *stacked)
+            return
+        _backward(grad[0], pi_outs, self.pi_layers, self.onednn)
+        _backward(grad[1], vf_outs, self.vf_layers, self.onednn)
