@@ -36,11 +36,13 @@ class DeferredTerms:
     :param statistics: the :class:`DeferredStatistics` that holds the minibatch's inputs.
     """
 
-    __slots__ = ("_statistics", "_terms")
+    __slots__ = ("_statistics", "_terms", "_rows", "_index")
 
     def __init__(self, statistics: DeferredStatistics) -> None:
         self._statistics: DeferredStatistics | None = statistics
         self._terms: LossTerms | None = None
+        self._rows: LossTerms | None = None  # the stack this minibatch was computed in, and its row there
+        self._index = 0
 
     def resolve(self) -> LossTerms:
         """The terms (computed now, with every other minibatch waiting, if not yet).
@@ -48,20 +50,47 @@ class DeferredTerms:
         :return: the minibatch's loss terms.
         """
         if self._terms is None:
+            if self._rows is None:
+                assert self._statistics is not None
+                self._statistics.compute()
+            if self._terms is None:
+                assert self._rows is not None
+                index = self._index
+                self._terms = LossTerms(*(None if value is None else value[index] for value in self._rows))
+        return self._terms
+
+    @property
+    def computed(self) -> bool:
+        """Whether the terms are computed (reading them computes nothing more).
+
+        :return: True after the computation that included this minibatch.
+        """
+        return self._terms is not None or self._rows is not None
+
+    def stacked_row(self) -> tuple[LossTerms, int] | None:
+        """The terms of every minibatch computed with this one, ``[m]`` each, and this one's row (computing them now).
+
+        :func:`sb3_ppo_ext.losses.mean_of` averages consecutive rows straight from the stack.
+
+        :return: ``(stacked terms, row)``, or None where this minibatch's terms were computed on their own.
+        """
+        if self._rows is None and self._terms is None:
             assert self._statistics is not None
             self._statistics.compute()
-        assert self._terms is not None
-        return self._terms
+        return None if self._rows is None else (self._rows, self._index)
 
     def _set(self, terms: LossTerms) -> None:
         self._terms, self._statistics = terms, None
+
+    def _set_row(self, rows: LossTerms, index: int) -> None:
+        self._rows, self._index, self._statistics = rows, index, None
 
     def __getattr__(self, name: str) -> Any:
         # the fields, and LossTerms' own methods (``_replace``, ``_asdict``)
         return getattr(self.resolve(), name)
 
     def __repr__(self) -> str:
-        return f"DeferredTerms({self._terms!r})" if self._terms is not None else "DeferredTerms(<not computed yet>)"
+        return f"DeferredTerms({self.resolve()!r})" if self.computed else "DeferredTerms(<not computed yet>)"
 
 
 class DeferredStatistics:
@@ -118,6 +147,5 @@ class DeferredStatistics:
                 evaluation = PolicyEvaluation(*fields[:4])
                 batch = PPOBatch(None, None, *fields[4:])
                 stacked = self.loss(evaluation, batch)
-                results = [None if value is None else value.unbind(0) for value in stacked]
                 for i, (terms, _, _) in enumerate(group):
-                    terms._set(LossTerms(*(None if result is None else result[i] for result in results)))
+                    terms._set_row(stacked, i)  # its own 0-d terms are made at their first read, if any

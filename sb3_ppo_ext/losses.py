@@ -134,7 +134,29 @@ def mean_of(terms: list[LossTerms] | list[list[LossTerms]], name: str) -> float:
     flat = [t for item in terms for t in (item if isinstance(item, list) else [item])]
     if not flat:
         return float("nan")
-    return th.stack([getattr(t, name) for t in flat]).mean().item()
+    column = _stacked_column(flat, name)
+    return (th.stack([getattr(t, name) for t in flat]) if column is None else column).mean().item()
+
+
+def _stacked_column(terms: list[Any], name: str) -> th.Tensor | None:
+    """``name`` of every term as a slice of one stack, where the terms are its consecutive rows; else None.
+
+    The closed-form path computes an update's loss statistics as one stack
+    (:class:`~sb3_ppo_ext.loss_statistics.DeferredTerms`); reading them back row by row and stacking them again cost
+    about 0.3 ms per CartPole update. The same values in the same order: the same mean.
+    """
+    first = getattr(terms[0], "stacked_row", None)
+    located = None if first is None else first()
+    if located is None:
+        return None
+    rows, start = located
+    for offset, term in enumerate(terms):
+        row = getattr(term, "stacked_row", None)
+        found = None if row is None else row()
+        if found is None or found[0] is not rows or found[1] != start + offset:
+            return None
+    column = getattr(rows, name)
+    return None if column is None else column[start : start + len(terms)]
 
 
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:

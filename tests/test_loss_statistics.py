@@ -9,7 +9,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from sb3_ppo_ext import ClippedPPO, loss_statistics
 from sb3_ppo_ext.backends import ClosedFormBackend
 from sb3_ppo_ext.loss_statistics import DeferredStatistics
-from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss
+from sb3_ppo_ext.losses import LossTerms, PolicyEvaluation, PPOBatch, PPOLoss, _stacked_column, mean_of
 
 
 def _minibatch(seed: int, size: int, entropy: bool = True) -> tuple[PolicyEvaluation, PPOBatch]:
@@ -33,9 +33,9 @@ def test_deferred_terms_equal_each_minibatch_computed_alone(loss: PPOLoss) -> No
     inputs = [_minibatch(i, 64) for i in range(5)] + [_minibatch(9, 17), _minibatch(10, 64, entropy=False)]
     later = DeferredStatistics(loss)
     deferred = [later.add(evaluation, batch) for evaluation, batch in inputs]
-    assert all(d._terms is None for d in deferred)  # nothing computed before a read
+    assert all(not d.computed for d in deferred)  # nothing computed before a read
     first = deferred[0].clip_fraction
-    assert all(d._terms is not None for d in deferred)  # one read computes every one waiting
+    assert all(d.computed for d in deferred)  # one read computes every one waiting
     with th.no_grad():
         expected = [loss(evaluation, batch) for evaluation, batch in inputs]
     assert th.equal(first, expected[0].clip_fraction)
@@ -55,7 +55,7 @@ def test_a_read_between_minibatches_computes_only_those_waiting() -> None:
     first = later.add(*_minibatch(0, 32))
     assert first.approx_kl.shape == ()  # as target_kl reads it: at once
     second = later.add(*_minibatch(1, 32))
-    assert second._terms is None and first._terms is not None
+    assert not second.computed and first.computed
     assert th.equal(second.approx_kl, PPOLoss(0.2)(*_minibatch(1, 32)).approx_kl)
 
 
@@ -63,7 +63,7 @@ def test_waiting_inputs_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loss_statistics, "MAX_WAITING_ELEMENTS", 100)
     later = DeferredStatistics(PPOLoss(0.2))
     first, second = later.add(*_minibatch(0, 64)), later.add(*_minibatch(1, 64))
-    assert first._terms is not None and second._terms is not None and not later._waiting
+    assert first.computed and second.computed and not later._waiting
     assert "not computed" not in repr(first)
 
 
@@ -87,3 +87,21 @@ def test_training_logs_the_same_statistics_deferred_or_not(monkeypatch: pytest.M
         assert train() == deferred
     finally:
         th.set_num_threads(threads)
+
+
+def test_means_over_deferred_terms_read_the_stack_and_equal_the_per_minibatch_means() -> None:
+    loss = LOSSES[1]
+    inputs = [_minibatch(i, 64) for i in range(6)]
+    later = DeferredStatistics(loss)
+    deferred = [later.add(evaluation, batch) for evaluation, batch in inputs]
+    with th.no_grad():
+        alone = [loss(evaluation, batch) for evaluation, batch in inputs]
+    epochs = [deferred[:3], deferred[3:]]
+    assert _stacked_column(deferred, "value_loss") is not None  # consecutive rows of one stack: a slice of it
+    assert _stacked_column(deferred[::-1], "value_loss") is None  # any other order: stacked again, row by row
+    assert _stacked_column(alone, "value_loss") is None
+    for name in ("policy_loss", "value_loss", "entropy_loss", "clip_fraction", "approx_kl"):
+        expected = th.stack([getattr(t, name) for t in alone]).mean().item()
+        assert mean_of(epochs, name) == expected
+        assert mean_of(deferred[::-1], name) == pytest.approx(expected, rel=1e-6)
+        assert mean_of(epochs[-1], name) == th.stack([getattr(t, name) for t in alone[3:]]).mean().item()
