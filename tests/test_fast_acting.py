@@ -110,3 +110,20 @@ def test_a_seeded_run_is_reproducible_with_numpy_acting() -> None:
         model.learn(256)
         final.append(th.cat([p.detach().flatten() for p in model.policy.parameters()]))
     assert th.equal(final[0], final[1])
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_stacked_acting_equals_the_networks_one_by_one(env_id) -> None:
+    model, kernel = _kernel(env_id, n_steps=16, batch_size=32)
+    model.learn(64)  # the optimizer's flat buffers: both networks' layers can be read as a batch of two
+    actor = kernel.numpy_actor
+    assert actor._views()[2] is not None
+    obs = th.as_tensor(np.random.default_rng(1).normal(size=(5, *model.observation_space.shape)).astype(np.float32))
+    th.manual_seed(3)
+    stacked = actor.act(obs)
+    arrays = actor._views()
+    actor._arrays = (*arrays[:2], None, *arrays[3:])  # the per-network path
+    th.manual_seed(3)
+    separate = actor.act(obs)
+    for a, b in zip(stacked, separate, strict=True):
+        assert th.equal(a, b)

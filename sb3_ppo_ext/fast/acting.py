@@ -19,6 +19,7 @@ import numpy as np
 import torch as th
 
 from sb3_ppo_ext.distributions import _HALF_LOG_2PI, CategoricalHead, DiagGaussianHead
+from sb3_ppo_ext.fast.stacked import pair_layers
 
 # above this many rows the matrix products dominate and torch's kernels are as fast or faster
 MAX_ROWS = 64
@@ -26,7 +27,7 @@ _TINY = np.float32(np.finfo(np.float32).tiny)
 
 
 def _stack(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray, str]]) -> np.ndarray:
-    """The hidden layers: ``act(x @ W^T + b)`` for each ``(W^T, b, kind)``."""
+    """The hidden layers: ``act(x @ W^T + b)`` for each ``(W^T, b, kind)`` (or ``[2, ...]`` of both networks)."""
     for weight_t, bias, kind in layers:
         x = x @ weight_t
         x += bias
@@ -87,9 +88,15 @@ class NumpyActor:
             action_weight, action_bias = (t.detach().numpy() for t in kernel.action_net)
             value_weight, value_bias = (t.detach().numpy() for t in kernel.value_net)
             log_std = None if self.categorical else kernel.policy.log_std.detach().numpy()
+            # actor and critic of one shape as a batch of two where their parameters allow (fast.stacked): half
+            # the NumPy calls per step, the same products (one BLAS call per network each, as before)
+            pairs = None if kernel.stacked is None else pair_layers(kernel.stacked.pairs)
+            if pairs is not None:
+                pairs = [(w.detach().numpy().transpose(0, 2, 1), b.detach().numpy(), kind) for w, b, kind in pairs]
             self._arrays = (
                 layers(kernel.pi_layers),
                 layers(kernel.vf_layers),
+                pairs,
                 (action_weight.T, action_bias),
                 (value_weight.T, value_bias),
                 log_std,
@@ -104,13 +111,18 @@ class NumpyActor:
             ``B <= MAX_ROWS``.
         :return: ``(actions, values [B, 1], log_prob [B])`` as tensors, like the torch path.
         """
-        pi_layers, vf_layers, (action_weight_t, action_bias), (value_weight_t, value_bias), log_std = self._views()
+        pi_layers, vf_layers, pairs, action_head, value_head, log_std = self._views()
+        (action_weight_t, action_bias), (value_weight_t, value_bias) = action_head, value_head
         x = obs.numpy()
         if x.dtype != np.float32:
             x = x.astype(np.float32)
-        head_out = _stack(x, pi_layers) @ action_weight_t
+        if pairs is not None:
+            pi_h, vf_h = _stack(x, pairs)  # [2, B, hidden]
+        else:
+            pi_h, vf_h = _stack(x, pi_layers), _stack(x, vf_layers)
+        head_out = pi_h @ action_weight_t
         head_out += action_bias
-        values = _stack(x, vf_layers) @ value_weight_t
+        values = vf_h @ value_weight_t
         values += value_bias
         if self.categorical:
             actions, log_prob = self._categorical(head_out)

@@ -121,6 +121,18 @@ def _layer_views(pi: Any, vf: Any) -> _PairViews | None:
     return _PairViews(weight, bias, weight_grad, bias_grad, pi.kind)
 
 
+def pair_layers(pairs: list[tuple[Any, Any]]) -> list[tuple[th.Tensor, th.Tensor, str]] | None:
+    """Both networks' weights ``[2, out, in]`` and biases ``[2, 1, out]`` per layer, or None where not laid out so.
+
+    :param pairs: ``(actor layer, critic layer)`` per layer (:attr:`StackedLayers.pairs`).
+    :return: ``(weights, biases, kind)`` per layer (views of the parameters), or None.
+    """
+    views = [_layer_views(pi, vf) for pi, vf in pairs]
+    if any(view is None for view in views):
+        return None
+    return [(view.weight, view.bias, view.kind) for view in views if view is not None]
+
+
 class StackedLayers:
     """Both networks' hidden layers run as a batch of two, where their parameters' layout allows it.
 
