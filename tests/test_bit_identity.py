@@ -12,7 +12,8 @@ Pinned at 3290d67 (before the issue-27 refactoring); pinned again after issue 32
 changes (flat gradient clip and Adam on flat buffers, NumPy acting), at the commit that says so. AVX512 pinned
 at 96367f3's code, then again when tanh layers took PyTorch's fused kernels there (``fast/stacked.FUSED_TANH``).
 AMD EPYC with AVX512 pinned after its own choices of arithmetic (``fast/cpu.py``: NumPy's tanh, narrow weight
-gradients transposed), and again when its closed-form update took the heads to NumPy (``fast/numpy_head.py``).
+gradients transposed), and again when its closed-form update took the heads, then the layers, to NumPy
+(``fast/numpy_head.py``, ``fast/numpy_layers.py``).
 """
 
 from __future__ import annotations

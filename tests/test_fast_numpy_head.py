@@ -12,7 +12,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
 from sb3_ppo_ext.backends import ClosedFormBackend
-from sb3_ppo_ext.fast.numpy_head import MAX_PRODUCT, NumpyHead
+from sb3_ppo_ext.fast.numpy_head import BlasThreads, NumpyHead
 from sb3_ppo_ext.loss_statistics import DeferredStatistics
 from sb3_ppo_ext.losses import (
     PPOBatch,
@@ -107,7 +107,7 @@ def test_numpy_head_evaluation_equals_the_torch_heads() -> None:
         assert all(a.dtype == np.float32 for a in evaluation[:3])
 
 
-def test_masked_or_reference_steps_and_large_products_keep_the_torch_heads() -> None:
+def test_masked_or_reference_steps_keep_the_torch_heads() -> None:
     model, backend = _backend("CartPole-v1")
     kernel = backend.kernel
     batch = _batch(model)
@@ -117,10 +117,20 @@ def test_masked_or_reference_steps_and_large_products_keep_the_torch_heads() -> 
         assert kernel.evaluate(batch.observations, batch.actions, action_masks=masks)[1].numpy_head is None
         params = kernel._forward(batch.observations)[2]
         assert kernel.evaluate(batch.observations, batch.actions, reference_params=params)[1].numpy_head is None
-    head = kernel.numpy_head
-    hidden, outputs = kernel.action_net[0].shape[1], kernel.action_net[0].shape[0]
-    rows = MAX_PRODUCT // (hidden * outputs)
-    assert head.fits(rows) and not head.fits(rows + 1)
+
+
+def test_numpy_blas_runs_on_torchs_threads_during_a_step_and_is_restored() -> None:
+    blas = BlasThreads.find()
+    assert blas is not None  # NumPy's wheels bundle OpenBLAS
+    before, threads = blas.controller.get_num_threads(), th.get_num_threads()
+    other = 2 if threads == 1 else 1
+    blas.controller.set_num_threads(other)
+    try:
+        with blas:
+            assert blas.controller.get_num_threads() == threads
+        assert blas.controller.get_num_threads() == other
+    finally:
+        blas.controller.set_num_threads(before)
 
 
 def test_supports_follows_the_cpu_rule_and_the_policy(monkeypatch) -> None:

@@ -38,6 +38,13 @@ runs them in about half the time when the head's outputs are laid out ``[n_actio
 a short last axis: 10 us for the max of ``[256, 2]`` along it). In-process A/Bs of ``train()`` (alternating, quiet,
 one thread), heads in NumPy against torch: CartPole (Zoo) 0.932x the time (loss_and_grad 446 against 485 us per
 minibatch), HalfCheetah (Zoo) 0.975x (895 against 932 us). :mod:`sb3_ppo_ext.fast.numpy_head` says what it covers.
+
+**The hidden layers in NumPy.** With the heads in NumPy, the layers' products and elementwise passes can follow
+(:mod:`sb3_ppo_ext.fast.numpy_layers`): NumPy's OpenBLAS (on one thread, as torch) runs the three products of a
+``[2, B, H]`` layer pair about as fast as MKL here: B = 256, H = 64: 136 against 144 us; B = 256, H = 256: 1843
+against 2042 us; but B = 64, H = 256 (HalfCheetah's Zoo settings): 600 against 540 us. Each elementwise pass costs
+about 1 us less. In-process A/Bs of ``train()``: CartPole (Zoo) 0.891x the time (loss_and_grad 405 against 465
+us), HalfCheetah (Zoo) 0.982x.
 """
 
 from __future__ import annotations
@@ -108,6 +115,22 @@ def numpy_head() -> bool:
     :return: True on AMD CPUs where torch runs AVX512 kernels.
     """
     forced = _forced("SB3_PPO_EXT_NUMPY_HEAD")
+    return _avx512(amd=True) if forced is None else forced
+
+
+#: the widest hidden layer :func:`numpy_layers` runs in NumPy: measured faster up to 256 units (module docstring);
+#: wider, OpenBLAS's products on few rows fall further behind MKL's (+11% at 64 x 256 x 256)
+NUMPY_LAYERS_MAX_WIDTH = 256
+
+
+def numpy_layers() -> bool:
+    """Whether the closed-form update runs the hidden layers in NumPy too, where they are narrow (module docstring).
+
+    ``SB3_PPO_EXT_NUMPY_LAYERS=0``/``1`` overrides the choice; it takes effect with :func:`numpy_head` only.
+
+    :return: True on AMD CPUs where torch runs AVX512 kernels.
+    """
+    forced = _forced("SB3_PPO_EXT_NUMPY_LAYERS")
     return _avx512(amd=True) if forced is None else forced
 
 

@@ -29,6 +29,7 @@ from torch.nn.modules import module as torch_module
 from sb3_ppo_ext.distributions import CategoricalHead, DiagGaussianHead, HeadEvaluation
 from sb3_ppo_ext.fast.acting import MAX_ROWS, NumpyActor
 from sb3_ppo_ext.fast.numpy_head import HeadState, NumpyHead
+from sb3_ppo_ext.fast.numpy_layers import NumpyLayers
 from sb3_ppo_ext.fast.stacked import _RELU_BACKWARD, _SMALL_TANH, StackedLayers, tanh_, tanh_grad, weight_grad
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 from sb3_ppo_ext.matmul import FastLinear, addmm, mm
@@ -174,6 +175,7 @@ class Activations(NamedTuple):
     reference_params: tuple[th.Tensor, ...] | None = None  # the reference's head parameters (the KL term)
     stacked: tuple[list[th.Tensor], list[Any]] | None = None  # both networks as a batch of two: outs, views
     numpy_head: HeadState | None = None  # the heads ran in NumPy (fast.numpy_head): the evaluation is NumPy arrays
+    numpy_layers: tuple[Any, ...] | None = None  # the hidden layers too (fast.numpy_layers): (x, arrays, workspace)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -217,6 +219,8 @@ class MLPActorCriticKernel:
         self.stacked = StackedLayers(self.pi_layers, self.vf_layers) if stackable else None
         # the heads and the loss's derivatives in NumPy where this CPU's rule says so (fast.numpy_head)
         self.numpy_head = NumpyHead(self) if not self.onednn and NumpyHead.supports(self) else None
+        # and the hidden layers, where they are narrow (fast.numpy_layers)
+        self.numpy_layers = NumpyLayers(self) if NumpyLayers.supports(self) else None
 
     @staticmethod
     def owned_parameters(policy: ActorCriticPolicy) -> list[nn.Parameter] | None:
@@ -337,6 +341,9 @@ class MLPActorCriticKernel:
     ) -> tuple[PolicyEvaluation, Activations]:
         """``policy.evaluate_actions`` (values flattened) and the activations :meth:`backward` needs.
 
+        Call :meth:`backward` with these activations before the next ``evaluate`` of a minibatch of the same size:
+        where the layers run in NumPy, their activations live in a workspace that the next one overwrites.
+
         :param obs: a batch of observations.
         :param actions: the actions taken.
         :param action_masks: invalid-action masks, or None.
@@ -345,16 +352,32 @@ class MLPActorCriticKernel:
         :return: the policy's evaluation and the activations.
         """
         numpy_head = self.numpy_head
-        plain = action_masks is None and reference_params is None
-        if numpy_head is not None and plain and numpy_head.fits(len(actions)):
-            pi_outs, vf_outs, stacked = self._hidden(obs)
-            evaluation, state = numpy_head.evaluate(pi_outs[-1], vf_outs[-1], actions)
-            return evaluation, Activations(pi_outs, vf_outs, (), HeadEvaluation(None, None), None, stacked, state)  # type: ignore[arg-type]
+        if numpy_head is not None and action_masks is None and reference_params is None:
+            return self._evaluate_numpy(numpy_head, obs, actions)
         pi_outs, vf_outs, params, values, stacked = self._forward(obs, action_masks)
         head_evaluation = self.head.evaluate(params, actions)
         ref_kl = None if reference_params is None else self.head.kl(params, reference_params)
         evaluation = PolicyEvaluation(values.squeeze(1), head_evaluation.log_prob, head_evaluation.entropy, ref_kl)
         return evaluation, Activations(pi_outs, vf_outs, params, head_evaluation, reference_params, stacked)
+
+    def _evaluate_numpy(
+        self, numpy_head: NumpyHead, obs: Any, actions: th.Tensor
+    ) -> tuple[PolicyEvaluation, Activations]:
+        """:meth:`evaluate` with the heads in NumPy, and the hidden layers too where :class:`NumpyLayers` runs them."""
+        no_head = HeadEvaluation(None, None)  # type: ignore[arg-type]
+        features = None if self.numpy_layers is None else self._features(obs)[0]
+        with numpy_head.blas:  # NumPy's BLAS on torch's threads
+            if features is not None and features.dtype == th.float32:
+                assert self.numpy_layers is not None
+                arrays = self.numpy_layers.arrays()
+                x = features.detach().numpy()
+                workspace = self.numpy_layers.workspace(x.shape[0])
+                outs = NumpyLayers.forward(x, arrays, workspace)
+                evaluation, state = numpy_head.evaluate(outs[-1][0], outs[-1][1], actions)
+                return evaluation, Activations([], [], (), no_head, None, None, state, (x, arrays, workspace))
+            pi_outs, vf_outs, stacked = self._hidden(obs)
+            evaluation, state = numpy_head.evaluate(pi_outs[-1], vf_outs[-1], actions)
+        return evaluation, Activations(pi_outs, vf_outs, (), no_head, None, stacked, state)
 
     def backward(self, activations: Activations, grads: OutputGradients) -> None:
         """Set ``.grad`` of every policy parameter from ``dL/d(V, log pi, H)`` (chain rule, by hand).
@@ -363,10 +386,15 @@ class MLPActorCriticKernel:
         :param grads: ``dL/d(V, log pi, H, KL_ref)`` per sample (``PPOLoss.with_gradients``).
         """
         policy = self.policy
-        pi_outs, vf_outs, params, head_evaluation, reference_params, stacked, numpy_state = activations
+        pi_outs, vf_outs, params, head_evaluation, reference_params, stacked, numpy_state, numpy_layers = activations
         if numpy_state is not None:
             assert self.numpy_head is not None
-            self._backward_hidden(self.numpy_head.backward(numpy_state, grads), pi_outs, vf_outs, stacked)
+            with self.numpy_head.blas:
+                grad = self.numpy_head.backward(numpy_state, grads)
+                if numpy_layers is not None:
+                    NumpyLayers.backward(grad, *numpy_layers)
+                    return
+            self._backward_hidden(th.from_numpy(grad), pi_outs, vf_outs, stacked)
             return
         param_grads = self.head.param_grads(params, head_evaluation, grads.log_prob, grads.entropy)
         if grads.ref_kl is not None:

@@ -16,13 +16,16 @@ checks every output and gradient against the torch heads.
 
 NumPy rounds ``exp``/``log`` differently from PyTorch (~1 ulp), so the update's bits change where it is used: the
 CPUs where it was measured faster (:func:`sb3_ppo_ext.fast.cpu.numpy_head`). It serves float32 CPU policies with a
-Categorical or state-independent diagonal-Gaussian head, steps without action masks or a reference-KL term, and
-products small enough that NumPy's OpenBLAS runs them on one thread (:data:`MAX_PRODUCT`): larger ones are
-arithmetic, not overhead, and stay with torch (and its thread setting).
+Categorical or state-independent diagonal-Gaussian head and steps without action masks or a reference-KL term.
+NumPy's products run in its own BLAS (OpenBLAS), whose thread count is not torch's: each step holds it to
+``torch.get_num_threads()`` and restores it after (:class:`BlasThreads`), so the update takes the cores the user
+gave torch, as the torch path does (with NumPy's default of every core, a step's time swung with the other cores'
+load).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,9 +35,45 @@ from sb3_ppo_ext.distributions import _HALF_LOG_2PI, CategoricalHead, DiagGaussi
 from sb3_ppo_ext.fast.cpu import numpy_head
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 
-#: the largest head product (rows x inputs x outputs) NumPy runs: OpenBLAS multithreads a matrix product above
-#: 4 x 65536 multiply-adds (its default ``GEMM_MULTITHREAD_THRESHOLD``), where it would take cores torch was not given
-MAX_PRODUCT = 4 * 65536
+
+class BlasThreads:
+    """Sets NumPy's OpenBLAS to torch's thread count for a step and back after (``with blas_threads: ...``).
+
+    :param controller: threadpoolctl's controller of NumPy's OpenBLAS.
+    """
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+        self._previous = 0
+
+    @staticmethod
+    @functools.cache
+    def find() -> BlasThreads | None:
+        """NumPy's bundled OpenBLAS, where threadpoolctl finds it (looked up once).
+
+        :return: a :class:`BlasThreads`, or None (another BLAS, or none found: NumPy does not compute the update).
+        """
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - a dependency of the package
+            return None
+        libraries = [
+            library
+            for library in ThreadpoolController().select(user_api="blas").lib_controllers
+            if library.internal_api == "openblas" and "numpy" in library.filepath  # NumPy's own, not SciPy's
+        ]
+        return BlasThreads(libraries[0]) if len(libraries) == 1 else None
+
+    def __enter__(self) -> None:
+        controller = self.controller
+        self._previous = controller.get_num_threads()
+        threads = th.get_num_threads()
+        if threads != self._previous:
+            controller.set_num_threads(threads)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.controller.get_num_threads() != self._previous:
+            self.controller.set_num_threads(self._previous)
 
 
 class HeadState(NamedTuple):
@@ -45,6 +84,10 @@ class HeadState(NamedTuple):
     actions: np.ndarray  # [B] indices (Categorical) or [B, action_dim]
     saved: tuple[np.ndarray, ...]  # Categorical: (log_p, probs); Gaussian: (z, inv_std)
     entropy: np.ndarray
+
+
+def _array(values: th.Tensor | np.ndarray) -> np.ndarray:
+    return values if isinstance(values, np.ndarray) else values.detach().numpy()
 
 
 def _grad_array(param: th.Tensor) -> np.ndarray:
@@ -67,16 +110,17 @@ class NumpyHead:
         self._parameters = [*kernel.action_net, *kernel.value_net, *(() if self.log_std is None else (self.log_std,))]
         self._pointers: list[int] = []
         self._arrays: tuple[np.ndarray, ...] = ()
-        self._grad_out: tuple[np.ndarray, th.Tensor] | None = None  # [2, B, hidden] and its tensor, reused: backward
+        self._grad_out: np.ndarray | None = None  # [2, B, hidden], reused: see backward
+        self.blas = BlasThreads.find()
 
     @staticmethod
     def supports(kernel: Any) -> bool:
-        """Whether this CPU's rule picks NumPy and the policy's head, dtype and device allow it.
+        """Whether this CPU's rule picks NumPy, NumPy's OpenBLAS is found, and the head, dtype and device allow it.
 
         :param kernel: the policy's kernel.
         :return: whether :class:`NumpyHead` can stand in for the torch heads.
         """
-        if not numpy_head() or not kernel.pi_layers or not kernel.vf_layers:
+        if not numpy_head() or not kernel.pi_layers or not kernel.vf_layers or BlasThreads.find() is None:
             return False
         head = kernel.head
         if type(head) is DiagGaussianHead:
@@ -88,15 +132,6 @@ class NumpyHead:
             return False
         return all(p.device.type == "cpu" and p.dtype == th.float32 for p in kernel.policy.parameters())
 
-    def fits(self, batch_size: int) -> bool:
-        """Whether a minibatch of ``batch_size`` keeps every head product on one OpenBLAS thread.
-
-        :param batch_size: the minibatch's rows.
-        :return: whether to use NumPy for it.
-        """
-        weight = self.kernel.action_net[0]
-        return batch_size * weight.shape[0] * weight.shape[1] <= MAX_PRODUCT
-
     def _views(self) -> tuple[np.ndarray, ...]:
         """NumPy views of the head parameters, made again whenever one of them moved (flat buffers, a load)."""
         pointers = [p.data_ptr() for p in self._parameters]
@@ -105,19 +140,21 @@ class NumpyHead:
             self._pointers = pointers
         return self._arrays
 
-    def evaluate(self, pi_h: th.Tensor, vf_h: th.Tensor, actions: th.Tensor) -> tuple[PolicyEvaluation, HeadState]:
+    def evaluate(
+        self, pi_h: th.Tensor | np.ndarray, vf_h: th.Tensor | np.ndarray, actions: th.Tensor
+    ) -> tuple[PolicyEvaluation, HeadState]:
         """``V(s)``, ``log pi(a|s)`` and ``H`` from both networks' last hidden outputs, as NumPy arrays.
 
         The head's outputs are computed transposed, ``[n_outputs, B]``: NumPy reduces over a short last axis
         slowly (10 us for the max of ``[256, 2]`` along it, 1 us along the first).
 
-        :param pi_h: ``[B, hidden]`` the actor's last hidden output.
+        :param pi_h: ``[B, hidden]`` the actor's last hidden output (a tensor or an array).
         :param vf_h: ``[B, hidden]`` the critic's.
         :param actions: the actions taken (indices for a Categorical head).
         :return: the evaluation (NumPy arrays) and what :meth:`backward` needs.
         """
         action_weight, action_bias, value_weight, value_bias, *log_std = self._views()
-        pi, vf, taken = pi_h.detach().numpy(), vf_h.detach().numpy(), actions.numpy()
+        pi, vf, taken = _array(pi_h), _array(vf_h), actions.numpy()
         head_out = action_weight @ pi.T  # [n_outputs, B]
         head_out += action_bias[:, None]
         values = (value_weight @ vf.T)[0]
@@ -152,12 +189,12 @@ class NumpyHead:
         entropy = np.full(mean.shape[1], (log_std + (0.5 + _HALF_LOG_2PI)).sum(dtype=np.float32), dtype=np.float32)
         return log_prob, entropy, (z, inv_std)
 
-    def backward(self, state: HeadState, grads: OutputGradients) -> th.Tensor:
+    def backward(self, state: HeadState, grads: OutputGradients) -> np.ndarray:
         """Write the heads' ``.grad`` from ``dL/d(V, log pi, H)``; return ``dL/dh`` of both networks.
 
         :param state: :meth:`evaluate`'s state.
         :param grads: the loss's derivatives (NumPy arrays, ``PPOLoss.with_gradients``).
-        :return: ``[2, B, hidden]`` (the actor's, the critic's): a view of a buffer the next step overwrites.
+        :return: ``[2, B, hidden]`` (the actor's, the critic's): a buffer the next step overwrites.
         """
         action_weight, _, value_weight, _, *_ = self._views()
         grad_log_prob, grad_entropy = grads.log_prob, grads.entropy
@@ -184,12 +221,11 @@ class NumpyHead:
         np.matmul(grad_values[None], state.vf_h, out=_grad_array(value_net[0]))
         _grad_array(value_net[1])[0] = grad_values.sum()
         shape = (2, *state.pi_h.shape)
-        if self._grad_out is None or self._grad_out[0].shape != shape:
+        grad_out = self._grad_out
+        if grad_out is None or grad_out.shape != shape:
             # one buffer for every step: a fresh 128 KB array each step let glibc hand its heap's top back to the
-            # OS and fault it in again (benchmarks/numpy_update_step.py)
-            buffer = np.empty(shape, np.float32)
-            self._grad_out = (buffer, th.from_numpy(buffer))
-        grad_out, tensor = self._grad_out
+            # OS and fault it in again (docs/throughput.md, fourth round)
+            grad_out = self._grad_out = np.empty(shape, np.float32)
         np.matmul(grad_head.T, action_weight, out=grad_out[0])
         np.multiply(grad_values[:, None], value_weight, out=grad_out[1])
-        return tensor
+        return grad_out
