@@ -99,8 +99,9 @@ def _reference_step(policy, buffer, model: ClippedPPO, lr: float) -> dict[str, f
 )
 @pytest.mark.parametrize("fast_update, numpy_head", [(True, "0"), (True, "1"), (False, "0")])
 def test_update_matches_reference(env_id: str, kwargs: dict, fast_update: bool, numpy_head: str, monkeypatch) -> None:
-    # the heads in torch and in NumPy (fast/numpy_head.py), whichever this CPU picks
+    # the heads and the layers in torch and in NumPy (fast/numpy_head.py, fast/numpy_layers.py), whatever this CPU picks
     monkeypatch.setenv("SB3_PPO_EXT_NUMPY_HEAD", numpy_head)
+    monkeypatch.setenv("SB3_PPO_EXT_NUMPY_LAYERS", numpy_head)
     lr = 1e-3
     model = ClippedPPO(
         "MlpPolicy",
@@ -157,18 +158,3 @@ def test_kernel_is_used_only_where_it_is_exact() -> None:
         "MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=dict(activation_fn=th.nn.GELU)
     )
     assert not MLPActorCriticKernel.supports(gelu.policy)
-
-
-def test_the_numpy_prototype_in_benchmarks_computes_the_kernels_gradients(monkeypatch, capsys) -> None:
-    """benchmarks/numpy_update_step.py checks its gradients against the kernel's before it times anything."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "numpy_update_step.py"
-    spec = importlib.util.spec_from_file_location("numpy_update_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr("sys.argv", ["numpy_update_step.py", "--repeats", "3"])
-    module.main()  # raises AssertionError when a gradient differs by more than 1e-4 of its scale
-    out = capsys.readouterr().out
-    assert "gradients agree" in out and "ratio NumPy / PyTorch" in out
