@@ -38,6 +38,23 @@ def _stack(x: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray, str]]) -> n
     return x
 
 
+def numpy_servable(kernel: Any) -> bool:
+    """Whether NumPy code can stand in for the kernel's policy (what NumpyActor and NumpyHead both need).
+
+    A Categorical or state-independent diagonal-Gaussian head, every parameter float32 on the CPU.
+
+    :param kernel: the policy's kernel.
+    :return: whether the head and parameters allow NumPy.
+    """
+    head = kernel.head
+    if type(head) is DiagGaussianHead:
+        if head.state_dependent_std:
+            return False
+    elif type(head) is not CategoricalHead:
+        return False
+    return all(p.device.type == "cpu" and p.dtype == th.float32 for p in kernel.policy.parameters())
+
+
 class NumpyActor:
     """The rollout's ``act`` (actions, values, log-probabilities) in NumPy for a supported kernel's policy.
 
@@ -67,14 +84,7 @@ class NumpyActor:
         """
         if os.environ.get("SB3_PPO_EXT_NUMPY_ACTING", "1") == "0" or not kernel.flat_float_obs:
             return False
-        head = kernel.head
-        if type(head) is DiagGaussianHead:
-            if head.state_dependent_std:
-                return False
-        elif type(head) is not CategoricalHead:
-            return False
-        parameters = list(kernel.policy.parameters())
-        return all(p.device.type == "cpu" and p.dtype == th.float32 for p in parameters)
+        return numpy_servable(kernel)
 
     def _views(self) -> tuple[Any, ...]:
         """NumPy views of the parameters, made again whenever one of them moved (flat buffers, a load)."""

@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch as th
 
-from sb3_ppo_ext.distributions import _HALF_LOG_2PI, CategoricalHead, DiagGaussianHead
+from sb3_ppo_ext.distributions import _HALF_LOG_2PI, CategoricalHead
+from sb3_ppo_ext.fast.acting import numpy_servable
 from sb3_ppo_ext.fast.cpu import numpy_head
 from sb3_ppo_ext.losses import OutputGradients, PolicyEvaluation
 
@@ -122,15 +123,9 @@ class NumpyHead:
         """
         if not numpy_head() or not kernel.pi_layers or not kernel.vf_layers or BlasThreads.find() is None:
             return False
-        head = kernel.head
-        if type(head) is DiagGaussianHead:
-            if head.state_dependent_std:
-                return False
-        elif type(head) is not CategoricalHead:
-            return False
         if kernel.pi_layers[-1].weight.shape[0] != kernel.vf_layers[-1].weight.shape[0]:
             return False
-        return all(p.device.type == "cpu" and p.dtype == th.float32 for p in kernel.policy.parameters())
+        return numpy_servable(kernel)
 
     def _views(self) -> tuple[np.ndarray, ...]:
         """NumPy views of the head parameters, made again whenever one of them moved (flat buffers, a load)."""

@@ -22,6 +22,7 @@ import numpy as np
 import torch as th
 
 from sb3_ppo_ext.fast.cpu import NUMPY_LAYERS_MAX_WIDTH, numpy_layers
+from sb3_ppo_ext.fast.numpy_head import _array, _grad_array
 
 
 class _Pair(NamedTuple):
@@ -32,17 +33,6 @@ class _Pair(NamedTuple):
     weight_grad: Any
     bias_grad: Any
     kind: str
-
-
-def _array(tensor: th.Tensor) -> np.ndarray:
-    return tensor.detach().numpy()
-
-
-def _grad_array(param: th.Tensor) -> np.ndarray:
-    """``param.grad`` as a NumPy view (a zero gradient is created first where there is none)."""
-    if param.grad is None:
-        param.grad = th.zeros_like(param)
-    return param.grad.numpy()
 
 
 class _Workspace:
