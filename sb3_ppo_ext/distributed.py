@@ -77,6 +77,8 @@ DEFAULT_TIMEOUT_S = 600.0
 ADVANTAGE_NORMALIZATIONS = ("global", "local")
 # the eps of losses.normalize_advantages
 _ADVANTAGE_EPS = 1e-8
+# torch's at::internal::GRAIN_SIZE: reductions of this many elements or more may be split across threads
+_GRAIN_SIZE = 32768
 # callbacks that only read the model and write files or the terminal: they run on rank 0 alone
 RANK_ZERO_CALLBACKS: tuple[type[BaseCallback], ...] = (EvalCallback, CheckpointCallback, ProgressBarCallback)
 
@@ -236,6 +238,7 @@ class SingleProcess:
     world_size = 1
     is_main_process = True
     _last_normalized: tuple[th.Tensor, int, th.Tensor] | None = None
+    _epoch_normalized: tuple[th.Tensor, int, th.Tensor] | None = None
 
     def rank_seed(self, seed: int | None, n_envs: int) -> int | None:
         """The seed of this rank's generators and envs (env i gets ``rank_seed + i``).
@@ -275,9 +278,38 @@ class SingleProcess:
         last = self._last_normalized
         if last is not None and last[0] is advantages and last[1] == advantages._version:
             return last[2]
+        row = self._row_of_normalized_epoch(advantages)
+        if row is not None:
+            return row
         normalized = losses.normalize_advantages(advantages)
         self._last_normalized = (advantages, advantages._version, normalized)
         return normalized
+
+    def _row_of_normalized_epoch(self, advantages: th.Tensor) -> th.Tensor | None:
+        """The minibatch's normalised advantages when it is row ``k`` of its epoch's shuffled advantages.
+
+        The rollout buffer yields each minibatch's advantages as a slice of one shuffled tensor per epoch; viewed as
+        ``[M, B]``, all M minibatches are normalised in one call instead of M (5 small ops each, ~45 us per
+        minibatch on HalfCheetah's batch of 64). Only float32 below torch's parallel grain: there a row's mean and
+        std are bitwise those of the minibatch alone (tested); anything else returns None and takes the plain path.
+        """
+        base, n = advantages._base, advantages.numel()
+        if base is None or advantages.dtype != th.float32 or not 1 < n < _GRAIN_SIZE or advantages.dim() != 1:
+            return None
+        if base.dim() != 1 or base.stride(0) != 1 or advantages.stride(0) != 1:
+            return None
+        offset = advantages.storage_offset() - base.storage_offset()
+        rows = base.numel() // n
+        if offset % n or offset + n > rows * n:
+            return None  # not aligned on a row, or the smaller last minibatch
+        epoch = self._epoch_normalized
+        if epoch is not None and epoch[0] is base and epoch[1] == base._version:
+            if epoch[2].shape[-1] != n:
+                return None  # the epoch's smaller last minibatch
+        else:
+            epoch = (base, base._version, losses.normalize_advantages(base[: rows * n].view(rows, n)))
+            self._epoch_normalized = epoch
+        return epoch[2][offset // n]
 
     def reduce_update(self, parameters: list[th.Tensor], terms: losses.LossTerms) -> losses.LossTerms:
         """The gradients (``.grad``) and loss statistics of a minibatch, averaged over ranks.

@@ -162,13 +162,13 @@ def _stacked_column(terms: list[Any], name: str) -> th.Tensor | None:
 def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:
     """Return ``(A - mean(A)) / (std(A) + eps)``; a batch of one is returned unchanged (its std is undefined).
 
-    :param advantages: ``[B]`` advantages.
+    :param advantages: ``[B]`` advantages, or ``[M, B]``: M minibatches, each normalised on its own.
     :param eps: added to the std.
     :return: the normalised advantages.
     """
-    if advantages.numel() <= 1:
+    if advantages.shape[-1] <= 1:
         return advantages
-    return (advantages - advantages.mean()) / (advantages.std() + eps)
+    return (advantages - advantages.mean(-1, keepdim=True)) / (advantages.std(-1, keepdim=True) + eps)
 
 
 def _xp(array: Any) -> Any:

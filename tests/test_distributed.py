@@ -540,6 +540,43 @@ def test_one_process_is_bit_identical_to_no_distribution(monkeypatch: pytest.Mon
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("batch_size", [64, 50, 7])
+def test_single_process_normalizes_an_epochs_minibatches_at_once_bitwise(batch_size: int) -> None:
+    from gymnasium import spaces
+
+    from sb3_ppo_ext.buffers import GAERolloutBuffer
+
+    observation_space = spaces.Box(-1, 1, (2,), np.float32)
+    buffer = GAERolloutBuffer(40, observation_space, spaces.Discrete(3), "cpu", n_envs=8)
+    buffer.advantages[...] = np.random.default_rng(0).normal(3.0, 2.0, size=buffer.advantages.shape)
+    buffer.full = True
+    context = distributed.SingleProcess()
+    for _epoch in range(2):
+        for batch in list(buffer.get(batch_size)):
+            alone = batch.advantages.clone()  # not a slice of the epoch: normalised on its own
+            normalized = context.normalize_advantages(batch.advantages)
+            assert th.equal(normalized, losses.normalize_advantages(alone))
+            a = alone.numpy().astype(np.float64)
+            np.testing.assert_allclose(normalized.numpy(), (a - a.mean()) / (a.std(ddof=1) + 1e-8), atol=1e-5)
+        # the whole rows of the epoch were normalised in one call
+        assert context._epoch_normalized is not None
+        assert context._epoch_normalized[2].shape == (320 // batch_size, batch_size)
+
+
+def test_single_process_epoch_rows_fall_back_on_float64_and_follow_in_place_changes() -> None:
+    context = distributed.SingleProcess()
+    epoch = th.randn(128, dtype=th.float64)
+    assert th.equal(context.normalize_advantages(epoch[:64]), losses.normalize_advantages(epoch[:64].clone()))
+    assert context._epoch_normalized is None  # float64: a row's std is not bitwise the slice's
+    epoch = th.randn(128)
+    first = context.normalize_advantages(epoch[64:]).clone()
+    assert th.equal(first, losses.normalize_advantages(epoch[64:].clone()))
+    epoch.pow_(3)  # the rollout changed in place (recomputed advantages): not the cached rows
+    again = context.normalize_advantages(epoch[64:])
+    assert th.equal(again, losses.normalize_advantages(epoch[64:].clone()))
+    assert not th.allclose(again, first)
+
+
 def test_single_process_context_is_the_identity() -> None:
     context = distributed.SINGLE_PROCESS
     advantages = th.randn(32)

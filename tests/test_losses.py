@@ -210,6 +210,14 @@ def test_normalize_advantages_minibatch_of_one_unchanged() -> None:
     assert th.equal(out, adv)
 
 
+def test_normalize_advantages_rows_each_on_their_own() -> None:
+    rows = np.random.default_rng(3).normal(2.0, 3.0, size=(5, 16))
+    out = losses.normalize_advantages(th.as_tensor(rows)).numpy()
+    for row, normalized in zip(rows, out, strict=True):
+        expected = (row - row.mean()) / (row.std(ddof=1) + 1e-8)
+        np.testing.assert_allclose(normalized, expected, rtol=1e-12)
+
+
 def test_entropy_loss_is_minus_mean_entropy_or_log_prob_estimate() -> None:
     assert losses.entropy_loss(th.tensor([1.0, 3.0]), th.tensor([-5.0, -5.0])).item() == pytest.approx(-2.0)
     # no closed form: -H estimated by mean(log pi)
