@@ -166,7 +166,7 @@ def normalize_advantages(advantages: th.Tensor, eps: float = 1e-8) -> th.Tensor:
     :param eps: added to the std.
     :return: the normalised advantages.
     """
-    if advantages.shape[-1] <= 1:
+    if advantages.dim() == 0 or advantages.shape[-1] <= 1:
         return advantages
     return (advantages - advantages.mean(-1, keepdim=True)) / (advantages.std(-1, keepdim=True) + eps)
 

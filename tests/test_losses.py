@@ -208,6 +208,7 @@ def test_normalize_advantages_minibatch_of_one_unchanged() -> None:
     adv = th.tensor([2.5])
     out = losses.normalize_advantages(adv)
     assert th.equal(out, adv)
+    assert th.equal(losses.normalize_advantages(th.tensor(2.5)), th.tensor(2.5))
 
 
 def test_normalize_advantages_rows_each_on_their_own() -> None:
