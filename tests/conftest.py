@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
 
 from sb3_ppo_ext.extensions import Extension
@@ -157,6 +158,23 @@ def recording_logger() -> tuple[Logger, RecordingWriter]:
     """A logger whose dumps can be inspected."""
     writer = RecordingWriter()
     return Logger(folder=None, output_formats=[writer]), writer
+
+
+class _NoCallback(BaseCallback):
+    def _on_step(self) -> bool:
+        return True
+
+
+def collect_rollout(model: Any, total_timesteps: int | None = None) -> None:
+    """Fill ``model``'s rollout buffer once (``n_steps`` per env), without training.
+
+    :param model: a ClippedPPO or SB3 on-policy model.
+    :param total_timesteps: the ``learn`` budget the rollout is taken under (default: this one rollout).
+    """
+    model._setup_learn(total_timesteps or model.n_steps * model.n_envs, callback=None)
+    callback = _NoCallback()
+    callback.init_callback(model)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
 
 
 def params_of(model: Any) -> dict[str, th.Tensor]:

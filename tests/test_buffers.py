@@ -6,10 +6,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from conftest import CounterEnv, DictObsEnv
+from conftest import CounterEnv, DictObsEnv, collect_rollout
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
@@ -193,18 +192,10 @@ def test_dict_buffer_rejects_flat_space() -> None:
         DictGAERolloutBuffer(T, OBS, spaces.Discrete(2), "cpu")
 
 
-class _Noop(BaseCallback):
-    def _on_step(self) -> bool:
-        return True
-
-
 def _first_rollout(buffer_class: type | None, env_fn, policy: str = "MlpPolicy") -> ClippedPPO:
     env = make_vec_env(env_fn, n_envs=2, seed=3)
     model = ClippedPPO(policy, env, n_steps=16, batch_size=16, gamma=0.9, rollout_buffer_class=buffer_class, seed=3)
-    model._setup_learn(32, callback=None)
-    callback = _Noop()
-    callback.init_callback(model)
-    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=16)
+    collect_rollout(model, 32)
     return model
 
 

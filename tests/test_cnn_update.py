@@ -5,20 +5,14 @@ from __future__ import annotations
 import copy
 
 import torch as th
-from conftest import recording_logger
+from conftest import collect_rollout, recording_logger
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv
 from stable_baselines3.common.vec_env import VecFrameStack
 
 from sb3_ppo_ext import ClippedPPO
-
-
-class _Noop(BaseCallback):
-    def _on_step(self) -> bool:
-        return True
 
 
 def _frames() -> VecFrameStack:
@@ -60,10 +54,7 @@ def test_cnn_policy_gradients_equal_sb3_ppo_on_the_same_rollout() -> None:
     ours = ClippedPPO("CnnPolicy", _frames(), rollout_buffer_class=RolloutBuffer, vf_clip_mode="sb3", **common)
     assert ours.policy.channels_last and ours.policy.onednn_matmul  # the fast paths are the ones checked
     ours.policy.load_state_dict(sb3.policy.state_dict())
-    sb3._setup_learn(64, callback=None)
-    callback = _Noop()
-    callback.init_callback(sb3)
-    assert sb3.collect_rollouts(sb3.env, callback, sb3.rollout_buffer, n_rollout_steps=32)
+    collect_rollout(sb3, 64)
     ours.rollout_buffer = copy.deepcopy(sb3.rollout_buffer)
 
     expected = _gradients_at_the_step(sb3)

@@ -7,10 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch as th
-from conftest import DictObsEnv, recording_logger
+from conftest import DictObsEnv, collect_rollout, recording_logger
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_ppo_ext import ClippedPPO
@@ -112,11 +111,6 @@ def test_logged_values_follow_schedules_and_state() -> None:
             assert dump["train/approx_kl"] > -1e-6 and 0 <= dump["train/clip_fraction"] <= 1
 
 
-class _Noop(BaseCallback):
-    def _on_step(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize("fast_update", [True, False], ids=["fast-update", "autograd"])
 @pytest.mark.parametrize(
     ("env_id", "kwargs"),
@@ -146,10 +140,7 @@ def test_train_on_the_same_rollout_matches_sb3_ppo(env_id: str, kwargs: dict, fa
     )
     ours.policy.load_state_dict(sb3.policy.state_dict())
     initial = {k: v.clone() for k, v in sb3.policy.state_dict().items()}
-    sb3._setup_learn(64, callback=None)
-    callback = _Noop()
-    callback.init_callback(sb3)
-    assert sb3.collect_rollouts(sb3.env, callback, sb3.rollout_buffer, n_rollout_steps=32)
+    collect_rollout(sb3, 64)
     ours.rollout_buffer = copy.deepcopy(sb3.rollout_buffer)
 
     values = {}

@@ -13,10 +13,9 @@ import cloudpickle
 import numpy as np
 import pytest
 import torch as th
-from conftest import TINY, recording_logger
+from conftest import TINY, collect_rollout, recording_logger
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule
 
@@ -28,17 +27,9 @@ def cartpole(n_envs: int = 2, seed: int = 0):
     return make_vec_env("CartPole-v1", n_envs=n_envs, seed=seed)
 
 
-class _Noop(BaseCallback):
-    def _on_step(self) -> bool:
-        return True
-
-
 def collect(model: ClippedPPO) -> None:
     """Fill the rollout buffer once, without training."""
-    model._setup_learn(model.n_steps * model.n_envs, callback=None)
-    callback = _Noop()
-    callback.init_callback(model)
-    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+    collect_rollout(model)
 
 
 # -- SB3 PPO's signature -------------------------------------------------------------------------------------
